@@ -1,0 +1,49 @@
+// Entry point of the `moetune` command: dispatches to a subcommand and turns every
+// moetune::Error into one clear line on stderr and exit code 1 (never a crash).
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <string_view>
+
+#include "cli/commands.h"
+#include "core/error.h"
+
+namespace moetune::cli {
+
+namespace {
+constexpr Command kCommands[] = {
+    {"version", run_version, "print the version and the backends this build has"},
+};
+
+void print_usage() {
+  std::printf("moetune: fine-tune Hugging Face models (MoE first), natively in C++/CUDA\n\n");
+  std::printf("usage: moetune <command> [options]   (moetune <command> --help for its options)\n\n");
+  std::printf("commands:\n");
+  for (const auto& command : kCommands) std::printf("  %-18s %s\n", command.name, command.summary);
+}
+}  // namespace
+
+}  // namespace moetune::cli
+
+int main(int argc, char** argv) {
+  using namespace moetune::cli;
+  if (argc < 2 || std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0) {
+    print_usage();
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string_view name = argv[1];
+  for (const auto& command : kCommands) {
+    if (name != command.name) continue;
+    try {
+      return command.run(argc - 1, argv + 1);
+    } catch (const moetune::Error& error) {
+      std::fprintf(stderr, "moetune %s: error: %s\n", command.name, error.what());
+      return 1;
+    } catch (const std::exception& error) {
+      std::fprintf(stderr, "moetune %s: internal error: %s\n", command.name, error.what());
+      return 1;
+    }
+  }
+  std::fprintf(stderr, "moetune: unknown command '%s' (moetune --help lists them)\n", argv[1]);
+  return 2;
+}
