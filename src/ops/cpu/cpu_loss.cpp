@@ -61,7 +61,7 @@ void CpuBackend::linear_cross_entropy(const LinearCrossEntropyArgs& args) {
 
   double total_loss = 0.0;
   int64_t total_correct = 0;
-  std::vector<float> logits(kChunkRows * vocab);  // (rows, V), becomes dlogits in place
+  std::vector<float> logits(std::min(kChunkRows, tokens) * vocab);  // (rows, V) -> dlogits
   for (int64_t first = 0; first < tokens; first += kChunkRows) {
     const int64_t rows = std::min(kChunkRows, tokens - first);
     const float* hidden_chunk = hidden + first * width;  // (rows, H)
