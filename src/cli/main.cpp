@@ -14,6 +14,7 @@ namespace {
 constexpr Command kCommands[] = {
     {"version", run_version, "print the version and the backends this build has"},
     {"tokenize", run_tokenize, "encode/decode JSONL text with a Hugging Face tokenizer"},
+    {"bench-tokenizer", run_bench_tokenizer, "measure single-threaded tokenizer encode speed"},
 };
 
 void print_usage() {
