@@ -3,7 +3,6 @@
 // tokenizers on the same texts). Reports the best of --repeat timed passes over all texts,
 // after one untimed warm-up pass, as texts/s, MB/s and tokens/s.
 #include <CLI/CLI.hpp>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -54,7 +53,8 @@ int run_bench_tokenizer(int argc, char** argv) {
     const auto start = std::chrono::steady_clock::now();
     size_t check = 0;
     for (const auto& text : texts) check += tokenizer.encode(text, add_special_tokens).size();
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    best = std::min(
+        best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     if (check != tokens) fail("non-deterministic token count");
   }
   std::printf(
