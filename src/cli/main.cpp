@@ -16,6 +16,8 @@ constexpr Command kCommands[] = {
     {"forward-backward", run_forward_backward, "one forward+backward (+AdamW step) on a batch file"},
     {"init", run_init, "write a randomly initialised model folder from a config.json"},
     {"inspect", run_inspect, "describe a model folder and the memory to train it"},
+    {"tokenize", run_tokenize, "encode/decode JSONL text with a Hugging Face tokenizer"},
+    {"bench-tokenizer", run_bench_tokenizer, "measure single-threaded tokenizer encode speed"},
 };
 
 void print_usage() {
