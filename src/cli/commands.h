@@ -13,5 +13,6 @@ struct Command {
 };
 
 int run_version(int argc, char** argv);
+int run_render_chat(int argc, char** argv);
 
 }  // namespace moetune::cli

@@ -13,6 +13,7 @@ namespace moetune::cli {
 namespace {
 constexpr Command kCommands[] = {
     {"version", run_version, "print the version and the backends this build has"},
+    {"render-chat", run_render_chat, "render chat conversations (JSONL) with a chat template"},
 };
 
 void print_usage() {
