@@ -703,7 +703,7 @@ Value unary_op(const std::string& op, const Value& a) {
   if (a.is_float()) return Value(op == "-" ? -a.as_float() : a.as_float());
   if (a.is_int() || a.is_bool()) {
     const int64_t v = a.int_value();
-    if (op == "-") return checked_int(v == INT64_MIN, -v);
+    if (op == "-") return v == INT64_MIN ? checked_int(true, 0) : Value(-v);
     return Value(v);
   }
   raise("TypeError", "bad operand type for unary " + op + ": '" + type_name(a) + "'");
@@ -722,7 +722,8 @@ Value binary_op(Interpreter& interp, const std::string& op, const Value& a, cons
     if (floats) return Value(a.number_value() + b.number_value());
     if (numbers) {
       int64_t r;
-      return checked_int(__builtin_add_overflow(a.int_value(), b.int_value(), &r), r);
+      const bool overflow = __builtin_add_overflow(a.int_value(), b.int_value(), &r);
+      return checked_int(overflow, r);
     }
     if (a.is_string() && b.is_string()) {
       interp.check_size(a.as_string().size() + b.as_string().size());
@@ -740,7 +741,8 @@ Value binary_op(Interpreter& interp, const std::string& op, const Value& a, cons
     if (floats) return Value(a.number_value() - b.number_value());
     if (numbers) {
       int64_t r;
-      return checked_int(__builtin_sub_overflow(a.int_value(), b.int_value(), &r), r);
+      const bool overflow = __builtin_sub_overflow(a.int_value(), b.int_value(), &r);
+      return checked_int(overflow, r);
     }
     unsupported_operands(op, a, b);
   }
@@ -748,7 +750,8 @@ Value binary_op(Interpreter& interp, const std::string& op, const Value& a, cons
     if (floats) return Value(a.number_value() * b.number_value());
     if (numbers) {
       int64_t r;
-      return checked_int(__builtin_mul_overflow(a.int_value(), b.int_value(), &r), r);
+      const bool overflow = __builtin_mul_overflow(a.int_value(), b.int_value(), &r);
+      return checked_int(overflow, r);
     }
     if ((a.is_string() || a.is_list()) && (b.is_int() || b.is_bool()))
       return repeat(interp, a, b.int_value());
@@ -1379,7 +1382,8 @@ Value builtin_filter(Interpreter& interp, const std::string& name, const Value& 
     bind(args, fn, {});
     if (v.is_float()) return Value(std::fabs(v.as_float()));
     if (v.is_int() || v.is_bool())
-      return checked_int(v.int_value() == INT64_MIN, std::llabs(v.int_value()));
+      return v.int_value() == INT64_MIN ? checked_int(true, 0)
+                                        : Value(static_cast<int64_t>(std::llabs(v.int_value())));
     if (v.is_undefined()) v.fail_undefined();
     raise("TypeError", "bad operand type for abs(): '" + type_name(v) + "'");
   }
