@@ -14,7 +14,8 @@ apply_chat_template calls) does. Errors are recorded as {"error", "error_type"}.
 _render_with_assistant_indices. strftime_now is pinned to FIXED_DATE (tests set
 MOETUNE_FIXED_DATE to the same value).
 
-Writes tests/goldens/chat/manifest.json, cases.jsonl.xz and expected.jsonl.xz.
+Writes tests/goldens/chat/manifest.json, cases.jsonl.xz, expected.jsonl.xz and snippets.jsonl
+(small templates over SNIPPET_VARS, for the semantics in between).
 Usage: python3 scripts/make_chat_goldens.py [--shared-data DIR]
 """
 import argparse
@@ -229,12 +230,12 @@ def build_cases(shared):
         d = json.loads((shared / "chat-contexts" / f"{name}.json").read_text())
         cases.append(d)
     glaive = json.loads((shared / "glaive-toolcall" / "glaive_toolcall_en_demo.json").read_text())
-    for record in glaive[:70]:
+    for record in glaive[:150]:
         cases.append(sharegpt_to_messages(record["conversations"], record.get("tools")))
     sharegpt = json.loads((shared / "sharegpt" / "conversation.json").read_text())
     cases.append(sharegpt_to_messages(sharegpt["conversations"], None))
     with open(shared / "llamafactory-demo" / "reason_tool_use_demo_50.jsonl") as f:
-        for line in list(f)[:12]:
+        for line in list(f)[:25]:
             cases.append(llamafactory_to_messages(json.loads(line)))
     cases += handwritten_cases()
     # add_generation_prompt both ways for every conversation.
@@ -275,6 +276,160 @@ def generation_spans(template, special, case, text):
     return [[len(text[:b].encode()), len(text[:e].encode())] for b, e in spans]
 
 
+# ---- snippets: small templates over a fixed context, for the semantics in between ---------------
+
+SNIPPET_VARS = {
+    "messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}],
+    "d": {"b": 2, "a": 1, "nested": {"k": [1, 2, {"z": None}]}},
+    "items_list": [{"a": 3, "n": "x"}, {"a": 1, "n": "y"}, {"a": 2, "n": "x"}, {"n": "z"}],
+    "text": "  Héllo, Wörld! 😀  ",
+    "num": 7, "flt": 2.5, "nothing": None, "flag": True,
+}
+
+SNIPPETS = [
+    # undefined and attribute/item lookup
+    "{{ x }}|{{ x is defined }}|{{ x | default('dflt') }}|{{ x | length }}|{{ x | string }}|{{ x | list }}",
+    "{{ x.y }}", "{{ x['y'] }}", "{{ x + 1 }}", "{{ 1 + x }}", "{{ x ~ 'a' }}", "{{ x | tojson }}", "{{ x < 1 }}",
+    "{{ x == none }}|{{ x != 1 }}", "{{ x() }}", "{% for a in x %}{{ a }}{% endfor %}ok", "{{ 'a' in x }}",
+    "{{ d.missing }}|{{ d.missing is defined }}", "{{ d.missing.deeper }}", "{{ d['missing']['deeper'] }}",
+    "{{ nothing.x }}|{{ nothing['x'] }}", "{{ nothing.x.y }}", "{{ messages[5] }}|{{ messages[5] is defined }}",
+    "{{ messages[5].role }}", "{{ 'abc'[10] }}|{{ 'abc'[-1] }}|{{ 'abc'[1:] }}", "{{ num.x }}|{{ num[0] }}",
+    "{{ d.items is defined }}|{{ d.items is callable }}", "{{ d['keys'] is defined }}", "{{ messages.length }}|{{ messages['x'] }}",
+    "{{ d.nested.k[2].z }}|{{ d.nested.k.1 }}|{{ d['nested']['k'][-1] }}",
+    "{{ (x if false) is defined }}|{{ 'yes' if flag }}",
+    # type errors and arithmetic
+    "{{ 'a' + 1 }}", "{{ 1 + 'a' }}", "{{ [1] + 'a' }}", "{{ nothing + 1 }}", "{{ 1 / 0 }}", "{{ 1 // 0 }}",
+    "{{ 1 % 0 }}", "{{ 1.0 / 0 }}", "{{ 'a' < 1 }}", "{{ 'x' in 1 }}", "{{ 1 in 'x' }}", "{{ -'x' }}",
+    "{% for a in 5 %}{% endfor %}", "{% for a, b in [1] %}{% endfor %}", "{% for a, b in [(1, 2, 3)] %}{% endfor %}",
+    "{% for a, b in ['xy'] %}{{ b }}{{ a }}{% endfor %}", "{{ [1, 2] * 2 }}|{{ 2 * 'ab' }}|{{ 'a' * 0 }}|{{ 'a' * -1 }}",
+    "{{ -2 ** 2 }}|{{ 2 ** 3 ** 2 }}|{{ 2 ** 0.5 }}|{{ 10 ** 18 }}|{{ -7 // 2.0 }}|{{ -7 % 2.5 }}|{{ 7.5 // 2 }}",
+    "{{ 1e308 * 10 }}|{{ -1e308 * 10 }}|{{ (1e308 * 10) | tojson }}|{{ 0.1 * 3 }}|{{ 1e16 }}|{{ 1.5e-7 }}|{{ 123456789012345678 }}",
+    "{{ 1 == 1.0 }}|{{ true + true }}|{{ true * 3 }}|{{ 5 - true }}|{{ 3 / true }}|{{ [1, 2] == [1, 2] }}|{{ (1, 2) == [1, 2] }}",
+    "{{ 1 < 2.5 }}|{{ 'B' < 'a' }}|{{ 'é' > 'z' }}|{{ [1, 'a'] < [1, 'b'] }}|{{ [] < [0] }}|{{ nothing == nothing }}",
+    "{{ 1 < 2 > 1 }}|{{ 1 < 2 < 1 }}|{{ 1 == 1 == 1 }}|{{ not 1 == 2 }}|{{ not (1 and 0) }}|{{ 0 or nothing or 'z' }}",
+    # sandbox
+    "{{ [].append(1) }}", "{% set l = [1] %}{{ l.append }}|{{ l.append is defined }}", "{{ {}.update({}) }}",
+    "{{ ''.__class__ }}|{{ ''.__class__ is defined }}", "{{ [1].pop() }}", "{{ range(100001) | length }}",
+    "{{ range(5) | list }}|{{ range(2, 10, 3) | list }}|{{ range(5, 0, -2) | list }}|{{ range(0) | list }}",
+    "{{ d.pop('a') }}", "{{ messages.__len__ }}", "{{ d._private }}",
+    # macros, caller, scoping
+    "{% macro m(a, b=2) %}{{ a }}{{ b }}{% endmacro %}{{ m(1, 2, 3) }}",
+    "{% macro m(a, b=2) %}{{ a }}{{ b }}{% endmacro %}{{ m(1, c=3) }}",
+    "{% macro m(a, b=2) %}{{ a }}-{{ b }}{% endmacro %}{{ m(1) }}|{{ m(b=5, a=4) }}|{{ m() }}|{{ m(a=1, b=none) }}",
+    "{% macro m(a, b=a * 2) %}{{ a }}-{{ b }}{% endmacro %}{{ m(3) }}",
+    "{% macro m() %}{{ varargs }}{{ kwargs }}{% endmacro %}{{ m(1, 2, k=3) }}",
+    "{% macro m() %}[{{ caller(1, 2) }}]{% endmacro %}{% call(a, b) m() %}{{ a + b }}{% endcall %}",
+    "{% macro m(x) %}{{ caller() }}{{ x }}{% endmacro %}{% call m('!') %}body{% endcall %}",
+    "{% macro r(n) %}{{ n }}{% if n > 0 %}{{ r(n - 1) }}{% endif %}{% endmacro %}{{ r(4) }}",
+    "{% set x = 1 %}{% macro m() %}{{ x }}{% endmacro %}{% set x = 2 %}{{ m() }}",
+    "{% set x = 1 %}{% for i in [1, 2] %}{% set x = x + i %}{{ x }}{% endfor %}|{{ x }}",
+    "{% if true %}{% set y = 5 %}{% endif %}{{ y }}",
+    "{% set a, b = 1, 2 %}{{ a }}{{ b }}|{% set c, = [9] %}{{ c }}",
+    "{% set ns = namespace(a=1) %}{% for i in range(3) %}{% set ns.a = ns.a * 2 %}{% endfor %}{{ ns.a }}|{{ ns }}",
+    "{% set ns = namespace({'x': 1}, y=2) %}{{ ns.x }}{{ ns.y }}{{ ns.z }}|{{ ns['x'] }}",
+    "{% set d2 = {} %}{% set d2.x = 1 %}", "{% set x %}a{{ 1 }}b{% endset %}[{{ x }}]",
+    "{% set x | upper %}abc{% endset %}{{ x }}", "{% with %}{% set w = 1 %}{{ w }}{% endwith %}{{ w }}",
+    "{% for i in range(3) %}{% for j in range(3) %}{% if j == 1 %}{% break %}{% endif %}{{ i }}{{ j }} {% endfor %}{% endfor %}",
+    "{% for m in messages %}{{ loop.index }}{{ loop.previtem }}|{{ loop.nextitem }}{% endfor %}",
+    "{% for i in [1, 2, 3] if i != 2 %}{{ loop.index }}/{{ loop.length }}:{{ i }} {% endfor %}",
+    "{% for i in [] %}x{% else %}empty{% endfor %}|{% for i in [0] if i %}x{% else %}filtered{% endfor %}",
+    "{% for k, v in d.items() %}{{ k }}={{ v }};{% endfor %}|{% for k in d %}{{ k }}{% endfor %}",
+    "{% for c in 'héllo' %}{{ c }}.{% endfor %}", "{{ loop }}|{{ loop is defined }}",
+    "{% for a in [1, 2] %}{% for b in [3] %}{{ loop.index }}{{ loop.length }}{% endfor %}{{ loop.last }}{% endfor %}",
+    # syntax errors (line numbers)
+    "line1\n{% if %}", "{% for %}", "{{ 1 + }}", "a\n{% endfor %}", "{% if x %}\nopen", "{{ x | nofilter }}",
+    "{{ x is notest }}", "{% unknown %}", "{{ 'unterminated }}", "{{ (1, 2 }}", "{% set 1 = 2 %}", "{# open",
+    "{% for x in y %}{% endif %}", "{{ x }", "{% macro m(a=1, b) %}{% endmacro %}", "{{ }}", "{% break %}",
+    # whitespace control
+    "a  \n  {% if true %}\n  b\n  {% endif %}\n  c", "{{- ' x ' -}}  y  {{- ' z ' }}", "  {#- c -#}  y",
+    "x\n    {%+ if true %}y{% endif %}", "{% raw -%}  a {{ b }}  {%- endraw %}|", "a\n", "a\r\nb\rc\n\n",
+    "{% if true %}  \n{% endif %}z", "{{ 'a' }}\n{{ 'b' }}\n", "  {% if true %}x{% endif %}  \n  y",
+    "{% if true -%}\n\n  x  \n{%- endif %}", "{%- if true +%}\n y{% endif %}", "t {# c #}\n u", "  {# c #}\n  v",
+    "{{ 'a' -}}\n\n{{- 'b' }}", "{% raw %}{% endraw %}{% raw %}\n x{% endraw %}",
+    "{% for i in [1, 2] %}\n  {{ i }}\n{% endfor %}",
+    # literals, strings, repr
+    "{{ '\\u00e9\\x41\\n\\t|\\d|\\q|\\'|\"' }}|{{ 'a' 'b' \"c\" }}|{{ \"it's\" }}",
+    "{{ ['a\\'b', 'a\"b', 'a\\'\"b', '\\x00', '\\u200b', 'é', '\\n', '\\\\', '\\x7f', '\\xa0'] }}",
+    "{{ {1: 'a', none: 2, true: 3, 1.5: [], (1, 2): ()} }}|{{ (1,) }}|{{ () }}|{{ [1.0, -0.5, 1e-10, 1e22] }}",
+    "{{ messages[0] }}|{{ d }}|{{ items_list[3] }}|{{ [nothing, flag, num, flt] }}",
+    "{{ 'héllo'[1:3] }}|{{ '😀x' | length }}|{{ 'ß' | upper }}|{{ 'ÀÉ' | lower }}|{{ 'abc'[::-1] }}|{{ 'abcdef'[-2:0:-2] }}",
+    "{{ 'x'.center(6, '*') }}|{{ '{:>5}|{:<4}|{:^5}'.format('a', 'b', 'c') }}|{{ '{:.2f}|{:5d}|{!r}'.format(3.14159, 42, 'q') }}",
+    "{{ '%5.1f|%-4s|%03d|%x|%r|%%' % (3.14159, 'a', 7, 255, 'q') }}|{{ '%s' % 'solo' }}|{{ '%s and %s' % [1, 2] }}",
+    "{{ 'a\\tb  c\\n'.split() }}|{{ '  a  '.strip() }}|{{ '\\u00a0x\\u3000'.strip() }}|{{ 'aXbXc'.split('X', 1) }}|{{ 'abc'.startswith(('x', 'a')) }}",
+    "{{ ',a,,b,'.split(',') }}|{{ 'a b c'.rsplit(None, 1) }}|{{ 'xxaxx'.strip('x') }}|{{ 'ab'.split('') }}",
+    "{{ 'Hello World'.swapcase() }}|{{ 'hello'.capitalize() }}|{{ \"they're bill's\".title() }}|{{ 'x1y2'.isalnum() }}|{{ '12'.isdigit() }}|{{ ''.isdigit() }}",
+    "{{ 'abcabc'.find('c') }}|{{ 'abcabc'.rfind('c') }}|{{ 'héllo'.find('l') }}|{{ 'abc'.index('z') }}",
+    "{{ 'a-b'.replace('-', '') }}|{{ 'aaa'.replace('a', 'b', 2) }}|{{ 'ab'.replace('', '.') }}|{{ 'a'.zfill(3) }}|{{ '-5'.zfill(4) }}",
+    "{{ 'a=b=c'.partition('=') }}|{{ 'a=b=c'.rpartition('=') }}|{{ 'prefix-x'.removeprefix('prefix-') }}",
+    "{{ text.strip() }}|{{ text | trim }}|{{ text | upper }}|{{ text | title }}|{{ text | length }}|{{ text[2:7] }}",
+    "{{ 'l1\\nl2\\r\\nl3\\n'.splitlines() }}|{{ 'l1\\nl2'.splitlines(true) }}|{{ 'a,b'.split(',') | join('+') }}",
+    # tojson
+    "{{ d | tojson }}|{{ d | tojson(indent=2) }}|{{ d | tojson(indent='\\t', sort_keys=true) }}",
+    "{{ d | tojson(separators=(',', ':')) }}|{{ {1: 2, none: 3} | tojson }}|{{ (1, 'a') | tojson }}|{{ 'é\\u2028<>&\\'' | tojson }}",
+    "{{ ['😀', '\\x1f\\x7f'] | tojson(ensure_ascii=true) }}|{{ [] | tojson(indent=2) }}|{{ {} | tojson(indent=2) }}|{{ [[]] | tojson(indent=0) }}",
+    "{{ 3.0 | tojson }}|{{ 1e100 | tojson }}|{{ -0.0 | tojson }}|{{ nothing | tojson }}|{{ flag | tojson }}|{{ 'x' | tojson(2) }}",
+    # tests with arguments
+    "{{ 9 is divisibleby(3) }}|{{ 9 is divisibleby 4 }}|{{ nothing is sameas none }}|{{ 3 is equalto 3 }}|{{ 3 is eq(4) }}",
+    "{{ num is odd }}|{{ flt is odd }}|{{ 'x' is odd }}", "{{ messages is sequence }}|{{ d is sequence }}|{{ num is sequence }}|{{ x is iterable }}|{{ x is callable }}",
+    "{{ true is number }}|{{ true is integer }}|{{ 1.0 is integer }}|{{ 'lower' is lower }}|{{ 'Mixed' is upper }}|{{ 'a' is in 'abc' }}",
+    "{{ 'upper' is filter }}|{{ 'nope' is filter }}|{{ 'odd' is test }}|{{ range is callable }}|{{ d is mapping }}|{{ nothing is mapping }}",
+    # filters
+    "{{ ['a', 'b'] | map('upper') | list }}|{{ [x, 'b'] | map('default', 'z') | list }}|{{ [1, 2, 3, 4] | select('odd') | list }}|{{ [1, none, 2] | reject('none') | list }}",
+    "{{ items_list | selectattr('a') | map(attribute='n') | list }}|{{ items_list | selectattr('a', 'gt', 1) | list | length }}|{{ items_list | rejectattr('a', 'defined') | list }}",
+    "{{ items_list | map(attribute='a', default=0) | list }}|{{ items_list | map(attribute='a') | list }}|{{ items_list[:3] | sum(attribute='a') }}|{{ items_list[:3] | sort(attribute='a') | map(attribute='a') | join }}",
+    "{{ items_list | unique(attribute='n') | list | length }}|{{ d | dictsort(by='value') }}|{{ [1, 2, 3] | batch(2, 'x') | list }}|{{ d | first }}|{{ 'abc' | list }}",
+    "{{ [1, 2] | join }}|{{ items_list | join(', ', attribute='n') }}|{{ d | attr('b') }}|{{ [1, 'a'] | string }}|{{ nothing | default(1) }}|{{ nothing | d(1, true) }}",
+    "{{ d | length }}|{{ 'abc' | count }}|{{ (1, 2) | reverse | list }}|{{ 'x' | abs }}", "{{ '0x1A' | int(0, 16) }}|{{ '1A' | int(0, 16) }}|{{ '  7 ' | int }}|{{ '1e3' | float }}|{{ '1_000' | int }}|{{ 'nan' | float }}|{{ true | int }}",
+    "{{ -2.5 | round }}|{{ 1.23456 | round(3) }}|{{ 2.675 | round(2) }}|{{ 15 | round(-1) }}|{{ 1.5 | round(0, 'floor') }}|{{ nothing | trim }}|{{ 5 | upper }}",
+    "{{ 'aaa' | replace('a', 'b', 2) }}|{{ 'x\\ny' | indent('> ') }}|{{ 'x\\ny' | indent(first=true, width=1) }}|{{ 'one two three four' | truncate(9) }}|{{ 'one two three four' | truncate(9, true) }}",
+    "{{ 'a b,c' | wordcount }}|{{ '%(a)s' | format(a=1) }}|{{ 'x' | center(5) }}|{{ 5 | escape }}|{{ [1, 'a'] | pprint }}|{{ d | items | list }}",
+    "{{ [3, 1, 2] | sort | join(',') }}|{{ ['b', 'a'] | max }}|{{ [] | max }}|{{ ['B', 'a'] | min }}|{{ [1, 2] | last }}|{{ {} | first }}",
+    # dict/list methods
+    "{{ d.items() | list }}|{{ d.get('a') }}|{{ d.get('q') }}|{{ d.get('q', 'dv') }}|{{ d.keys() | list }}|{{ d.values() | list | length }}|{{ d.copy() }}",
+    "{{ [1, 2, 1].count(1) }}|{{ [1, 2].index(2) }}|{{ [1, 2].index(5) }}",
+    # globals
+    "{{ raise_exception('custom failure') }}", "line1\nline2 {{ raise_exception('Line ' ~ 2) }}", "{{ raise_exception(42) }}",
+    "{{ strftime_now('%Y-%m-%d %H:%M:%S %A %B %j %p %a %b %y %d') }}|{{ strftime_now('') }}|{{ strftime_now('%%') }}",
+    "{{ namespace(a=1).a }}|{{ dict(a=1, b=[2]) }}|{{ dict({'x': 1}, y=2) }}",
+    "{% if messages %}has{% endif %}|{% if [] %}no{% else %}empty{% endif %}|{% if '' or 0 or 0.0 or {} or none %}t{% else %}f{% endif %}",
+    "{{ nothing | string }}|{{ flag | string }}|{{ 1.0 | string }}|{{ none }}|{{ true }}|{{ 10 / 2 }}|{{ 10 // 2 }}",
+    "{{ bos_token }}|{{ eos_token }}|{{ add_generation_prompt }}|{{ tools }}|{{ documents }}|{{ tools is none }}",
+    # generation inside loops and conditionals
+    "{% for m in messages %}<{{ m.role }}>{% if m.role == 'assistant' %}{% generation %}{{ m.content }}!{% endgeneration %}{% endif %}{% endfor %}{% generation %}tail{% endgeneration %}",
+    "{% generation %}{% set g = 1 %}{{ g }}{% endgeneration %}{{ g }}",
+]
+
+
+def template_line(error):
+    """The template line Jinja's rewritten traceback points at, if any."""
+    import traceback
+    lines = [f.lineno for f in traceback.extract_tb(error.__traceback__) if f.filename == "<template>"]
+    return lines[-1] if lines else None
+
+
+def build_snippets():
+    rows = []
+    for template in SNIPPETS:
+        variables = dict(SNIPPET_VARS)
+        messages = variables.pop("messages")
+        row = {"template": template}
+        try:
+            rendered, _ = ctu.render_jinja_template(conversations=[messages], chat_template=template,
+                                                    bos_token="<s>", eos_token="</s>", **variables)
+            row["text"] = rendered[0]
+            if "generation" in template:
+                compiled = ctu._compile_jinja_template(template)
+                text, spans = ctu._render_with_assistant_indices(compiled, messages, None, None, False,
+                                                                 bos_token="<s>", eos_token="</s>", **variables)
+                row["spans"] = [[len(text[:b].encode()), len(text[:e].encode())] for b, e in spans]
+        except Exception as e:  # noqa: BLE001 - errors are goldens too
+            row["error"] = str(e)
+            row["error_type"] = type(e).__name__
+            row["line"] = getattr(e, "lineno", None) or template_line(e)
+        rows.append(row)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shared-data", default=str(REPO.parent / "shared" / "data"))
@@ -310,6 +465,12 @@ def main():
             expected.append(row)
         print(f"{name}: {len(cases)} cases, {n_err} errors ({manifest['templates'][-1]['rendered_by']})")
     OUT.mkdir(parents=True, exist_ok=True)
+    snippets = build_snippets()
+    manifest["snippet_variables"] = SNIPPET_VARS
+    with open(OUT / "snippets.jsonl", "w") as f:
+        for row in snippets:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(f"snippets.jsonl: {len(snippets)} snippets, {sum('error' in r for r in snippets)} errors")
     (OUT / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     for fname, rows in [("cases.jsonl.xz", cases), ("expected.jsonl.xz", expected)]:
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()

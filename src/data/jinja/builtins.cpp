@@ -607,7 +607,19 @@ Value do_round(const Value& v, int64_t precision, const std::string& method) {
   if (!v.is_number())
     raise("TypeError", "type " + type_name(v) + " doesn't define __round__ method");
   if (method == "common") {
-    if (!v.is_float()) return Value(v.int_value());  // round(int, n) stays int for n >= 0
+    if (!v.is_float()) {  // round(int, n) stays an int; negative n rounds half to even
+      int64_t x = v.int_value();
+      if (precision >= 0) return Value(x);
+      if (precision < -18) return Value(static_cast<int64_t>(0));
+      int64_t unit = 1;
+      for (int64_t i = 0; i < -precision; ++i) unit *= 10;
+      int64_t q = x / unit, r = x % unit;
+      if (r < 0) r += unit, --q;
+      if (2 * r > unit || (2 * r == unit && (q % 2 != 0))) ++q;
+      int64_t result;
+      if (__builtin_mul_overflow(q, unit, &result)) raise("OverflowError", "integer overflow");
+      return Value(result);
+    }
     const double x = v.as_float();
     if (!std::isfinite(x)) return v;
     if (precision == 0) return Value(std::nearbyint(x));
@@ -761,7 +773,8 @@ Value binary_op(Interpreter& interp, const std::string& op, const Value& a, cons
   }
   if (op == "/") {
     if (!numbers) unsupported_operands(op, a, b);
-    if (b.number_value() == 0.0) raise("ZeroDivisionError", "division by zero");
+    if (b.number_value() == 0.0)
+      raise("ZeroDivisionError", floats ? "float division by zero" : "division by zero");
     return Value(a.number_value() / b.number_value());
   }
   if (op == "//") {
@@ -1533,9 +1546,15 @@ Value builtin_filter(Interpreter& interp, const std::string& name, const Value& 
     interp.check_size(out.size());
     return Value(std::move(out));
   }
-  if (name == "attr") {
+  if (name == "attr") {  // attributes only: a dict's keys are items, not attributes
     auto p = bind(args, fn, {{"name", std::nullopt}});
-    return interp.getattr(v, py_str(p[0]));
+    const std::string attr = py_str(p[0]);
+    if (v.is_dict() || v.is_list() || v.is_string()) {
+      if (auto m = builtin_method(v, attr)) return *m;
+      return Value::undefined(repr_string(object_type_repr(v)) + " has no attribute " +
+                              repr_string(attr));
+    }
+    return interp.getattr(v, attr);
   }
   if (name == "pprint") {
     bind(args, fn, {});

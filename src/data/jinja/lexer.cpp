@@ -347,8 +347,9 @@ class Lexer {
         size_t i = pos_ + 1;
         while (i < s_.size() && s_[i] != c) i += (s_[i] == '\\') ? 2 : 1;
         if (i >= s_.size())
-          syntax_error(std::string("unexpected char '") + c + "' at " + std::to_string(pos_),
-                       line_);
+          syntax_error(
+              "unexpected char " + repr_string(std::string(1, c)) + " at " + std::to_string(pos_),
+              line_);
         const std::string body = s_.substr(pos_ + 1, i - pos_ - 1);
         emit(TokenType::String, decode_string_literal(body, line_), line_);
         line_ += count_newlines(s_, pos_, i);

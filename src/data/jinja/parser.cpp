@@ -116,6 +116,11 @@ class Parser {
   // ---- statements ----
   Body subparse(const std::vector<std::string>& end_tokens) {
     DepthGuard guard(*this);
+    end_token_stack_.push_back(end_tokens);
+    struct Pop {
+      std::vector<std::vector<std::string>>& stack;
+      ~Pop() { stack.pop_back(); }
+    } pop{end_token_stack_};
     Body body;
     while (true) {
       const Token& t = current();
@@ -208,17 +213,22 @@ class Parser {
       if (current().type == TokenType::Name) next();
     } else if (tag == "break" || tag == "continue") {
       s->kind = tag == "break" ? StmtKind::Break : StmtKind::Continue;
+      if (loop_depth_ == 0) fail("'" + tag + "' outside loop", line);
     } else if (tag == "generation") {
       s->kind = StmtKind::Generation;
       has_generation_ = true;
       s->body = parse_statements({"endgeneration"}, true);
     } else {
       block_stack_.pop_back();
-      if (!block_stack_.empty())
-        fail("Encountered unknown tag '" + tag + "'. Jinja was looking for the following tags: '" +
-                 "end" + block_stack_.back() +
-                 "'. The innermost block that needs to be closed is '" + block_stack_.back() + "'.",
+      if (!block_stack_.empty() && !end_token_stack_.empty() && !end_token_stack_.back().empty()) {
+        std::string names;
+        for (const auto& end : end_token_stack_.back())
+          names += (names.empty() ? "'" : " or '") + end + "'";
+        fail("Encountered unknown tag '" + tag +
+                 "'. Jinja was looking for the following tags: " + names +
+                 ". The innermost block that needs to be closed is '" + block_stack_.back() + "'.",
              line);
+      }
       fail("Encountered unknown tag '" + tag + "'.", line);
     }
     block_stack_.pop_back();
@@ -233,7 +243,9 @@ class Parser {
     s.expr = parse_tuple(false, "recursive", false);
     if (skip_name("if")) s.condition = parse_expression(true);
     if (skip_name("recursive")) s.recursive = true;
+    ++loop_depth_;
     s.body = parse_statements({"endfor", "else"}, false);
+    --loop_depth_;
     if (next().value != "endfor") s.else_body = parse_statements({"endfor"}, true);
   }
 
@@ -285,7 +297,10 @@ class Parser {
     s.name = expect_name();
     parse_signature(s);
     macro_stack_.push_back(&s);
+    const int saved_loops = loop_depth_;
+    loop_depth_ = 0;
     s.body = parse_statements({"endmacro"}, true);
+    loop_depth_ = saved_loops;
     macro_stack_.pop_back();
   }
 
@@ -780,6 +795,8 @@ class Parser {
   int depth_ = 0;
   bool has_generation_ = false;
   std::vector<std::string> block_stack_;
+  std::vector<std::vector<std::string>> end_token_stack_;
+  int loop_depth_ = 0;
   std::vector<Stmt*> macro_stack_;
 };
 
