@@ -18,5 +18,6 @@ int run_init(int argc, char** argv);
 int run_inspect(int argc, char** argv);
 int run_tokenize(int argc, char** argv);
 int run_bench_tokenizer(int argc, char** argv);
+int run_render_chat(int argc, char** argv);
 
 }  // namespace moetune::cli

@@ -18,6 +18,7 @@ constexpr Command kCommands[] = {
     {"inspect", run_inspect, "describe a model folder and the memory to train it"},
     {"tokenize", run_tokenize, "encode/decode JSONL text with a Hugging Face tokenizer"},
     {"bench-tokenizer", run_bench_tokenizer, "measure single-threaded tokenizer encode speed"},
+    {"render-chat", run_render_chat, "render chat conversations (JSONL) with a chat template"},
 };
 
 void print_usage() {
