@@ -13,6 +13,7 @@ namespace moetune::cli {
 namespace {
 constexpr Command kCommands[] = {
     {"version", run_version, "print the version and the backends this build has"},
+    {"data", run_data, "preview a recipe's dataset: rendered examples, loss masks, token stats"},
 };
 
 void print_usage() {
