@@ -14,5 +14,6 @@ struct Command {
 
 int run_version(int argc, char** argv);
 int run_data(int argc, char** argv);
+int run_tokenize(int argc, char** argv);
 
 }  // namespace moetune::cli

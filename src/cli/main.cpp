@@ -14,6 +14,7 @@ namespace {
 constexpr Command kCommands[] = {
     {"version", run_version, "print the version and the backends this build has"},
     {"data", run_data, "preview a recipe's dataset: rendered examples, loss masks, token stats"},
+    {"tokenize", run_tokenize, "encode/decode JSONL text with a Hugging Face tokenizer"},
 };
 
 void print_usage() {
