@@ -21,6 +21,7 @@ struct TensorSlot {
   float* master;
   int64_t begin;  // prefix sum of element counts
   float weight_decay;
+  float decay;  // 1 - lr * weight_decay
   Kind param_kind, grad_kind, avg_kind, avg_sq_kind;
 };
 
@@ -35,8 +36,10 @@ __device__ __forceinline__ int find_slot(const TensorSlot* slots, int count, int
   return lo;
 }
 
+// Formed in double (as Python floats are in torch), used in fp32: the CPU reference's order.
 struct AdamWScalars {
-  float lr, beta1, beta2, eps, step_size, bias_correction2_sqrt, grad_scale;
+  double lr;
+  float lerp_weight, beta2, one_minus_beta2, eps, neg_step_size, bias_correction2_sqrt, grad_scale;
 };
 
 __global__ void adamw_kernel(const TensorSlot* slots, int count, int64_t total, AdamWScalars h) {
@@ -49,10 +52,11 @@ __global__ void adamw_kernel(const TensorSlot* slots, int count, int64_t total, 
       const int64_t i = element - s.begin;
       const float g = load_any(s.grad, s.grad_kind, i) * h.grad_scale;
       float p = s.master ? s.master[i] : load_any(s.param, s.param_kind, i);
-      p *= 1.0f - h.lr * s.weight_decay;
-      const float m = h.beta1 * load_any(s.exp_avg, s.avg_kind, i) + (1.0f - h.beta1) * g;
-      const float v = h.beta2 * load_any(s.exp_avg_sq, s.avg_sq_kind, i) + (1.0f - h.beta2) * g * g;
-      p -= h.step_size * m / (sqrtf(v) / h.bias_correction2_sqrt + h.eps);
+      if (s.weight_decay != 0.0f) p = p * s.decay;
+      const float m0 = load_any(s.exp_avg, s.avg_kind, i);
+      const float m = m0 + h.lerp_weight * (g - m0);
+      const float v = load_any(s.exp_avg_sq, s.avg_sq_kind, i) * h.beta2 + h.one_minus_beta2 * g * g;
+      p = p + h.neg_step_size * m / (sqrtf(v) / h.bias_correction2_sqrt + h.eps);
       store_any(s.exp_avg, s.avg_kind, i, m);
       store_any(s.exp_avg_sq, s.avg_sq_kind, i, v);
       if (s.master) s.master[i] = p;
@@ -122,18 +126,19 @@ void launch_adamw(std::span<const AdamWParam> params, const AdamWHyper& hyper, f
     check_float(p.exp_avg, "adamw exp_avg");
     check_float(p.exp_avg_sq, "adamw exp_avg_sq");
     if (p.grad.numel() != n || p.exp_avg.numel() != n || p.exp_avg_sq.numel() != n ||
-        (p.master.numel() && p.master.numel() != n))
+        (present(p.master) && p.master.numel() != n))
       fail("adamw: param ", p.param.shape.str(), " grad ", p.grad.shape.str(), " exp_avg ", p.exp_avg.shape.str(),
            " exp_avg_sq ", p.exp_avg_sq.shape.str(), " differ in size");
-    if (p.master.numel()) check_f32(p.master, "adamw master");
+    if (present(p.master)) check_f32(p.master, "adamw master");
     TensorSlot s{};
     s.param = p.param.data;
     s.grad = p.grad.data;
     s.exp_avg = p.exp_avg.data;
     s.exp_avg_sq = p.exp_avg_sq.data;
-    s.master = p.master.numel() ? p.master.ptr<float>() : nullptr;
+    s.master = present(p.master) ? p.master.ptr<float>() : nullptr;
     s.begin = total;
     s.weight_decay = p.weight_decay;
+    s.decay = static_cast<float>(1.0 - hyper.lr * static_cast<double>(p.weight_decay));
     s.param_kind = kind_of(p.param);
     s.grad_kind = kind_of(p.grad);
     s.avg_kind = kind_of(p.exp_avg);
@@ -143,13 +148,15 @@ void launch_adamw(std::span<const AdamWParam> params, const AdamWHyper& hyper, f
   }
   if (slots.empty()) return;
   AdamWScalars h{};
-  h.lr = hyper.lr;
-  h.beta1 = hyper.beta1;
-  h.beta2 = hyper.beta2;
-  h.eps = hyper.eps;
+  if (hyper.step < 1) fail("adamw_update: step must be >= 1 (1-based), got ", hyper.step);
   const double step = static_cast<double>(hyper.step);
-  h.step_size = static_cast<float>(hyper.lr / (1.0 - std::pow(double(hyper.beta1), step)));
-  h.bias_correction2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(double(hyper.beta2), step)));
+  h.lr = hyper.lr;
+  h.lerp_weight = static_cast<float>(1.0 - hyper.beta1);
+  h.beta2 = static_cast<float>(hyper.beta2);
+  h.one_minus_beta2 = static_cast<float>(1.0 - hyper.beta2);
+  h.eps = static_cast<float>(hyper.eps);
+  h.neg_step_size = static_cast<float>(-(hyper.lr / (1.0 - std::pow(hyper.beta1, step))));
+  h.bias_correction2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(hyper.beta2, step)));
   h.grad_scale = grad_scale;
   adamw_kernel<<<grid_for(total), 256, 0, stream>>>(upload(slots, scratch, stream), int(slots.size()), total, h);
   MOETUNE_CUDA_LAUNCH_CHECK();

@@ -150,7 +150,7 @@ AttnDims dims_of(const Tensor& q, const Tensor& k, const Tensor& v, float scale,
          " must be (B, T, Hq, D), (B, T, Hkv, D) with Hq a multiple of Hkv, one dtype");
   if (q.size(3) > 32 * kMaxPerLane) fail(what, ": head_dim ", q.size(3), " > ", 32 * kMaxPerLane);
   AttnDims d{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), scale, nullptr, 0};
-  if (doc_offsets.numel()) {
+  if (present(doc_offsets)) {
     check_i32(doc_offsets, "attention doc_offsets");
     d.doc_offsets = doc_offsets.ptr<int32_t>();
     d.docs = static_cast<int>(doc_offsets.numel() - 1);

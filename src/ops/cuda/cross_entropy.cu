@@ -85,8 +85,8 @@ void launch_cross_entropy_chunk(const Tensor& logits, const Tensor& labels, floa
                                 const Tensor& correct, const Tensor& logits_out, cudaStream_t stream) {
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   if (rows == 0) return;
-  float* correct_ptr = correct.numel() ? correct.ptr<float>() : nullptr;
-  float* out_ptr = logits_out.numel() ? logits_out.ptr<float>() : nullptr;
+  float* correct_ptr = present(correct) ? correct.ptr<float>() : nullptr;
+  float* out_ptr = present(logits_out) ? logits_out.ptr<float>() : nullptr;
   MOETUNE_DISPATCH_FLOAT(logits.dtype, "linear_cross_entropy", {
     cross_entropy_kernel<scalar_t><<<rows, kThreads, 0, stream>>>(logits.ptr<scalar_t>(), labels.ptr<int32_t>(), vocab,
                                                                   grad_scale, loss_sum.ptr<float>(), correct_ptr,

@@ -8,6 +8,7 @@
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <tuple>
@@ -215,7 +216,7 @@ class CudaBackend final : public Backend {
                          const Tensor& out, const Tensor& lse) override {
     PhaseScope scope(this, Phase::Attention);
     BufferScratch scratch;
-    if (doc_offsets.numel() == 0 && out.shape == q.shape && out.dtype == q.dtype && v.shape == k.shape &&
+    if (!cuda::present(doc_offsets) && out.shape == q.shape && out.dtype == q.dtype && v.shape == k.shape &&
         v.dtype == k.dtype && lse.dtype == DType::F32 && lse.numel() == q.size(0) * q.size(1) * q.size(2) &&
         attention_->forward(q, k, v, scale, out, lse, BufferScratch::workspace, &scratch))
       return;
@@ -226,7 +227,7 @@ class CudaBackend final : public Backend {
                           const Tensor& dk, const Tensor& dv) override {
     PhaseScope scope(this, Phase::Attention);
     BufferScratch scratch;
-    if (doc_offsets.numel() == 0 && dout.shape == q.shape && dout.dtype == q.dtype && out.shape == q.shape &&
+    if (!cuda::present(doc_offsets) && dout.shape == q.shape && dout.dtype == q.dtype && out.shape == q.shape &&
         dq.shape == q.shape && dq.dtype == q.dtype && dk.shape == k.shape && dk.dtype == k.dtype &&
         dv.shape == v.shape && dv.dtype == v.dtype && v.shape == k.shape && lse.dtype == DType::F32 &&
         lse.numel() == q.size(0) * q.size(1) * q.size(2) &&
@@ -311,7 +312,7 @@ class CudaBackend final : public Backend {
     if (backward && (args.grad_hidden.shape != hidden.shape || args.grad_weight.shape != weight.shape))
       fail("linear_cross_entropy: grad_hidden ", args.grad_hidden.shape.str(), " grad_weight ",
            args.grad_weight.shape.str(), " must match hidden and weight");
-    if (args.logits.numel() && args.logits.numel() != tokens * vocab)
+    if (cuda::present(args.logits) && args.logits.numel() != tokens * vocab)
       fail("linear_cross_entropy: logits ", args.logits.shape.str(), " must be (N, V)");
     if (tokens == 0) return;
     // Chunk of rows whose logits take at most ~640 MB (bf16: 2048 rows at a 151,936 vocab).
@@ -324,7 +325,7 @@ class CudaBackend final : public Backend {
       const Tensor l = logits.tensor().slice_rows(0, end - start);
       gemm_impl(h, false, weight, true, l, 1.0f, 0.0f);
       Tensor logits_out;
-      if (args.logits.numel()) logits_out = args.logits.view(Shape{tokens, vocab}).slice_rows(start, end);
+      if (cuda::present(args.logits)) logits_out = args.logits.view(Shape{tokens, vocab}).slice_rows(start, end);
       cuda::launch_cross_entropy_chunk(l, args.labels.view(Shape{tokens}).slice_rows(start, end), args.grad_scale,
                                        args.loss_sum, args.correct, logits_out, stream_);
       if (!backward) continue;

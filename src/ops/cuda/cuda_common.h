@@ -36,6 +36,8 @@ class Scratch {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline bool is_bf16(const Tensor& t) { return t.dtype == DType::BF16; }
+// An optional tensor argument was given (a default Tensor() has no data).
+inline bool present(const Tensor& t) { return t.data != nullptr && t.numel() > 0; }
 void check_float(const Tensor& t, const char* what);  // F32 or BF16 on the device
 void check_f32(const Tensor& t, const char* what);
 void check_i32(const Tensor& t, const char* what);

@@ -297,11 +297,11 @@ void launch_router_backward(const Tensor& dtopk_weights, const Tensor& probs, co
   const int64_t tokens = experts ? probs.numel() / experts : 0;
   const int top_k = tokens ? static_cast<int>(topk_ids.numel() / tokens) : 1;
   if (dlogits.numel() != probs.numel() || dtopk_weights.numel() != topk_ids.numel() ||
-      (aux_dprob.numel() && aux_dprob.numel() != experts))
+      (present(aux_dprob) && aux_dprob.numel() != experts))
     fail("router_backward: probs ", probs.shape.str(), " dlogits ", dlogits.shape.str(), " dtopk ",
          dtopk_weights.shape.str(), " do not fit");
   if (tokens == 0) return;
-  const float* aux = aux_dprob.numel() ? aux_dprob.ptr<float>() : nullptr;
+  const float* aux = present(aux_dprob) ? aux_dprob.ptr<float>() : nullptr;
   const int warps = 4;
   MOETUNE_DISPATCH_FLOAT(dlogits.dtype, "router_backward", {
     router_backward_kernel<scalar_t><<<ceil_div(tokens, warps), warps * 32, sizeof(float) * warps * experts, stream>>>(
