@@ -13,6 +13,9 @@ namespace moetune::cli {
 namespace {
 constexpr Command kCommands[] = {
     {"version", run_version, "print the version and the backends this build has"},
+    {"forward-backward", run_forward_backward, "one forward+backward (+AdamW step) on a batch file"},
+    {"init", run_init, "write a randomly initialised model folder from a config.json"},
+    {"inspect", run_inspect, "describe a model folder and the memory to train it"},
 };
 
 void print_usage() {
