@@ -16,5 +16,6 @@ int run_version(int argc, char** argv);
 int run_forward_backward(int argc, char** argv);
 int run_init(int argc, char** argv);
 int run_inspect(int argc, char** argv);
+int run_bench(int argc, char** argv);
 
 }  // namespace moetune::cli

@@ -16,6 +16,7 @@ constexpr Command kCommands[] = {
     {"forward-backward", run_forward_backward, "one forward+backward (+AdamW step) on a batch file"},
     {"init", run_init, "write a randomly initialised model folder from a config.json"},
     {"inspect", run_inspect, "describe a model folder and the memory to train it"},
+    {"bench", run_bench, "training-step throughput on the GPU (one JSON line)"},
 };
 
 void print_usage() {

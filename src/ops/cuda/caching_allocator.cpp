@@ -48,6 +48,10 @@ class CachingAllocator {
       stats_.reserved += size;
       stats_.peak_reserved = std::max(stats_.peak_reserved, stats_.reserved);
     }
+    if (stream_) {
+      const cudaError_t status = cudaMemsetAsync(pointer, 0, size, stream_);
+      if (status != cudaSuccess) fail("zero-filling a device allocation: ", cudaGetErrorString(status));
+    }
     sizes_[pointer] = size;
     stats_.in_use += size;
     stats_.peak_in_use = std::max(stats_.peak_in_use, stats_.in_use);
@@ -72,6 +76,10 @@ class CachingAllocator {
     stats_.peak_in_use = stats_.in_use;
     stats_.peak_reserved = stats_.reserved;
   }
+  void set_stream(cudaStream_t stream) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stream_ = stream;
+  }
   void release() {
     std::lock_guard<std::mutex> lock(mutex_);
     release_locked();
@@ -93,6 +101,7 @@ class CachingAllocator {
   std::unordered_map<size_t, std::vector<void*>> free_;
   std::unordered_map<void*, size_t> sizes_;
   DeviceMemoryStats stats_;
+  cudaStream_t stream_ = nullptr;
 };
 
 CachingAllocator& allocator() {
@@ -107,5 +116,6 @@ void device_free(void* pointer) { allocator().deallocate(pointer); }
 DeviceMemoryStats device_memory_stats() { return allocator().stats(); }
 void reset_device_memory_peak() { allocator().reset_peak(); }
 void release_cached_device_memory() { allocator().release(); }
+void set_allocation_stream(void* cuda_stream) { allocator().set_stream(static_cast<cudaStream_t>(cuda_stream)); }
 
 }  // namespace moetune::cuda

@@ -79,6 +79,7 @@ class CudaBackend final : public Backend {
     MOETUNE_CUDA_CHECK(cudaSetDevice(device_index));
     register_device_allocator(cuda::device_allocate, cuda::device_free);
     MOETUNE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    cuda::set_allocation_stream(stream_);
     MOETUNE_CUBLAS_CHECK(cublasLtCreate(&lt_));
     workspace_ = Buffer(DType::U8, Shape{kWorkspaceBytes}, Device::CUDA);
     attention_ = std::make_unique<cuda::CudnnAttention>(stream_);
@@ -90,6 +91,7 @@ class CudaBackend final : public Backend {
     attention_.reset();
     workspace_ = Buffer();
     if (lt_) cublasLtDestroy(lt_);
+    cuda::set_allocation_stream(nullptr);
     if (stream_) cudaStreamDestroy(stream_);
   }
 

@@ -4,6 +4,9 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
+
+#include "core/tensor.h"
 
 namespace moetune::cuda {
 
@@ -16,6 +19,14 @@ struct DeviceMemoryStats {
 
 DeviceMemoryStats device_memory_stats();
 void reset_device_memory_peak();
+// Device allocations are zero-filled (as host ones are) by a memset on this stream, the
+// backend's one stream, so the fill is ordered after earlier work that used a reused block.
+void set_allocation_stream(void* cuda_stream);
+// Name of the current GPU ("NVIDIA H100 80GB HBM3").
+const char* device_name();
+// Fills a BF16/F32 device tensor with normal(0, std) values (hash of seed and index):
+// fast random weights for benchmarks.
+void fill_normal(const Tensor& tensor, float std, uint64_t seed);
 // Returns cached blocks to the driver (synchronises the device).
 void release_cached_device_memory();
 

@@ -3,6 +3,7 @@
 // reduction (norms), flat grid-stride loops elsewhere. Secondary operands (weights, biases)
 // are read through `load_any`, a uniform run-time dtype branch, so each kernel is compiled
 // once or twice rather than for every dtype combination.
+#include "ops/cuda/device_memory.h"
 #include "ops/cuda/device_utils.cuh"
 
 namespace moetune::cuda {
@@ -344,4 +345,40 @@ void launch_swiglu_backward(const Tensor& dout, const Tensor& gate_up, const Ten
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
 
+}  // namespace moetune::cuda
+
+// ---- benchmark helpers (ops/cuda/device_memory.h) ----
+namespace moetune::cuda {
+namespace {
+__device__ __forceinline__ uint64_t mix(uint64_t x) {  // splitmix64
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+__global__ void fill_normal_kernel(void* dst, Kind kind, int64_t n, float std, uint64_t seed) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const uint64_t bits = mix(seed ^ mix(uint64_t(i)));
+    const float u1 = (float((bits >> 40) & 0xffffff) + 1.0f) / 16777217.0f;
+    const float u2 = float((bits >> 16) & 0xffffff) / 16777216.0f;
+    store_any(dst, kind, i, std * sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2));
+  }
+}
+}  // namespace
+
+void fill_normal(const Tensor& tensor, float std, uint64_t seed) {
+  if (tensor.numel() == 0) return;
+  // Default stream, then a device sync: used only while setting a benchmark up.
+  fill_normal_kernel<<<grid_for(tensor.numel()), 256>>>(tensor.data, kind_of(tensor), tensor.numel(), std, seed);
+  MOETUNE_CUDA_LAUNCH_CHECK();
+  MOETUNE_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+const char* device_name() {
+  static thread_local cudaDeviceProp properties;
+  int device = 0;
+  MOETUNE_CUDA_CHECK(cudaGetDevice(&device));
+  MOETUNE_CUDA_CHECK(cudaGetDeviceProperties(&properties, device));
+  return properties.name;
+}
 }  // namespace moetune::cuda
