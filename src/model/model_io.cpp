@@ -80,7 +80,7 @@ std::unique_ptr<Model> Model::from_hf_folder(const std::filesystem::path& folder
            tensor.shape.str(), " from config.json)");
     const TensorInfo& info = reader.info(tensor.hf_name);
     if (info.shape != tensor.shape)
-      fail(reader.file_of(tensor.hf_name).string(), ": tensor ", tensor.hf_name, " has shape ",
+      fail(reader.file_of(tensor.hf_name).path().string(), ": tensor ", tensor.hf_name, " has shape ",
            info.shape.str(), " but config.json implies ", tensor.shape.str());
     const Parameter* parameter = model->weights_->find(tensor.parameter);
     MOETUNE_CHECK(parameter, "no parameter ", tensor.parameter);

@@ -368,7 +368,9 @@ __global__ void fill_normal_kernel(void* dst, Kind kind, int64_t n, float std, u
 
 void fill_normal(const Tensor& tensor, float std, uint64_t seed) {
   if (tensor.numel() == 0) return;
-  // Default stream, then a device sync: used only while setting a benchmark up.
+  // Default stream between device syncs (the backend's stream may still be zero-filling the
+  // allocation): used only while setting a benchmark up.
+  MOETUNE_CUDA_CHECK(cudaDeviceSynchronize());
   fill_normal_kernel<<<grid_for(tensor.numel()), 256>>>(tensor.data, kind_of(tensor), tensor.numel(), std, seed);
   MOETUNE_CUDA_LAUNCH_CHECK();
   MOETUNE_CUDA_CHECK(cudaDeviceSynchronize());
