@@ -20,5 +20,6 @@ int run_data(int argc, char** argv);
 int run_tokenize(int argc, char** argv);
 int run_bench_tokenizer(int argc, char** argv);
 int run_render_chat(int argc, char** argv);
+int run_bench(int argc, char** argv);
 
 }  // namespace moetune::cli

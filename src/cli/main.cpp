@@ -20,6 +20,7 @@ constexpr Command kCommands[] = {
     {"tokenize", run_tokenize, "encode/decode JSONL text with a Hugging Face tokenizer"},
     {"bench-tokenizer", run_bench_tokenizer, "measure single-threaded tokenizer encode speed"},
     {"render-chat", run_render_chat, "render chat conversations (JSONL) with a chat template"},
+    {"bench", run_bench, "training-step throughput on the GPU (one JSON line)"},
 };
 
 void print_usage() {
