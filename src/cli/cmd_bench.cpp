@@ -6,7 +6,6 @@
 // then the median wall time of --steps synchronised steps; one extra profiled step brackets
 // every op with CUDA events for the per-phase times. tflops uses DESIGN.md's formula.
 #include <CLI/CLI.hpp>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -32,13 +31,15 @@ namespace {
 // DESIGN.md: 6 x (per layer: attention projections + router + top-k experts' three
 // matrices (or the dense MLP), plus the LM head) + 6 x layers x seq x heads x head_dim.
 double flops_per_token(const ModelConfig& c, int64_t seq) {
-  const double H = double(c.hidden_size), D = double(c.head_dim > 0 ? c.head_dim : c.hidden_size / c.num_attention_heads);
+  const double H = double(c.hidden_size),
+               D = double(c.head_dim > 0 ? c.head_dim : c.hidden_size / c.num_attention_heads);
   const double q = c.num_attention_heads * D, kv = c.num_key_value_heads * D;
   double matrices = 0;
   for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
     matrices += H * q * 2 + H * kv * 2;
     if (c.layer_is_moe(layer))
-      matrices += double(c.num_experts) * H + double(c.num_experts_per_tok) * 3 * H * double(c.moe_intermediate_size);
+      matrices += double(c.num_experts) * H +
+                  double(c.num_experts_per_tok) * 3 * H * double(c.moe_intermediate_size);
     else
       matrices += 3 * H * double(c.intermediate_size);
   }
@@ -61,7 +62,8 @@ int run_bench(int argc, char** argv) {
   app.add_option("--steps", steps, "timed steps (median reported)");
   app.add_option("--warmup", warmup, "untimed steps first");
   app.add_flag("--recompute", recompute, "activation checkpointing per layer");
-  app.add_option("--routing", routing, "real (the random-init router) or balanced")->check(CLI::IsMember({"real", "balanced"}));
+  app.add_option("--routing", routing, "real (the random-init router) or balanced")
+      ->check(CLI::IsMember({"real", "balanced"}));
   app.add_option("--device", device, "cuda or cuda:N");
   try {
     app.parse(argc, argv);
@@ -73,10 +75,12 @@ int run_bench(int argc, char** argv) {
 #else
   if (recompute) fail("--recompute: activation checkpointing is not in the model yet");
   if (routing != "real") fail("--routing balanced is not implemented yet (real routing only)");
-  if (seq < 2 || micro_batch < 1 || steps < 1 || warmup < 0) fail("bench: --seq >= 2, --micro-batch >= 1, --steps >= 1");
+  if (seq < 2 || micro_batch < 1 || steps < 1 || warmup < 0)
+    fail("bench: --seq >= 2, --micro-batch >= 1, --steps >= 1");
   ModelConfig config = load_model_config(config_path);
   if (layers > 0) {
-    if (layers > config.num_hidden_layers) fail("--layers ", layers, " > the config's ", config.num_hidden_layers);
+    if (layers > config.num_hidden_layers)
+      fail("--layers ", layers, " > the config's ", config.num_hidden_layers);
     config.num_hidden_layers = layers;
   }
   if (config.head_dim <= 0) config.head_dim = config.hidden_size / config.num_attention_heads;
@@ -159,16 +163,20 @@ int run_bench(int argc, char** argv) {
   double measured = 0;
   for (double s : phases.seconds) measured += s;
   std::printf(
-      "{\"engine\": \"moetune\", \"gpu\": \"%s\", \"layers\": %lld, \"seq\": %lld, \"micro_batch\": %lld, "
-      "\"routing\": \"%s\", \"recompute\": %s, \"tokens_per_step\": %lld, \"tps\": %.1f, \"tflops\": %.1f, "
+      "{\"engine\": \"moetune\", \"gpu\": \"%s\", \"layers\": %lld, \"seq\": %lld, "
+      "\"micro_batch\": %lld, "
+      "\"routing\": \"%s\", \"recompute\": %s, \"tokens_per_step\": %lld, \"tps\": %.1f, "
+      "\"tflops\": %.1f, "
       "\"peak_gib\": %.2f, \"step_s\": %.4f, \"loss\": %.4f, \"phases_s\": {\"attention\": %.4f, "
-      "\"router_dispatch\": %.4f, \"experts\": %.4f, \"loss\": %.4f, \"optimizer\": %.4f, \"dense_gemm\": %.4f, "
+      "\"router_dispatch\": %.4f, \"experts\": %.4f, \"loss\": %.4f, \"optimizer\": %.4f, "
+      "\"dense_gemm\": %.4f, "
       "\"other_ops\": %.4f, \"host_gaps\": %.4f}, \"profiled_step_s\": %.4f}\n",
-      cuda::device_name(), (long long)config.num_hidden_layers, (long long)seq, (long long)micro_batch,
-      routing.c_str(), recompute ? "true" : "false", (long long)tokens, tps, tflops,
-      double(memory.peak_reserved) / double(1ull << 30), step_s, last_loss, seconds(cuda::Phase::Attention),
-      seconds(cuda::Phase::RouterDispatch), seconds(cuda::Phase::Experts), seconds(cuda::Phase::Loss),
-      seconds(cuda::Phase::Optimizer), seconds(cuda::Phase::DenseGemm), seconds(cuda::Phase::OtherOps),
+      cuda::device_name(), (long long)config.num_hidden_layers, (long long)seq,
+      (long long)micro_batch, routing.c_str(), recompute ? "true" : "false", (long long)tokens, tps,
+      tflops, double(memory.peak_reserved) / double(1ull << 30), step_s, last_loss,
+      seconds(cuda::Phase::Attention), seconds(cuda::Phase::RouterDispatch),
+      seconds(cuda::Phase::Experts), seconds(cuda::Phase::Loss), seconds(cuda::Phase::Optimizer),
+      seconds(cuda::Phase::DenseGemm), seconds(cuda::Phase::OtherOps),
       std::max(0.0, profiled_s - measured), profiled_s);
   return 0;
 #endif

@@ -18,7 +18,9 @@
 namespace moetune {
 namespace {
 
-float round_to(DType dtype, float value) { return dtype == DType::BF16 ? bf16_to_float(float_to_bf16(value)) : value; }
+float round_to(DType dtype, float value) {
+  return dtype == DType::BF16 ? bf16_to_float(float_to_bf16(value)) : value;
+}
 
 // One tensor on both backends: the CPU copy in fp32, the GPU copy in `dtype`.
 struct Dual {
@@ -42,19 +44,23 @@ class CudaOps : public ::testing::TestWithParam<DType> {
     auto dual = std::make_unique<Dual>();
     dual->cpu = Buffer(DType::F32, shape, Device::CPU);
     dual->gpu = Buffer(gpu_dtype, shape, Device::CUDA);
-    for (int64_t i = 0; i < shape.numel(); ++i) dual->cpu.ptr<float>()[i] = round_to(gpu_dtype, values[i]);
+    for (int64_t i = 0; i < shape.numel(); ++i)
+      dual->cpu.ptr<float>()[i] = round_to(gpu_dtype, values[i]);
     if (shape.numel()) gpu_->copy(dual->gpu, dual->cpu);
     keep_.push_back(std::move(dual));
     return *keep_.back();
   }
   // Random values in [-scale, scale), rounded to the GPU dtype.
-  Dual& random(Shape shape, float scale = 1.0f, DType gpu_dtype = DType::F32, bool use_param = true) {
+  Dual& random(Shape shape, float scale = 1.0f, DType gpu_dtype = DType::F32,
+               bool use_param = true) {
     std::uniform_real_distribution<float> dist(-scale, scale);
     std::vector<float> values(shape.numel());
     for (auto& v : values) v = dist(rng_);
     return make(shape, use_param ? dt() : gpu_dtype, values);
   }
-  Dual& random_f32(Shape shape, float scale = 1.0f) { return random(shape, scale, DType::F32, false); }
+  Dual& random_f32(Shape shape, float scale = 1.0f) {
+    return random(shape, scale, DType::F32, false);
+  }
   // An output: zeros on the CPU, NaN on the GPU (so unwritten elements show).
   Dual& output(Shape shape, DType gpu_dtype) {
     Dual& dual = make(shape, gpu_dtype, std::vector<float>(shape.numel(), 0.0f));
@@ -63,7 +69,9 @@ class CudaOps : public ::testing::TestWithParam<DType> {
   }
   Dual& out(Shape shape) { return output(shape, dt()); }
   Dual& out_f32(Shape shape) { return output(shape, DType::F32); }
-  Dual& zeros(Shape shape, DType gpu_dtype) { return make(shape, gpu_dtype, std::vector<float>(shape.numel(), 0.0f)); }
+  Dual& zeros(Shape shape, DType gpu_dtype) {
+    return make(shape, gpu_dtype, std::vector<float>(shape.numel(), 0.0f));
+  }
   Dual& ints(Shape shape, const std::vector<int32_t>& values) {
     auto dual = std::make_unique<Dual>();
     dual->cpu = Buffer(DType::I32, shape, Device::CPU);
@@ -89,7 +97,8 @@ class CudaOps : public ::testing::TestWithParam<DType> {
       max_diff = std::max(max_diff, std::abs(double(actual[i]) - expected[i]));
       max_ref = std::max(max_ref, std::abs(double(expected[i])));
     }
-    EXPECT_LE(max_diff / max_ref, tolerance) << what << " (" << dtype_name(dt()) << ", max |ref| " << max_ref << ")";
+    EXPECT_LE(max_diff / max_ref, tolerance)
+        << what << " (" << dtype_name(dt()) << ", max |ref| " << max_ref << ")";
   }
   void expect_ints_equal(const Dual& dual, const char* what) {
     Buffer host(DType::I32, dual.gpu.shape(), Device::CPU);
@@ -104,7 +113,11 @@ class CudaOps : public ::testing::TestWithParam<DType> {
 };
 
 TEST_P(CudaOps, Gemm) {
-  struct Case { int64_t m, n, k; bool ta, tb; float alpha, beta; };
+  struct Case {
+    int64_t m, n, k;
+    bool ta, tb;
+    float alpha, beta;
+  };
   for (const Case& c : {Case{1, 1, 1, false, false, 1, 0}, Case{37, 53, 29, false, true, 1, 0},
                         Case{37, 53, 29, true, false, 0.5f, 1}, Case{64, 96, 136, true, true, 1, 0},
                         Case{130, 24, 40, false, false, 2, 0.5f}}) {
@@ -209,16 +222,24 @@ TEST_P(CudaOps, SwiGlu) {
 // B, T, Hq, Hkv, D, with or without document masks. bf16 with D % 8 == 0 and no masks runs
 // cuDNN's flash attention; the rest the reference kernels.
 TEST_P(CudaOps, Attention) {
-  struct Case { int64_t b, t, hq, hkv, d; bool docs; };
-  for (const Case& c : {Case{2, 37, 4, 2, 16, false}, Case{1, 1, 2, 1, 8, false}, Case{2, 20, 4, 4, 12, true},
-                        Case{2, 130, 8, 2, 64, false}, Case{1, 96, 4, 1, 128, false}}) {
+  struct Case {
+    int64_t b, t, hq, hkv, d;
+    bool docs;
+  };
+  for (const Case& c :
+       {Case{2, 37, 4, 2, 16, false}, Case{1, 1, 2, 1, 8, false}, Case{2, 20, 4, 4, 12, true},
+        Case{2, 130, 8, 2, 64, false}, Case{1, 96, 4, 1, 128, false}}) {
     Dual& q = random(Shape{c.b, c.t, c.hq, c.d});
     Dual& k = random(Shape{c.b, c.t, c.hkv, c.d});
     Dual& v = random(Shape{c.b, c.t, c.hkv, c.d});
     Dual& o = out(Shape{c.b, c.t, c.hq, c.d});
     Dual& lse = out_f32(Shape{c.b, c.hq, c.t});
     Dual& doc_dual = ints(Shape{5}, {0, 7, 20, 21, 40});
-    struct { Tensor cpu, gpu; Tensor c() const { return cpu; } Tensor g() const { return gpu; } } docs;
+    struct {
+      Tensor cpu, gpu;
+      Tensor c() const { return cpu; }
+      Tensor g() const { return gpu; }
+    } docs;
     if (c.docs) docs = {doc_dual.c(), doc_dual.g()};
     const float scale = 1.0f / std::sqrt(float(c.d));
     cpu_->attention_forward(q.c(), k.c(), v.c(), scale, docs.c(), o.c(), lse.c());
@@ -232,8 +253,10 @@ TEST_P(CudaOps, Attention) {
     // Both backward passes use the GPU's forward output (bf16-rounded), as training does.
     gpu_->copy(o.cpu, o.gpu);
     gpu_->copy(lse.cpu, lse.gpu);
-    cpu_->attention_backward(dout.c(), q.c(), k.c(), v.c(), o.c(), lse.c(), scale, docs.c(), dq.c(), dk.c(), dv.c());
-    gpu_->attention_backward(dout.g(), q.g(), k.g(), v.g(), o.g(), lse.g(), scale, docs.g(), dq.g(), dk.g(), dv.g());
+    cpu_->attention_backward(dout.c(), q.c(), k.c(), v.c(), o.c(), lse.c(), scale, docs.c(), dq.c(),
+                             dk.c(), dv.c());
+    gpu_->attention_backward(dout.g(), q.g(), k.g(), v.g(), o.g(), lse.g(), scale, docs.g(), dq.g(),
+                             dk.g(), dv.g());
     expect_close(dq, bwd_tol(), "attention_backward dq");
     expect_close(dk, bwd_tol(), "attention_backward dk");
     expect_close(dv, bwd_tol(), "attention_backward dv");
@@ -270,13 +293,15 @@ TEST_P(CudaOps, Router) {
 // Sort, gather, grouped GEMMs (both layouts, weight gradient), SwiGLU, combine: one MoE
 // pass with an expert of zero tokens, one of a single token, and a large one (> 1 tile).
 TEST_P(CudaOps, MoePipeline) {
-  struct Case { int64_t n, hidden, width; };
+  struct Case {
+    int64_t n, hidden, width;
+  };
   for (const Case& c : {Case{150, 40, 24}, Case{9, 20, 12}, Case{1, 16, 8}}) {
     const int64_t e = 5, k = 2;
     std::vector<int32_t> ids(c.n * k);
     for (int64_t t = 0; t < c.n; ++t) {
-      ids[t * k] = 2;                                             // expert 2: every token
-      ids[t * k + 1] = t == 0 ? 1 : (t % 3 == 0 ? 3 : 4);          // 1: one token; 0: none
+      ids[t * k] = 2;                                      // expert 2: every token
+      ids[t * k + 1] = t == 0 ? 1 : (t % 3 == 0 ? 3 : 4);  // 1: one token; 0: none
     }
     Dual& topk_ids = ints(Shape{c.n, k}, ids);
     Dual& offsets = int_out(Shape{e + 1});
@@ -321,8 +346,10 @@ TEST_P(CudaOps, MoePipeline) {
     Dual& dcombined = random(Shape{c.n, c.hidden});
     Dual& dy = out(Shape{rows, c.hidden});
     Dual& dweights = out_f32(Shape{c.n, k});
-    cpu_->moe_combine_backward(dcombined.c(), y.c(), weights.c(), slot_rows.c(), dy.c(), dweights.c());
-    gpu_->moe_combine_backward(dcombined.g(), y.g(), weights.g(), slot_rows.g(), dy.g(), dweights.g());
+    cpu_->moe_combine_backward(dcombined.c(), y.c(), weights.c(), slot_rows.c(), dy.c(),
+                               dweights.c());
+    gpu_->moe_combine_backward(dcombined.g(), y.g(), weights.g(), slot_rows.g(), dy.g(),
+                               dweights.g());
     expect_close(dy, bwd_tol(), "moe_combine_backward dy");
     expect_close(dweights, bwd_tol(), "moe_combine_backward dweights");
 
@@ -420,7 +447,8 @@ TEST_P(CudaOps, AdamWAndGradNorm) {
   AdamWHyper hyper;
   hyper.lr = 1e-2;
   hyper.step = 3;
-  Dual& master = make(Shape{5, 7}, DType::F32, std::vector<float>(p1.cpu.ptr<float>(), p1.cpu.ptr<float>() + 35));
+  Dual& master = make(Shape{5, 7}, DType::F32,
+                      std::vector<float>(p1.cpu.ptr<float>(), p1.cpu.ptr<float>() + 35));
   std::vector<AdamWParam> cpu_params(2), gpu_params(2);
   cpu_params[0] = {p1.c(), g1.c(), m1.c(), v1.c(), bf16() ? master.c() : Tensor(), 0.1f};
   gpu_params[0] = {p1.g(), g1.g(), m1.g(), v1.g(), bf16() ? master.g() : Tensor(), 0.1f};
@@ -436,6 +464,33 @@ TEST_P(CudaOps, AdamWAndGradNorm) {
   expect_close(v1, 1e-5, "adamw exp_avg_sq");
   expect_close(bf16() ? master : p1, 1e-5, "adamw param / master");
   expect_close(p2, bf16() ? 1e-2 : 1e-5, "adamw param (no decay)");
+}
+
+// bf16 parameters with bf16 state (the vectorised path the benchmark uses, as Transformers
+// keeps AdamW state in the parameter dtype) against the fp32 reference on the same values.
+TEST_P(CudaOps, AdamWBf16State) {
+  if (!bf16()) GTEST_SKIP() << "bf16 state path";
+  Dual& p = random(Shape{3, 40});
+  Dual& g = random(Shape{3, 40});
+  Dual& m = random(Shape{3, 40}, 0.1f);
+  Dual& v = make(Shape{3, 40}, DType::BF16, std::vector<float>(120, 0.02f));
+  Dual& q = random(Shape{16});
+  Dual& gq = random(Shape{16});
+  Dual& mq = zeros(Shape{16}, DType::BF16);
+  Dual& vq = zeros(Shape{16}, DType::BF16);
+  AdamWHyper hyper;
+  hyper.lr = 1e-2;
+  hyper.step = 2;
+  std::vector<AdamWParam> cpu_params = {{p.c(), g.c(), m.c(), v.c(), Tensor(), 0.1f},
+                                        {q.c(), gq.c(), mq.c(), vq.c(), Tensor(), 0.0f}};
+  std::vector<AdamWParam> gpu_params = {{p.g(), g.g(), m.g(), v.g(), Tensor(), 0.1f},
+                                        {q.g(), gq.g(), mq.g(), vq.g(), Tensor(), 0.0f}};
+  cpu_->adamw_update(cpu_params, hyper, 0.7f);
+  gpu_->adamw_update(gpu_params, hyper, 0.7f);
+  expect_close(p, 1e-2, "adamw bf16 param");
+  expect_close(m, 1e-2, "adamw bf16 exp_avg");
+  expect_close(v, 1e-2, "adamw bf16 exp_avg_sq");
+  expect_close(q, 1e-2, "adamw bf16 param (no decay)");
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, CudaOps, ::testing::Values(DType::F32, DType::BF16),

@@ -27,7 +27,10 @@ __device__ __forceinline__ int64_t first_key(const AttnDims& d, int64_t b, int64
     int lo = 0, hi = d.docs;  // doc_offsets[lo] <= global < doc_offsets[hi]
     while (hi - lo > 1) {
       const int mid = (lo + hi) / 2;
-      if (d.doc_offsets[mid] <= global) lo = mid; else hi = mid;
+      if (d.doc_offsets[mid] <= global)
+        lo = mid;
+      else
+        hi = mid;
     }
     start = max(start, int64_t(d.doc_offsets[lo]));
   }
@@ -35,12 +38,13 @@ __device__ __forceinline__ int64_t first_key(const AttnDims& d, int64_t b, int64
 }
 
 template <typename scalar_t>
-__global__ void attention_forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, AttnDims d,
-                                         scalar_t* out, float* lse) {
+__global__ void attention_forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v,
+                                         AttnDims d, scalar_t* out, float* lse) {
   const int64_t warp_id = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (warp_id >= d.batch * d.seq * d.q_heads) return;
-  const int64_t h = warp_id % d.q_heads, t = (warp_id / d.q_heads) % d.seq, b = warp_id / (d.q_heads * d.seq);
+  const int64_t h = warp_id % d.q_heads, t = (warp_id / d.q_heads) % d.seq,
+                b = warp_id / (d.q_heads * d.seq);
   const int64_t hk = h / (d.q_heads / d.kv_heads);
   const scalar_t* qr = q + ((b * d.seq + t) * d.q_heads + h) * d.head_dim;
   float qv[kMaxPerLane], acc[kMaxPerLane];
@@ -80,13 +84,15 @@ __global__ void attention_forward_kernel(const scalar_t* q, const scalar_t* k, c
 }
 
 template <typename scalar_t>
-__global__ void attention_backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
-                                          const scalar_t* v, const scalar_t* out, const float* lse, AttnDims d,
-                                          scalar_t* dq, float* dk_acc, float* dv_acc) {
+__global__ void attention_backward_kernel(const scalar_t* dout, const scalar_t* q,
+                                          const scalar_t* k, const scalar_t* v, const scalar_t* out,
+                                          const float* lse, AttnDims d, scalar_t* dq, float* dk_acc,
+                                          float* dv_acc) {
   const int64_t warp_id = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (warp_id >= d.batch * d.seq * d.q_heads) return;
-  const int64_t h = warp_id % d.q_heads, t = (warp_id / d.q_heads) % d.seq, b = warp_id / (d.q_heads * d.seq);
+  const int64_t h = warp_id % d.q_heads, t = (warp_id / d.q_heads) % d.seq,
+                b = warp_id / (d.q_heads * d.seq);
   const int64_t hk = h / (d.q_heads / d.kv_heads);
   const int64_t q_index = ((b * d.seq + t) * d.q_heads + h) * d.head_dim;
   float qv[kMaxPerLane], dov[kMaxPerLane], dqv[kMaxPerLane];
@@ -136,16 +142,17 @@ __global__ void attention_backward_kernel(const scalar_t* dout, const scalar_t* 
 
 template <typename scalar_t>
 __global__ void store_kernel(const float* src, scalar_t* dst, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
     dst[i] = from_float<scalar_t>(src[i]);
 }
 
-AttnDims dims_of(const Tensor& q, const Tensor& k, const Tensor& v, float scale, const Tensor& doc_offsets,
-                 const char* what) {
+AttnDims dims_of(const Tensor& q, const Tensor& k, const Tensor& v, float scale,
+                 const Tensor& doc_offsets, const char* what) {
   check_float(q, what);
-  if (q.rank() != 4 || k.rank() != 4 || v.shape != k.shape || k.size(0) != q.size(0) || k.size(1) != q.size(1) ||
-      k.size(3) != q.size(3) || k.size(2) == 0 || q.size(2) % k.size(2) != 0 || k.dtype != q.dtype ||
-      v.dtype != q.dtype)
+  if (q.rank() != 4 || k.rank() != 4 || v.shape != k.shape || k.size(0) != q.size(0) ||
+      k.size(1) != q.size(1) || k.size(3) != q.size(3) || k.size(2) == 0 ||
+      q.size(2) % k.size(2) != 0 || k.dtype != q.dtype || v.dtype != q.dtype)
     fail(what, ": q ", q.shape.str(), " k ", k.shape.str(), " v ", v.shape.str(),
          " must be (B, T, Hq, D), (B, T, Hkv, D) with Hq a multiple of Hkv, one dtype");
   if (q.size(3) > 32 * kMaxPerLane) fail(what, ": head_dim ", q.size(3), " > ", 32 * kMaxPerLane);
@@ -161,24 +168,27 @@ AttnDims dims_of(const Tensor& q, const Tensor& k, const Tensor& v, float scale,
 }  // namespace
 
 void launch_attention_forward_simple(const Tensor& q, const Tensor& k, const Tensor& v, float scale,
-                                     const Tensor& doc_offsets, const Tensor& out, const Tensor& lse,
-                                     cudaStream_t stream) {
+                                     const Tensor& doc_offsets, const Tensor& out,
+                                     const Tensor& lse, cudaStream_t stream) {
   const AttnDims d = dims_of(q, k, v, scale, doc_offsets, "attention_forward");
   check_f32(lse, "attention_forward lse");
   if (out.shape != q.shape || out.dtype != q.dtype || lse.numel() != d.batch * d.q_heads * d.seq)
-    fail("attention_forward: out ", out.shape.str(), " lse ", lse.shape.str(), " do not fit q ", q.shape.str());
+    fail("attention_forward: out ", out.shape.str(), " lse ", lse.shape.str(), " do not fit q ",
+         q.shape.str());
   const int64_t warps = d.batch * d.seq * d.q_heads;
   if (warps == 0) return;
   MOETUNE_DISPATCH_FLOAT(q.dtype, "attention_forward", {
     attention_forward_kernel<scalar_t><<<ceil_div(warps, 4), 128, 0, stream>>>(
-        q.ptr<scalar_t>(), k.ptr<scalar_t>(), v.ptr<scalar_t>(), d, out.ptr<scalar_t>(), lse.ptr<float>());
+        q.ptr<scalar_t>(), k.ptr<scalar_t>(), v.ptr<scalar_t>(), d, out.ptr<scalar_t>(),
+        lse.ptr<float>());
   });
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
 
-void launch_attention_backward_simple(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
-                                      const Tensor& out, const Tensor& lse, float scale, const Tensor& doc_offsets,
-                                      const Tensor& dq, const Tensor& dk, const Tensor& dv, Scratch& scratch,
+void launch_attention_backward_simple(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                      const Tensor& v, const Tensor& out, const Tensor& lse,
+                                      float scale, const Tensor& doc_offsets, const Tensor& dq,
+                                      const Tensor& dk, const Tensor& dv, Scratch& scratch,
                                       cudaStream_t stream) {
   const AttnDims d = dims_of(q, k, v, scale, doc_offsets, "attention_backward");
   if (dout.shape != q.shape || out.shape != q.shape || dq.shape != q.shape || dk.shape != k.shape ||
@@ -194,8 +204,8 @@ void launch_attention_backward_simple(const Tensor& dout, const Tensor& q, const
   const int grid = static_cast<int>(std::min<int64_t>(ceil_div(k.numel(), 256), 65536));
   MOETUNE_DISPATCH_FLOAT(q.dtype, "attention_backward", {
     attention_backward_kernel<scalar_t><<<ceil_div(warps, 4), 128, 0, stream>>>(
-        dout.ptr<scalar_t>(), q.ptr<scalar_t>(), k.ptr<scalar_t>(), v.ptr<scalar_t>(), out.ptr<scalar_t>(),
-        lse.ptr<float>(), d, dq.ptr<scalar_t>(), dk_acc, dv_acc);
+        dout.ptr<scalar_t>(), q.ptr<scalar_t>(), k.ptr<scalar_t>(), v.ptr<scalar_t>(),
+        out.ptr<scalar_t>(), lse.ptr<float>(), d, dq.ptr<scalar_t>(), dk_acc, dv_acc);
     MOETUNE_CUDA_LAUNCH_CHECK();
     store_kernel<scalar_t><<<grid, 256, 0, stream>>>(dk_acc, dk.ptr<scalar_t>(), k.numel());
     store_kernel<scalar_t><<<grid, 256, 0, stream>>>(dv_acc, dv.ptr<scalar_t>(), v.numel());

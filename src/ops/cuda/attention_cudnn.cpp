@@ -36,8 +36,8 @@ struct CudnnAttention::Impl {
   std::map<Key, std::shared_ptr<fe::graph::Graph>> graphs;
   std::map<Key, bool> unsupported;
 
-  std::shared_ptr<fe::graph::Graph> build(bool backward, int64_t b, int64_t t, int64_t hq, int64_t hkv, int64_t d,
-                                          float scale) {
+  std::shared_ptr<fe::graph::Graph> build(bool backward, int64_t b, int64_t t, int64_t hq,
+                                          int64_t hkv, int64_t d, float scale) {
     auto graph = std::make_shared<fe::graph::Graph>();
     graph->set_io_data_type(fe::DataType_t::BFLOAT16)
         .set_intermediate_data_type(fe::DataType_t::FLOAT)
@@ -60,8 +60,11 @@ struct CudnnAttention::Impl {
                          .set_attn_scale(scale);
       auto [o, stats] = graph->sdpa(q, k, v, options);
       o->set_output(true).set_uid(kO).set_dim({b, hq, t, d}).set_stride({t * hq * d, d, hq * d, 1});
-      stats->set_output(true).set_uid(kStats).set_data_type(fe::DataType_t::FLOAT)
-          .set_dim({b, hq, t, 1}).set_stride({hq * t, t, 1, 1});
+      stats->set_output(true)
+          .set_uid(kStats)
+          .set_data_type(fe::DataType_t::FLOAT)
+          .set_dim({b, hq, t, 1})
+          .set_stride({hq * t, t, 1, 1});
     } else {
       auto o = tensor("O", kO, hq);
       auto dout = tensor("dO", kdO, hq);
@@ -76,9 +79,18 @@ struct CudnnAttention::Impl {
                          .set_causal_mask(true)
                          .set_attn_scale(scale);
       auto [dq, dk, dv] = graph->sdpa_backward(q, k, v, o, dout, stats, options);
-      dq->set_output(true).set_uid(kdQ).set_dim({b, hq, t, d}).set_stride({t * hq * d, d, hq * d, 1});
-      dk->set_output(true).set_uid(kdK).set_dim({b, hkv, t, d}).set_stride({t * hkv * d, d, hkv * d, 1});
-      dv->set_output(true).set_uid(kdV).set_dim({b, hkv, t, d}).set_stride({t * hkv * d, d, hkv * d, 1});
+      dq->set_output(true)
+          .set_uid(kdQ)
+          .set_dim({b, hq, t, d})
+          .set_stride({t * hq * d, d, hq * d, 1});
+      dk->set_output(true)
+          .set_uid(kdK)
+          .set_dim({b, hkv, t, d})
+          .set_stride({t * hkv * d, d, hkv * d, 1});
+      dv->set_output(true)
+          .set_uid(kdV)
+          .set_dim({b, hkv, t, d})
+          .set_stride({t * hkv * d, d, hkv * d, 1});
     }
     check(graph->validate(), "validate");
     check(graph->build_operation_graph(handle), "build_operation_graph");
@@ -88,7 +100,8 @@ struct CudnnAttention::Impl {
     return graph;
   }
 
-  std::shared_ptr<fe::graph::Graph> get(bool backward, const Tensor& q, const Tensor& k, float scale) {
+  std::shared_ptr<fe::graph::Graph> get(bool backward, const Tensor& q, const Tensor& k,
+                                        float scale) {
     uint32_t scale_bits;
     std::memcpy(&scale_bits, &scale, sizeof(scale_bits));
     const Key key{backward, q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), scale_bits};
@@ -105,8 +118,9 @@ struct CudnnAttention::Impl {
     }
   }
 
-  bool run(const std::shared_ptr<fe::graph::Graph>& graph, std::unordered_map<int64_t, void*>& pointers,
-           CudnnAttention::Workspace workspace, void* context) {
+  bool run(const std::shared_ptr<fe::graph::Graph>& graph,
+           std::unordered_map<int64_t, void*>& pointers, CudnnAttention::Workspace workspace,
+           void* context) {
     int64_t bytes = 0;
     check(graph->get_workspace_size(bytes), "get_workspace_size");
     void* space = bytes > 0 ? workspace(context, static_cast<size_t>(bytes)) : nullptr;
@@ -130,29 +144,31 @@ CudnnAttention::~CudnnAttention() {
 
 static bool eligible(const Tensor& q, const Tensor& k) {
   return q.dtype == DType::BF16 && k.dtype == DType::BF16 && q.rank() == 4 && k.rank() == 4 &&
-         q.size(3) % 8 == 0 && q.size(3) <= 256 && q.size(1) > 0 && q.size(0) > 0 && k.size(2) > 0 &&
-         q.size(2) % k.size(2) == 0;
+         q.size(3) % 8 == 0 && q.size(3) <= 256 && q.size(1) > 0 && q.size(0) > 0 &&
+         k.size(2) > 0 && q.size(2) % k.size(2) == 0;
 }
 
-bool CudnnAttention::forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, const Tensor& out,
-                             const Tensor& lse, Workspace workspace, void* context) {
+bool CudnnAttention::forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale,
+                             const Tensor& out, const Tensor& lse, Workspace workspace,
+                             void* context) {
   if (!impl_->handle || !eligible(q, k)) return false;
   auto graph = impl_->get(false, q, k, scale);
   if (!graph) return false;
-  std::unordered_map<int64_t, void*> pointers{{kQ, q.data}, {kK, k.data}, {kV, v.data}, {kO, out.data},
-                                              {kStats, lse.data}};
+  std::unordered_map<int64_t, void*> pointers{
+      {kQ, q.data}, {kK, k.data}, {kV, v.data}, {kO, out.data}, {kStats, lse.data}};
   return impl_->run(graph, pointers, workspace, context);
 }
 
 bool CudnnAttention::backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
-                              const Tensor& out, const Tensor& lse, float scale, const Tensor& dq, const Tensor& dk,
-                              const Tensor& dv, Workspace workspace, void* context) {
+                              const Tensor& out, const Tensor& lse, float scale, const Tensor& dq,
+                              const Tensor& dk, const Tensor& dv, Workspace workspace,
+                              void* context) {
   if (!impl_->handle || !eligible(q, k)) return false;
   auto graph = impl_->get(true, q, k, scale);
   if (!graph) return false;
-  std::unordered_map<int64_t, void*> pointers{{kQ, q.data},     {kK, k.data},   {kV, v.data},
-                                              {kO, out.data},   {kdO, dout.data}, {kStats, lse.data},
-                                              {kdQ, dq.data},   {kdK, dk.data}, {kdV, dv.data}};
+  std::unordered_map<int64_t, void*> pointers{{kQ, q.data},   {kK, k.data},     {kV, v.data},
+                                              {kO, out.data}, {kdO, dout.data}, {kStats, lse.data},
+                                              {kdQ, dq.data}, {kdK, dk.data},   {kdV, dv.data}};
   return impl_->run(graph, pointers, workspace, context);
 }
 
@@ -161,12 +177,13 @@ bool CudnnAttention::backward(const Tensor& dout, const Tensor& q, const Tensor&
 struct CudnnAttention::Impl {};
 CudnnAttention::CudnnAttention(cudaStream_t) {}
 CudnnAttention::~CudnnAttention() = default;
-bool CudnnAttention::forward(const Tensor&, const Tensor&, const Tensor&, float, const Tensor&, const Tensor&,
-                             Workspace, void*) {
+bool CudnnAttention::forward(const Tensor&, const Tensor&, const Tensor&, float, const Tensor&,
+                             const Tensor&, Workspace, void*) {
   return false;
 }
-bool CudnnAttention::backward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                              const Tensor&, float, const Tensor&, const Tensor&, const Tensor&, Workspace, void*) {
+bool CudnnAttention::backward(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                              const Tensor&, const Tensor&, float, const Tensor&, const Tensor&,
+                              const Tensor&, Workspace, void*) {
   return false;
 }
 

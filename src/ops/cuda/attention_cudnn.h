@@ -24,9 +24,9 @@ class CudnnAttention {
   using Workspace = void* (*)(void* context, size_t bytes);
   bool forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, const Tensor& out,
                const Tensor& lse, Workspace workspace, void* context);
-  bool backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-                const Tensor& lse, float scale, const Tensor& dq, const Tensor& dk, const Tensor& dv,
-                Workspace workspace, void* context);
+  bool backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                const Tensor& out, const Tensor& lse, float scale, const Tensor& dq,
+                const Tensor& dk, const Tensor& dv, Workspace workspace, void* context);
 
  private:
   struct Impl;

@@ -42,15 +42,17 @@ class CachingAllocator {
       }
       if (status != cudaSuccess) {
         (void)cudaGetLastError();
-        fail("out of GPU memory allocating ", bytes, " bytes (", stats_.in_use >> 20, " MiB in use, ",
-             stats_.reserved >> 20, " MiB reserved): ", cudaGetErrorString(status));
+        fail("out of GPU memory allocating ", bytes, " bytes (", stats_.in_use >> 20,
+             " MiB in use, ", stats_.reserved >> 20,
+             " MiB reserved): ", cudaGetErrorString(status));
       }
       stats_.reserved += size;
       stats_.peak_reserved = std::max(stats_.peak_reserved, stats_.reserved);
     }
     if (stream_) {
       const cudaError_t status = cudaMemsetAsync(pointer, 0, size, stream_);
-      if (status != cudaSuccess) fail("zero-filling a device allocation: ", cudaGetErrorString(status));
+      if (status != cudaSuccess)
+        fail("zero-filling a device allocation: ", cudaGetErrorString(status));
     }
     sizes_[pointer] = size;
     stats_.in_use += size;
@@ -105,7 +107,8 @@ class CachingAllocator {
 };
 
 CachingAllocator& allocator() {
-  static CachingAllocator* instance = new CachingAllocator();  // never destroyed: frees may come at exit
+  static CachingAllocator* instance =
+      new CachingAllocator();  // never destroyed: frees may come at exit
   return *instance;
 }
 
@@ -116,6 +119,8 @@ void device_free(void* pointer) { allocator().deallocate(pointer); }
 DeviceMemoryStats device_memory_stats() { return allocator().stats(); }
 void reset_device_memory_peak() { allocator().reset_peak(); }
 void release_cached_device_memory() { allocator().release(); }
-void set_allocation_stream(void* cuda_stream) { allocator().set_stream(static_cast<cudaStream_t>(cuda_stream)); }
+void set_allocation_stream(void* cuda_stream) {
+  allocator().set_stream(static_cast<cudaStream_t>(cuda_stream));
+}
 
 }  // namespace moetune::cuda

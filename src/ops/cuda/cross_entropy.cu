@@ -21,9 +21,9 @@ __device__ __forceinline__ void merge(float& max_a, float& sum_a, float max_b, f
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) cross_entropy_kernel(scalar_t* logits, const int32_t* labels, int64_t vocab,
-                                                                float grad_scale, float* loss_sum, float* correct,
-                                                                float* logits_out) {
+__global__ void __launch_bounds__(kThreads)
+    cross_entropy_kernel(scalar_t* logits, const int32_t* labels, int64_t vocab, float grad_scale,
+                         float* loss_sum, float* correct, float* logits_out) {
   const int64_t row = blockIdx.x;
   scalar_t* x = logits + row * vocab;
   const int32_t label = labels[row];
@@ -47,7 +47,8 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_kernel(scalar_t* logit
     const float other_best = __shfl_xor_sync(0xffffffffu, best, offset);
     const int64_t other_index = __shfl_xor_sync(0xffffffffu, best_index, offset);
     merge(local_max, local_sum, other_max, other_sum);
-    if (other_best > best || (other_best == best && other_index < best_index)) best = other_best, best_index = other_index;
+    if (other_best > best || (other_best == best && other_index < best_index))
+      best = other_best, best_index = other_index;
   }
   __shared__ float warp_max_s[32], warp_sum_s[32], warp_best_s[32];
   __shared__ int64_t warp_index_s[32];
@@ -81,16 +82,17 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_kernel(scalar_t* logit
 
 }  // namespace
 
-void launch_cross_entropy_chunk(const Tensor& logits, const Tensor& labels, float grad_scale, const Tensor& loss_sum,
-                                const Tensor& correct, const Tensor& logits_out, cudaStream_t stream) {
+void launch_cross_entropy_chunk(const Tensor& logits, const Tensor& labels, float grad_scale,
+                                const Tensor& loss_sum, const Tensor& correct,
+                                const Tensor& logits_out, cudaStream_t stream) {
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   if (rows == 0) return;
   float* correct_ptr = present(correct) ? correct.ptr<float>() : nullptr;
   float* out_ptr = present(logits_out) ? logits_out.ptr<float>() : nullptr;
   MOETUNE_DISPATCH_FLOAT(logits.dtype, "linear_cross_entropy", {
-    cross_entropy_kernel<scalar_t><<<rows, kThreads, 0, stream>>>(logits.ptr<scalar_t>(), labels.ptr<int32_t>(), vocab,
-                                                                  grad_scale, loss_sum.ptr<float>(), correct_ptr,
-                                                                  out_ptr);
+    cross_entropy_kernel<scalar_t>
+        <<<rows, kThreads, 0, stream>>>(logits.ptr<scalar_t>(), labels.ptr<int32_t>(), vocab,
+                                        grad_scale, loss_sum.ptr<float>(), correct_ptr, out_ptr);
   });
   MOETUNE_CUDA_LAUNCH_CHECK();
 }

@@ -39,10 +39,14 @@ using cuda::Phase;
 
 cudaDataType_t cuda_type(DType dtype, const char* what) {
   switch (dtype) {
-    case DType::F32: return CUDA_R_32F;
-    case DType::BF16: return CUDA_R_16BF;
-    case DType::F16: return CUDA_R_16F;
-    default: fail(what, ": dtype ", dtype_name(dtype), " not supported");
+    case DType::F32:
+      return CUDA_R_32F;
+    case DType::BF16:
+      return CUDA_R_16BF;
+    case DType::F16:
+      return CUDA_R_16F;
+    default:
+      fail(what, ": dtype ", dtype_name(dtype), " not supported");
   }
 }
 
@@ -50,10 +54,13 @@ cudaDataType_t cuda_type(DType dtype, const char* what) {
 class BufferScratch : public cuda::Scratch {
  public:
   void* get(size_t bytes) override {
-    buffers_.emplace_back(DType::U8, Shape{static_cast<int64_t>(std::max<size_t>(bytes, 1))}, Device::CUDA);
+    buffers_.emplace_back(DType::U8, Shape{static_cast<int64_t>(std::max<size_t>(bytes, 1))},
+                          Device::CUDA);
     return buffers_.back().data();
   }
-  static void* workspace(void* context, size_t bytes) { return static_cast<BufferScratch*>(context)->get(bytes); }
+  static void* workspace(void* context, size_t bytes) {
+    return static_cast<BufferScratch*>(context)->get(bytes);
+  }
 
  private:
   std::vector<Buffer> buffers_;
@@ -126,8 +133,9 @@ class CudaBackend final : public Backend {
     if (dst.numel() == 0) return;
     const bool dst_host = dst.device == Device::CPU, src_host = src.device == Device::CPU;
     if (dst.dtype == src.dtype) {
-      const cudaMemcpyKind kind = dst_host ? (src_host ? cudaMemcpyHostToHost : cudaMemcpyDeviceToHost)
-                                           : (src_host ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToDevice);
+      const cudaMemcpyKind kind =
+          dst_host ? (src_host ? cudaMemcpyHostToHost : cudaMemcpyDeviceToHost)
+                   : (src_host ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToDevice);
       MOETUNE_CUDA_CHECK(cudaMemcpyAsync(dst.data, src.data, dst.bytes(), kind, stream_));
       if (dst_host || src_host) MOETUNE_CUDA_CHECK(cudaStreamSynchronize(stream_));
       return;
@@ -138,12 +146,14 @@ class CudaBackend final : public Backend {
     Tensor device_src = src, device_dst = dst;
     if (src_host) {
       device_src = Tensor(scratch.get(src.bytes()), src.dtype, src.shape, Device::CUDA);
-      MOETUNE_CUDA_CHECK(cudaMemcpyAsync(device_src.data, src.data, src.bytes(), cudaMemcpyHostToDevice, stream_));
+      MOETUNE_CUDA_CHECK(
+          cudaMemcpyAsync(device_src.data, src.data, src.bytes(), cudaMemcpyHostToDevice, stream_));
     }
     if (dst_host) device_dst = Tensor(scratch.get(dst.bytes()), dst.dtype, dst.shape, Device::CUDA);
     cuda::launch_convert(device_dst, device_src, stream_);
     if (dst_host)
-      MOETUNE_CUDA_CHECK(cudaMemcpyAsync(dst.data, device_dst.data, dst.bytes(), cudaMemcpyDeviceToHost, stream_));
+      MOETUNE_CUDA_CHECK(
+          cudaMemcpyAsync(dst.data, device_dst.data, dst.bytes(), cudaMemcpyDeviceToHost, stream_));
     MOETUNE_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
 
@@ -159,8 +169,8 @@ class CudaBackend final : public Backend {
   void synchronize() override { MOETUNE_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
   // ---- dense math --------------------------------------------------------------------------
-  void gemm(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b, const Tensor& c, float alpha,
-            float beta) override {
+  void gemm(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b, const Tensor& c,
+            float alpha, float beta) override {
     PhaseScope scope(this, Phase::DenseGemm);
     gemm_impl(a, transpose_a, b, transpose_b, c, alpha, beta);
   }
@@ -193,16 +203,18 @@ class CudaBackend final : public Backend {
     PhaseScope scope(this, Phase::OtherOps);
     cuda::launch_rmsnorm_forward(nullptr, nullptr, x, weight, eps, out, rstd, stream_);
   }
-  void add_rmsnorm_forward(const Tensor& residual, const Tensor& delta, const Tensor& weight, float eps,
-                           const Tensor& out, const Tensor& rstd) override {
+  void add_rmsnorm_forward(const Tensor& residual, const Tensor& delta, const Tensor& weight,
+                           float eps, const Tensor& out, const Tensor& rstd) override {
     PhaseScope scope(this, Phase::OtherOps);
     cuda::launch_rmsnorm_forward(&residual, &delta, residual, weight, eps, out, rstd, stream_);
   }
-  void rmsnorm_backward(const Tensor& dout, const Tensor& x, const Tensor& weight, const Tensor& rstd,
-                        const Tensor& dx, const Tensor& dweight, bool accumulate_dx) override {
+  void rmsnorm_backward(const Tensor& dout, const Tensor& x, const Tensor& weight,
+                        const Tensor& rstd, const Tensor& dx, const Tensor& dweight,
+                        bool accumulate_dx) override {
     PhaseScope scope(this, Phase::OtherOps);
     BufferScratch scratch;
-    cuda::launch_rmsnorm_backward(dout, x, weight, rstd, dx, dweight, accumulate_dx, scratch, stream_);
+    cuda::launch_rmsnorm_backward(dout, x, weight, rstd, dx, dweight, accumulate_dx, scratch,
+                                  stream_);
   }
 
   void rope_forward(const Tensor& x, const Tensor& positions, const Tensor& inv_freq) override {
@@ -214,29 +226,32 @@ class CudaBackend final : public Backend {
     cuda::launch_rope(dx, positions, inv_freq, true, stream_);
   }
 
-  void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, const Tensor& doc_offsets,
-                         const Tensor& out, const Tensor& lse) override {
+  void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale,
+                         const Tensor& doc_offsets, const Tensor& out, const Tensor& lse) override {
     PhaseScope scope(this, Phase::Attention);
     BufferScratch scratch;
-    if (!cuda::present(doc_offsets) && out.shape == q.shape && out.dtype == q.dtype && v.shape == k.shape &&
-        v.dtype == k.dtype && lse.dtype == DType::F32 && lse.numel() == q.size(0) * q.size(1) * q.size(2) &&
+    if (!cuda::present(doc_offsets) && out.shape == q.shape && out.dtype == q.dtype &&
+        v.shape == k.shape && v.dtype == k.dtype && lse.dtype == DType::F32 &&
+        lse.numel() == q.size(0) * q.size(1) * q.size(2) &&
         attention_->forward(q, k, v, scale, out, lse, BufferScratch::workspace, &scratch))
       return;
     cuda::launch_attention_forward_simple(q, k, v, scale, doc_offsets, out, lse, stream_);
   }
-  void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-                          const Tensor& lse, float scale, const Tensor& doc_offsets, const Tensor& dq,
-                          const Tensor& dk, const Tensor& dv) override {
+  void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                          const Tensor& out, const Tensor& lse, float scale,
+                          const Tensor& doc_offsets, const Tensor& dq, const Tensor& dk,
+                          const Tensor& dv) override {
     PhaseScope scope(this, Phase::Attention);
     BufferScratch scratch;
-    if (!cuda::present(doc_offsets) && dout.shape == q.shape && dout.dtype == q.dtype && out.shape == q.shape &&
-        dq.shape == q.shape && dq.dtype == q.dtype && dk.shape == k.shape && dk.dtype == k.dtype &&
-        dv.shape == v.shape && dv.dtype == v.dtype && v.shape == k.shape && lse.dtype == DType::F32 &&
-        lse.numel() == q.size(0) * q.size(1) * q.size(2) &&
-        attention_->backward(dout, q, k, v, out, lse, scale, dq, dk, dv, BufferScratch::workspace, &scratch))
+    if (!cuda::present(doc_offsets) && dout.shape == q.shape && dout.dtype == q.dtype &&
+        out.shape == q.shape && dq.shape == q.shape && dq.dtype == q.dtype && dk.shape == k.shape &&
+        dk.dtype == k.dtype && dv.shape == v.shape && dv.dtype == v.dtype && v.shape == k.shape &&
+        lse.dtype == DType::F32 && lse.numel() == q.size(0) * q.size(1) * q.size(2) &&
+        attention_->backward(dout, q, k, v, out, lse, scale, dq, dk, dv, BufferScratch::workspace,
+                             &scratch))
       return;
-    cuda::launch_attention_backward_simple(dout, q, k, v, out, lse, scale, doc_offsets, dq, dk, dv, scratch,
-                                           stream_);
+    cuda::launch_attention_backward_simple(dout, q, k, v, out, lse, scale, doc_offsets, dq, dk, dv,
+                                           scratch, stream_);
   }
 
   void swiglu_forward(const Tensor& gate_up, const Tensor& out) override {
@@ -248,15 +263,16 @@ class CudaBackend final : public Backend {
     cuda::launch_swiglu_backward(dout, gate_up, dgate_up, stream_);
   }
 
-  void router_forward(const Tensor& logits, int top_k, bool normalize, const Tensor& probs, const Tensor& topk_ids,
-                      const Tensor& topk_weights) override {
+  void router_forward(const Tensor& logits, int top_k, bool normalize, const Tensor& probs,
+                      const Tensor& topk_ids, const Tensor& topk_weights) override {
     PhaseScope scope(this, Phase::RouterDispatch);
     cuda::launch_router_forward(logits, top_k, normalize, probs, topk_ids, topk_weights, stream_);
   }
-  void router_backward(const Tensor& dtopk_weights, const Tensor& probs, const Tensor& topk_ids, bool normalize,
-                       const Tensor& aux_dprob, const Tensor& dlogits) override {
+  void router_backward(const Tensor& dtopk_weights, const Tensor& probs, const Tensor& topk_ids,
+                       bool normalize, const Tensor& aux_dprob, const Tensor& dlogits) override {
     PhaseScope scope(this, Phase::RouterDispatch);
-    cuda::launch_router_backward(dtopk_weights, probs, topk_ids, normalize, aux_dprob, dlogits, stream_);
+    cuda::launch_router_backward(dtopk_weights, probs, topk_ids, normalize, aux_dprob, dlogits,
+                                 stream_);
   }
   void router_aux_stats(const Tensor& probs, const Tensor& topk_ids, const Tensor& expert_counts,
                         const Tensor& prob_sums) override {
@@ -267,23 +283,28 @@ class CudaBackend final : public Backend {
                           const Tensor& sorted_slots, const Tensor& slot_rows) override {
     PhaseScope scope(this, Phase::RouterDispatch);
     BufferScratch scratch;
-    cuda::launch_moe_sort(topk_ids, num_experts, expert_offsets, sorted_slots, slot_rows, scratch, stream_);
+    cuda::launch_moe_sort(topk_ids, num_experts, expert_offsets, sorted_slots, slot_rows, scratch,
+                          stream_);
   }
-  void moe_gather(const Tensor& x, const Tensor& sorted_slots, int top_k, const Tensor& out) override {
+  void moe_gather(const Tensor& x, const Tensor& sorted_slots, int top_k,
+                  const Tensor& out) override {
     PhaseScope scope(this, Phase::RouterDispatch);
     cuda::launch_moe_gather(x, sorted_slots, top_k, out, stream_);
   }
-  void moe_gather_backward(const Tensor& dout, const Tensor& sorted_slots, int top_k, const Tensor& dx) override {
+  void moe_gather_backward(const Tensor& dout, const Tensor& sorted_slots, int top_k,
+                           const Tensor& dx) override {
     PhaseScope scope(this, Phase::RouterDispatch);
     BufferScratch scratch;
     cuda::launch_moe_gather_backward(dout, sorted_slots, top_k, dx, scratch, stream_);
   }
-  void moe_combine(const Tensor& y, const Tensor& weights, const Tensor& slot_rows, const Tensor& out) override {
+  void moe_combine(const Tensor& y, const Tensor& weights, const Tensor& slot_rows,
+                   const Tensor& out) override {
     PhaseScope scope(this, Phase::RouterDispatch);
     cuda::launch_moe_combine(y, weights, slot_rows, out, stream_);
   }
-  void moe_combine_backward(const Tensor& dout, const Tensor& y, const Tensor& weights, const Tensor& slot_rows,
-                            const Tensor& dy, const Tensor& dweights) override {
+  void moe_combine_backward(const Tensor& dout, const Tensor& y, const Tensor& weights,
+                            const Tensor& slot_rows, const Tensor& dy,
+                            const Tensor& dweights) override {
     PhaseScope scope(this, Phase::RouterDispatch);
     cuda::launch_moe_combine_backward(dout, y, weights, slot_rows, dy, dweights, stream_);
   }
@@ -293,7 +314,8 @@ class CudaBackend final : public Backend {
     PhaseScope scope(this, Phase::Experts);
     cuda::launch_grouped_gemm(a, w, transpose_w, offsets, c, stream_);
   }
-  void grouped_gemm_weight_grad(const Tensor& dy, const Tensor& x, const Tensor& offsets, const Tensor& dw) override {
+  void grouped_gemm_weight_grad(const Tensor& dy, const Tensor& x, const Tensor& offsets,
+                                const Tensor& dw) override {
     PhaseScope scope(this, Phase::Experts);
     cuda::launch_grouped_gemm_weight_grad(dy, x, offsets, dw, stream_);
   }
@@ -307,11 +329,12 @@ class CudaBackend final : public Backend {
     cuda::check_f32(args.loss_sum, "linear_cross_entropy loss_sum");
     if (hidden.rank() != 2 || weight.rank() != 2 || weight.size(1) != hidden.size(1) ||
         args.labels.numel() != hidden.size(0) || weight.dtype != hidden.dtype)
-      fail("linear_cross_entropy: hidden ", hidden.shape.str(), " weight ", weight.shape.str(), " labels ",
-           args.labels.shape.str(), " do not fit (N, H), (V, H), (N)");
+      fail("linear_cross_entropy: hidden ", hidden.shape.str(), " weight ", weight.shape.str(),
+           " labels ", args.labels.shape.str(), " do not fit (N, H), (V, H), (N)");
     const int64_t tokens = hidden.size(0), vocab = weight.size(0);
     const bool backward = args.grad_scale != 0.0f;
-    if (backward && (args.grad_hidden.shape != hidden.shape || args.grad_weight.shape != weight.shape))
+    if (backward &&
+        (args.grad_hidden.shape != hidden.shape || args.grad_weight.shape != weight.shape))
       fail("linear_cross_entropy: grad_hidden ", args.grad_hidden.shape.str(), " grad_weight ",
            args.grad_weight.shape.str(), " must match hidden and weight");
     if (cuda::present(args.logits) && args.logits.numel() != tokens * vocab)
@@ -319,7 +342,8 @@ class CudaBackend final : public Backend {
     if (tokens == 0) return;
     // Chunk of rows whose logits take at most ~640 MB (bf16: 2048 rows at a 151,936 vocab).
     const int64_t row_bytes = vocab * static_cast<int64_t>(dtype_size(hidden.dtype));
-    const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(tokens, (int64_t(640) << 20) / row_bytes));
+    const int64_t chunk =
+        std::max<int64_t>(1, std::min<int64_t>(tokens, (int64_t(640) << 20) / row_bytes));
     Buffer logits(hidden.dtype, Shape{chunk, vocab}, Device::CUDA);
     for (int64_t start = 0; start < tokens; start += chunk) {
       const int64_t end = std::min(tokens, start + chunk);
@@ -327,9 +351,11 @@ class CudaBackend final : public Backend {
       const Tensor l = logits.tensor().slice_rows(0, end - start);
       gemm_impl(h, false, weight, true, l, 1.0f, 0.0f);
       Tensor logits_out;
-      if (cuda::present(args.logits)) logits_out = args.logits.view(Shape{tokens, vocab}).slice_rows(start, end);
-      cuda::launch_cross_entropy_chunk(l, args.labels.view(Shape{tokens}).slice_rows(start, end), args.grad_scale,
-                                       args.loss_sum, args.correct, logits_out, stream_);
+      if (cuda::present(args.logits))
+        logits_out = args.logits.view(Shape{tokens, vocab}).slice_rows(start, end);
+      cuda::launch_cross_entropy_chunk(l, args.labels.view(Shape{tokens}).slice_rows(start, end),
+                                       args.grad_scale, args.loss_sum, args.correct, logits_out,
+                                       stream_);
       if (!backward) continue;
       gemm_impl(l, false, weight, false, args.grad_hidden.slice_rows(start, end), 1.0f, 0.0f);
       gemm_impl(l, true, h, false, args.grad_weight, 1.0f, 1.0f);
@@ -341,7 +367,8 @@ class CudaBackend final : public Backend {
     BufferScratch scratch;
     cuda::launch_grad_norm_squared(grads, out, scratch, stream_);
   }
-  void adamw_update(std::span<const AdamWParam> params, const AdamWHyper& hyper, float grad_scale) override {
+  void adamw_update(std::span<const AdamWParam> params, const AdamWHyper& hyper,
+                    float grad_scale) override {
     PhaseScope scope(this, Phase::Optimizer);
     BufferScratch scratch;
     cuda::launch_adamw(params, hyper, grad_scale, scratch, stream_);
@@ -395,65 +422,76 @@ class CudaBackend final : public Backend {
   // Row-major C (m, n) = op(A) op(B) is column-major C^T (n, m) = op(B)^T op(A)^T: cuBLASLt
   // gets b as its first operand and a as its second, each as the column-major view of its
   // row-major storage.
-  void gemm_impl(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b, const Tensor& c, float alpha,
-                 float beta) {
+  void gemm_impl(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b,
+                 const Tensor& c, float alpha, float beta) {
     if (a.rank() != 2 || b.rank() != 2 || c.rank() != 2)
       fail("gemm: a ", a.shape.str(), " b ", b.shape.str(), " c ", c.shape.str(), " must be 2-D");
     const int64_t m = transpose_a ? a.size(1) : a.size(0), k = transpose_a ? a.size(0) : a.size(1);
     const int64_t n = transpose_b ? b.size(0) : b.size(1), kb = transpose_b ? b.size(1) : b.size(0);
     if (k != kb || c.size(0) != m || c.size(1) != n)
-      fail("gemm: op(a) ", m, "x", k, " @ op(b) ", kb, "x", n, " -> c ", c.shape.str(), " do not fit");
+      fail("gemm: op(a) ", m, "x", k, " @ op(b) ", kb, "x", n, " -> c ", c.shape.str(),
+           " do not fit");
     if (a.dtype != b.dtype || (c.dtype != a.dtype && c.dtype != DType::F32))
-      fail("gemm: dtypes a ", dtype_name(a.dtype), " b ", dtype_name(b.dtype), " c ", dtype_name(c.dtype),
-           " (a and b must match; c matches them or is F32)");
+      fail("gemm: dtypes a ", dtype_name(a.dtype), " b ", dtype_name(b.dtype), " c ",
+           dtype_name(c.dtype), " (a and b must match; c matches them or is F32)");
     if (m == 0 || n == 0) return;
     if (k == 0) {
-      if (beta == 0.0f) MOETUNE_CUDA_CHECK(cudaMemsetAsync(c.data, 0, c.bytes(), stream_));
-      else if (beta != 1.0f) fail("gemm: k == 0 with beta ", beta, " is not supported");
+      if (beta == 0.0f)
+        MOETUNE_CUDA_CHECK(cudaMemsetAsync(c.data, 0, c.bytes(), stream_));
+      else if (beta != 1.0f)
+        fail("gemm: k == 0 with beta ", beta, " is not supported");
       return;
     }
     const int align = std::min({alignment_of(a.data), alignment_of(b.data), alignment_of(c.data)});
-    const PlanKey key{m, n, k, transpose_a, transpose_b, int(a.dtype), int(c.dtype), beta != 0.0f, align};
+    const PlanKey key{
+        m, n, k, transpose_a, transpose_b, int(a.dtype), int(c.dtype), beta != 0.0f, align};
     auto found = plans_.find(key);
-    if (found == plans_.end()) found = plans_.emplace(key, make_plan(a, transpose_a, b, transpose_b, c, m, n, k, beta,
-                                                                     align)).first;
+    if (found == plans_.end())
+      found =
+          plans_.emplace(key, make_plan(a, transpose_a, b, transpose_b, c, m, n, k, beta, align))
+              .first;
     const Plan& plan = found->second;
-    MOETUNE_CUBLAS_CHECK(cublasLtMatmul(lt_, plan.desc, &alpha, b.data, plan.a, a.data, plan.b, &beta, c.data, plan.c,
-                                        c.data, plan.c, &plan.algo, workspace_.data(), kWorkspaceBytes, stream_));
+    MOETUNE_CUBLAS_CHECK(cublasLtMatmul(lt_, plan.desc, &alpha, b.data, plan.a, a.data, plan.b,
+                                        &beta, c.data, plan.c, c.data, plan.c, &plan.algo,
+                                        workspace_.data(), kWorkspaceBytes, stream_));
   }
 
-  Plan make_plan(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b, const Tensor& c, int64_t m,
-                 int64_t n, int64_t k, float beta, int align) {
+  Plan make_plan(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b,
+                 const Tensor& c, int64_t m, int64_t n, int64_t k, float beta, int align) {
     Plan plan;
     const cudaDataType_t ab_type = cuda_type(a.dtype, "gemm"), c_type = cuda_type(c.dtype, "gemm");
     MOETUNE_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t op_first = transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     const cublasOperation_t op_second = transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+    MOETUNE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA,
+                                                        &op_first, sizeof(op_first)));
+    MOETUNE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB,
+                                                        &op_second, sizeof(op_second)));
     MOETUNE_CUBLAS_CHECK(
-        cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_first, sizeof(op_first)));
+        cublasLtMatrixLayoutCreate(&plan.a, ab_type, b.size(1), b.size(0), b.size(1)));
     MOETUNE_CUBLAS_CHECK(
-        cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_second, sizeof(op_second)));
-    MOETUNE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.a, ab_type, b.size(1), b.size(0), b.size(1)));
-    MOETUNE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.b, ab_type, a.size(1), a.size(0), a.size(1)));
+        cublasLtMatrixLayoutCreate(&plan.b, ab_type, a.size(1), a.size(0), a.size(1)));
     MOETUNE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.c, c_type, n, m, n));
     cublasLtMatmulPreference_t preference;
     MOETUNE_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
     const uint64_t workspace = kWorkspaceBytes;
     const uint32_t alignment = static_cast<uint32_t>(align);
-    cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace,
-                                         sizeof(workspace));
-    for (auto attribute : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                           CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
+    cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                         &workspace, sizeof(workspace));
+    for (auto attribute :
+         {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+          CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
       cublasLtMatmulPreferenceSetAttribute(preference, attribute, &alignment, sizeof(alignment));
     cublasLtMatmulHeuristicResult_t result{};
     int found = 0;
-    const cublasStatus_t status =
-        cublasLtMatmulAlgoGetHeuristic(lt_, plan.desc, plan.a, plan.b, plan.c, plan.c, preference, 1, &result, &found);
+    const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
+        lt_, plan.desc, plan.a, plan.b, plan.c, plan.c, preference, 1, &result, &found);
     cublasLtMatmulPreferenceDestroy(preference);
     if (status != CUBLAS_STATUS_SUCCESS || found == 0) {
       plan.destroy();
-      fail("gemm: cuBLASLt has no algorithm for ", m, "x", n, "x", k, " (", dtype_name(a.dtype), " -> ",
-           dtype_name(c.dtype), ", transpose ", transpose_a, "/", transpose_b, ", beta ", beta, ")");
+      fail("gemm: cuBLASLt has no algorithm for ", m, "x", n, "x", k, " (", dtype_name(a.dtype),
+           " -> ", dtype_name(c.dtype), ", transpose ", transpose_a, "/", transpose_b, ", beta ",
+           beta, ")");
     }
     plan.algo = result.algo;
     return plan;
@@ -488,6 +526,8 @@ PhaseTimes end_phase_profile(Backend& backend) {
 }
 }  // namespace cuda
 
-std::unique_ptr<Backend> make_cuda_backend(int device_index) { return std::make_unique<CudaBackend>(device_index); }
+std::unique_ptr<Backend> make_cuda_backend(int device_index) {
+  return std::make_unique<CudaBackend>(device_index);
+}
 
 }  // namespace moetune

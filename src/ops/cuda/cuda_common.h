@@ -13,12 +13,12 @@
 #include "core/tensor.h"
 #include "ops/backend.h"
 
-#define MOETUNE_CUDA_CHECK(expr)                                                           \
-  do {                                                                                     \
-    cudaError_t status_ = (expr);                                                          \
-    if (status_ != cudaSuccess)                                                            \
-      ::moetune::fail(__FILE__, ":", __LINE__, ": CUDA error ", cudaGetErrorName(status_), \
-                      " (", cudaGetErrorString(status_), ") in " #expr);                  \
+#define MOETUNE_CUDA_CHECK(expr)                                                                 \
+  do {                                                                                           \
+    cudaError_t status_ = (expr);                                                                \
+    if (status_ != cudaSuccess)                                                                  \
+      ::moetune::fail(__FILE__, ":", __LINE__, ": CUDA error ", cudaGetErrorName(status_), " (", \
+                      cudaGetErrorString(status_), ") in " #expr);                               \
   } while (0)
 
 // After every kernel launch: reports launch-configuration errors at once (cheap, no sync).
@@ -53,8 +53,8 @@ void launch_embedding_forward(const Tensor& ids, const Tensor& table, const Tens
 void launch_embedding_backward(const Tensor& ids, const Tensor& dout, const Tensor& dtable,
                                Scratch& scratch, cudaStream_t stream);
 void launch_rmsnorm_forward(const Tensor* residual, const Tensor* delta, const Tensor& x,
-                            const Tensor& weight, float eps, const Tensor& out,
-                            const Tensor& rstd, cudaStream_t stream);
+                            const Tensor& weight, float eps, const Tensor& out, const Tensor& rstd,
+                            cudaStream_t stream);
 void launch_rmsnorm_backward(const Tensor& dout, const Tensor& x, const Tensor& weight,
                              const Tensor& rstd, const Tensor& dx, const Tensor& dweight,
                              bool accumulate_dx, Scratch& scratch, cudaStream_t stream);
@@ -93,8 +93,8 @@ void launch_grouped_gemm_weight_grad(const Tensor& dy, const Tensor& x, const Te
                                      const Tensor& dw, cudaStream_t stream);
 
 // ---- attention.cu (reference kernels: any dtype, document masks) ----
-void launch_attention_forward_simple(const Tensor& q, const Tensor& k, const Tensor& v,
-                                     float scale, const Tensor& doc_offsets, const Tensor& out,
+void launch_attention_forward_simple(const Tensor& q, const Tensor& k, const Tensor& v, float scale,
+                                     const Tensor& doc_offsets, const Tensor& out,
                                      const Tensor& lse, cudaStream_t stream);
 void launch_attention_backward_simple(const Tensor& dout, const Tensor& q, const Tensor& k,
                                       const Tensor& v, const Tensor& out, const Tensor& lse,

@@ -12,7 +12,16 @@
 
 namespace moetune::cuda {
 
-enum class Phase : int { Attention, RouterDispatch, Experts, Loss, Optimizer, DenseGemm, OtherOps, Count };
+enum class Phase : int {
+  Attention,
+  RouterDispatch,
+  Experts,
+  Loss,
+  Optimizer,
+  DenseGemm,
+  OtherOps,
+  Count
+};
 inline constexpr std::array<const char*, static_cast<int>(Phase::Count)> kPhaseNames = {
     "attention", "router_dispatch", "experts", "loss", "optimizer", "dense_gemm", "other_ops"};
 

@@ -11,9 +11,9 @@
 namespace moetune::cuda {
 
 struct DeviceMemoryStats {
-  size_t in_use = 0;         // bytes handed out and not yet freed
+  size_t in_use = 0;  // bytes handed out and not yet freed
   size_t peak_in_use = 0;
-  size_t reserved = 0;       // bytes obtained from cudaMalloc (in use + cached)
+  size_t reserved = 0;  // bytes obtained from cudaMalloc (in use + cached)
   size_t peak_reserved = 0;
 };
 

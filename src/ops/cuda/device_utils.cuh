@@ -18,12 +18,17 @@ __device__ __forceinline__ float to_float(bf16 x) { return __bfloat162float(x); 
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
 template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
 template <>
-__device__ __forceinline__ bf16 from_float<bf16>(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ bf16 from_float<bf16>(float x) {
+  return __float2bfloat16_rn(x);
+}
 
 __device__ __forceinline__ float warp_sum(float value) {
-  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  for (int offset = 16; offset > 0; offset >>= 1)
+    value += __shfl_xor_sync(0xffffffffu, value, offset);
   return value;
 }
 __device__ __forceinline__ float warp_max(float value) {
@@ -62,10 +67,14 @@ enum class Kind : int { F32 = 0, BF16 = 1, F16 = 2 };
 
 inline Kind kind_of(const Tensor& t) {
   switch (t.dtype) {
-    case DType::F32: return Kind::F32;
-    case DType::BF16: return Kind::BF16;
-    case DType::F16: return Kind::F16;
-    default: fail("CUDA op: dtype ", dtype_name(t.dtype), " is not a float type");
+    case DType::F32:
+      return Kind::F32;
+    case DType::BF16:
+      return Kind::BF16;
+    case DType::F16:
+      return Kind::F16;
+    default:
+      fail("CUDA op: dtype ", dtype_name(t.dtype), " is not a float type");
   }
 }
 
@@ -86,16 +95,16 @@ __device__ __forceinline__ void store_any(void* p, Kind kind, int64_t i, float v
 }  // namespace moetune::cuda
 
 // Runs BODY with `scalar_t` bound to float or bf16 according to DTYPE (F32 / BF16).
-#define MOETUNE_DISPATCH_FLOAT(DTYPE, WHAT, ...)                                   \
-  do {                                                                             \
-    if ((DTYPE) == ::moetune::DType::F32) {                                        \
-      using scalar_t = float;                                                      \
-      __VA_ARGS__;                                                                 \
-    } else if ((DTYPE) == ::moetune::DType::BF16) {                                \
-      using scalar_t = ::moetune::cuda::bf16;                                      \
-      __VA_ARGS__;                                                                 \
-    } else {                                                                       \
-      ::moetune::fail(WHAT, ": dtype ", ::moetune::dtype_name(DTYPE),              \
-                      " not supported (F32 or BF16)");                             \
-    }                                                                              \
+#define MOETUNE_DISPATCH_FLOAT(DTYPE, WHAT, ...)                      \
+  do {                                                                \
+    if ((DTYPE) == ::moetune::DType::F32) {                           \
+      using scalar_t = float;                                         \
+      __VA_ARGS__;                                                    \
+    } else if ((DTYPE) == ::moetune::DType::BF16) {                   \
+      using scalar_t = ::moetune::cuda::bf16;                         \
+      __VA_ARGS__;                                                    \
+    } else {                                                          \
+      ::moetune::fail(WHAT, ": dtype ", ::moetune::dtype_name(DTYPE), \
+                      " not supported (F32 or BF16)");                \
+    }                                                                 \
   } while (0)

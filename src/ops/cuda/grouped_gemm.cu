@@ -26,11 +26,14 @@ constexpr int kPad = 8;  // bf16 elements of padding per shared row (16 bytes: n
 __device__ __forceinline__ void cp_async16(void* smem, const void* global, bool valid) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(global), "r"(bytes));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(global),
+               "r"(bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
 
 template <bool KMajor, int Rows>  // Rows: the tile's m (or n) extent
 struct TileShape {
@@ -43,8 +46,8 @@ struct TileShape {
 // base[r * ld + k] (KMajor) or base[k * ld + r]; rows in [0, row_limit) and k in
 // [k0, k_limit) are valid, the rest is zero-filled.
 template <bool KMajor, int Rows>
-__device__ __forceinline__ void load_tile(bf16* smem, const bf16* base, int64_t ld, int64_t row0, int64_t row_limit,
-                                          int64_t k0, int64_t k_limit) {
+__device__ __forceinline__ void load_tile(bf16* smem, const bf16* base, int64_t ld, int64_t row0,
+                                          int64_t row_limit, int64_t k0, int64_t k_limit) {
   using Shape = TileShape<KMajor, Rows>;
   constexpr int chunks = Rows * kBK / 8;
   for (int c = threadIdx.x; c < chunks; c += kThreads) {
@@ -69,7 +72,7 @@ struct GemmArgs {
   int64_t ldb, b_expert_stride;
   bf16* c;
   int64_t ldc, c_expert_stride;
-  int64_t n, k;  // forward/data grad: N and K; weight grad: M (=P) and N (=Q) in m_dim/n
+  int64_t n, k;   // forward/data grad: N and K; weight grad: M (=P) and N (=Q) in m_dim/n
   int64_t m_dim;  // weight grad only
   const int32_t* offsets;
   int experts;
@@ -111,7 +114,8 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GemmArgs args) {
           if (lane >= o) inclusive += other;
         }
         const int start = running + inclusive - tiles;
-        const unsigned hit = __ballot_sync(0xffffffffu, tiles > 0 && target >= start && target < start + tiles);
+        const unsigned hit =
+            __ballot_sync(0xffffffffu, tiles > 0 && target >= start && target < start + tiles);
         if (hit) {
           const int src = __ffs(hit) - 1;
           found = base + src;
@@ -136,11 +140,15 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GemmArgs args) {
   // A tile origin: forward: rows m0.., k from 0; weight grad: A(m=p, k=row) = dy[row][p].
   auto load_stage = [&](int stage, int64_t k0) {
     if constexpr (KGrouped) {
-      load_tile<AKMajor, kBM>(a_tiles + stage * AShape::elements, args.a, args.lda, m0, m_limit, k0, k_end);
-      load_tile<BKMajor, kBN>(b_tiles + stage * BShape::elements, args.b, args.ldb, n0, args.n, k0, k_end);
+      load_tile<AKMajor, kBM>(a_tiles + stage * AShape::elements, args.a, args.lda, m0, m_limit, k0,
+                              k_end);
+      load_tile<BKMajor, kBN>(b_tiles + stage * BShape::elements, args.b, args.ldb, n0, args.n, k0,
+                              k_end);
     } else {
-      load_tile<AKMajor, kBM>(a_tiles + stage * AShape::elements, args.a, args.lda, m0, m_limit, k0, k_end);
-      load_tile<BKMajor, kBN>(b_tiles + stage * BShape::elements, b_base, args.ldb, n0, args.n, k0, k_end);
+      load_tile<AKMajor, kBM>(a_tiles + stage * AShape::elements, args.a, args.lda, m0, m_limit, k0,
+                              k_end);
+      load_tile<BKMajor, kBN>(b_tiles + stage * BShape::elements, b_base, args.ldb, n0, args.n, k0,
+                              k_end);
     }
   };
 
@@ -220,14 +228,18 @@ __device__ __forceinline__ int find_expert(const int32_t* offsets, int experts, 
   int lo = 0, hi = experts;  // offsets[lo] <= row < offsets[hi]
   while (hi - lo > 1) {
     const int mid = (lo + hi) / 2;
-    if (offsets[mid] <= row) lo = mid; else hi = mid;
+    if (offsets[mid] <= row)
+      lo = mid;
+    else
+      hi = mid;
   }
   return lo;
 }
 
 template <typename scalar_t>
-__global__ void grouped_gemm_simple_kernel(const scalar_t* a, const scalar_t* w, bool transpose_w, const int32_t* offsets,
-                                           int experts, int64_t rows, int64_t p, int64_t q, scalar_t* c) {
+__global__ void grouped_gemm_simple_kernel(const scalar_t* a, const scalar_t* w, bool transpose_w,
+                                           const int32_t* offsets, int experts, int64_t rows,
+                                           int64_t p, int64_t q, scalar_t* c) {
   const int64_t out_cols = transpose_w ? p : q, inner = transpose_w ? q : p;
   const int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (index >= rows * out_cols) return;
@@ -244,14 +256,16 @@ __global__ void grouped_gemm_simple_kernel(const scalar_t* a, const scalar_t* w,
 }
 
 template <typename scalar_t>
-__global__ void grouped_weight_grad_simple_kernel(const scalar_t* dy, const scalar_t* x, const int32_t* offsets,
-                                                  int64_t p, int64_t q, scalar_t* dw) {
+__global__ void grouped_weight_grad_simple_kernel(const scalar_t* dy, const scalar_t* x,
+                                                  const int32_t* offsets, int64_t p, int64_t q,
+                                                  scalar_t* dw) {
   const int e = blockIdx.y;
   const int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (index >= p * q) return;
   const int64_t i = index / q, j = index % q;
   float sum = 0.0f;
-  for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) sum += to_float(dy[r * p + i]) * to_float(x[r * q + j]);
+  for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r)
+    sum += to_float(dy[r * p + i]) * to_float(x[r * q + j]);
   scalar_t* out = dw + e * p * q + index;
   *out = from_float<scalar_t>(to_float(*out) + sum);
 }
@@ -268,16 +282,16 @@ template <bool A, bool B, bool K>
 void launch_tiled(const GemmArgs& args, dim3 grid, cudaStream_t stream) {
   const size_t smem = smem_bytes(A, B);
   static_assert(kThreads == 256);
-  MOETUNE_CUDA_CHECK(cudaFuncSetAttribute(grouped_gemm_kernel<A, B, K>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          int(smem)));
+  MOETUNE_CUDA_CHECK(cudaFuncSetAttribute(grouped_gemm_kernel<A, B, K>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   grouped_gemm_kernel<A, B, K><<<grid, kThreads, smem, stream>>>(args);
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-void launch_grouped_gemm(const Tensor& a, const Tensor& w, bool transpose_w, const Tensor& offsets, const Tensor& c,
-                         cudaStream_t stream) {
+void launch_grouped_gemm(const Tensor& a, const Tensor& w, bool transpose_w, const Tensor& offsets,
+                         const Tensor& c, cudaStream_t stream) {
   check_float(a, "grouped_gemm a");
   check_i32(offsets, "grouped_gemm offsets");
   if (w.rank() != 3 || a.rank() != 2 || c.rank() != 2 || a.dtype != w.dtype || c.dtype != a.dtype)
@@ -286,17 +300,18 @@ void launch_grouped_gemm(const Tensor& a, const Tensor& w, bool transpose_w, con
   const int experts = static_cast<int>(w.size(0));
   const int64_t p = w.size(1), q = w.size(2), rows = a.size(0);
   const int64_t inner = transpose_w ? q : p, out_cols = transpose_w ? p : q;
-  if (a.size(1) != inner || c.size(0) != rows || c.size(1) != out_cols || offsets.numel() != experts + 1)
+  if (a.size(1) != inner || c.size(0) != rows || c.size(1) != out_cols ||
+      offsets.numel() != experts + 1)
     fail("grouped_gemm: a ", a.shape.str(), " w ", w.shape.str(), " c ", c.shape.str(), " offsets ",
          offsets.shape.str(), " do not fit (transpose_w ", transpose_w, ")");
   if (rows == 0 || out_cols == 0) return;
-  const bool tiled = a.dtype == DType::BF16 && inner % 8 == 0 && out_cols % 8 == 0 && aligned16(a) &&
-                     aligned16(w) && aligned16(c);
+  const bool tiled = a.dtype == DType::BF16 && inner % 8 == 0 && out_cols % 8 == 0 &&
+                     aligned16(a) && aligned16(w) && aligned16(c);
   if (!tiled) {
     MOETUNE_DISPATCH_FLOAT(a.dtype, "grouped_gemm", {
       grouped_gemm_simple_kernel<scalar_t><<<ceil_div(rows * out_cols, 256), 256, 0, stream>>>(
-          a.ptr<scalar_t>(), w.ptr<scalar_t>(), transpose_w, offsets.ptr<int32_t>(), experts, rows, p, q,
-          c.ptr<scalar_t>());
+          a.ptr<scalar_t>(), w.ptr<scalar_t>(), transpose_w, offsets.ptr<int32_t>(), experts, rows,
+          p, q, c.ptr<scalar_t>());
     });
     MOETUNE_CUDA_LAUNCH_CHECK();
     return;
@@ -313,32 +328,37 @@ void launch_grouped_gemm(const Tensor& a, const Tensor& w, bool transpose_w, con
   args.k = inner;
   args.offsets = offsets.ptr<int32_t>();
   args.experts = experts;
-  const dim3 grid(static_cast<unsigned>(ceil_div(out_cols, kBN)), static_cast<unsigned>(ceil_div(rows, kBM) + experts));
+  const dim3 grid(static_cast<unsigned>(ceil_div(out_cols, kBN)),
+                  static_cast<unsigned>(ceil_div(rows, kBM) + experts));
   if (transpose_w)
     launch_tiled<true, true, false>(args, grid, stream);
   else
     launch_tiled<true, false, false>(args, grid, stream);
 }
 
-void launch_grouped_gemm_weight_grad(const Tensor& dy, const Tensor& x, const Tensor& offsets, const Tensor& dw,
-                                     cudaStream_t stream) {
+void launch_grouped_gemm_weight_grad(const Tensor& dy, const Tensor& x, const Tensor& offsets,
+                                     const Tensor& dw, cudaStream_t stream) {
   check_float(dy, "grouped_gemm_weight_grad dy");
   check_i32(offsets, "grouped_gemm_weight_grad offsets");
-  if (dw.rank() != 3 || dy.rank() != 2 || x.rank() != 2 || dy.dtype != x.dtype || dw.dtype != dy.dtype)
-    fail("grouped_gemm_weight_grad: dy ", dy.shape.str(), " x ", x.shape.str(), " dw ", dw.shape.str(),
-         " must be 2-D, 2-D, 3-D of one dtype");
+  if (dw.rank() != 3 || dy.rank() != 2 || x.rank() != 2 || dy.dtype != x.dtype ||
+      dw.dtype != dy.dtype)
+    fail("grouped_gemm_weight_grad: dy ", dy.shape.str(), " x ", x.shape.str(), " dw ",
+         dw.shape.str(), " must be 2-D, 2-D, 3-D of one dtype");
   const int experts = static_cast<int>(dw.size(0));
   const int64_t p = dw.size(1), q = dw.size(2);
-  if (dy.size(1) != p || x.size(1) != q || dy.size(0) != x.size(0) || offsets.numel() != experts + 1)
-    fail("grouped_gemm_weight_grad: dy ", dy.shape.str(), " x ", x.shape.str(), " dw ", dw.shape.str(),
-         " offsets ", offsets.shape.str(), " do not fit");
+  if (dy.size(1) != p || x.size(1) != q || dy.size(0) != x.size(0) ||
+      offsets.numel() != experts + 1)
+    fail("grouped_gemm_weight_grad: dy ", dy.shape.str(), " x ", x.shape.str(), " dw ",
+         dw.shape.str(), " offsets ", offsets.shape.str(), " do not fit");
   if (dw.numel() == 0 || experts == 0) return;
-  const bool tiled = dy.dtype == DType::BF16 && p % 8 == 0 && q % 8 == 0 && aligned16(dy) && aligned16(x);
+  const bool tiled =
+      dy.dtype == DType::BF16 && p % 8 == 0 && q % 8 == 0 && aligned16(dy) && aligned16(x);
   if (!tiled) {
     MOETUNE_DISPATCH_FLOAT(dy.dtype, "grouped_gemm_weight_grad", {
       grouped_weight_grad_simple_kernel<scalar_t>
           <<<dim3(static_cast<unsigned>(ceil_div(p * q, 256)), experts), 256, 0, stream>>>(
-              dy.ptr<scalar_t>(), x.ptr<scalar_t>(), offsets.ptr<int32_t>(), p, q, dw.ptr<scalar_t>());
+              dy.ptr<scalar_t>(), x.ptr<scalar_t>(), offsets.ptr<int32_t>(), p, q,
+              dw.ptr<scalar_t>());
     });
     MOETUNE_CUDA_LAUNCH_CHECK();
     return;
@@ -355,7 +375,8 @@ void launch_grouped_gemm_weight_grad(const Tensor& dy, const Tensor& x, const Te
   args.m_dim = p;
   args.offsets = offsets.ptr<int32_t>();
   args.experts = experts;
-  const dim3 grid(static_cast<unsigned>(ceil_div(q, kBN)), static_cast<unsigned>(ceil_div(p, kBM)), experts);
+  const dim3 grid(static_cast<unsigned>(ceil_div(q, kBN)), static_cast<unsigned>(ceil_div(p, kBM)),
+                  experts);
   launch_tiled<false, false, true>(args, grid, stream);
 }
 

@@ -18,8 +18,9 @@ constexpr int kSortBlock = 1024;
 
 // One warp per token. Probabilities live in shared memory (E floats per warp).
 template <typename scalar_t>
-__global__ void router_forward_kernel(const scalar_t* logits, int64_t tokens, int experts, int top_k,
-                                      bool normalize, float* probs, int32_t* topk_ids, float* topk_weights) {
+__global__ void router_forward_kernel(const scalar_t* logits, int64_t tokens, int experts,
+                                      int top_k, bool normalize, float* probs, int32_t* topk_ids,
+                                      float* topk_weights) {
   extern __shared__ float shared_probs[];
   const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t token = int64_t(blockIdx.x) * warps + warp;
@@ -70,9 +71,10 @@ __global__ void router_forward_kernel(const scalar_t* logits, int64_t tokens, in
 
 // dp = aux_dprob + scatter of d(topk weights)/dp; dlogits = p * (dp - <p, dp>).
 template <typename scalar_t>
-__global__ void router_backward_kernel(const float* dtopk, const float* probs, const int32_t* topk_ids,
-                                       int64_t tokens, int experts, int top_k, bool normalize,
-                                       const float* aux_dprob, scalar_t* dlogits) {
+__global__ void router_backward_kernel(const float* dtopk, const float* probs,
+                                       const int32_t* topk_ids, int64_t tokens, int experts,
+                                       int top_k, bool normalize, const float* aux_dprob,
+                                       scalar_t* dlogits) {
   extern __shared__ float shared_dp[];
   const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t token = int64_t(blockIdx.x) * warps + warp;
@@ -96,11 +98,13 @@ __global__ void router_backward_kernel(const float* dtopk, const float* probs, c
   float dot = 0.0f;
   for (int e = lane; e < experts; e += 32) dot += p[e] * dp[e];
   dot = warp_sum(dot);
-  for (int e = lane; e < experts; e += 32) dlogits[token * experts + e] = from_float<scalar_t>(p[e] * (dp[e] - dot));
+  for (int e = lane; e < experts; e += 32)
+    dlogits[token * experts + e] = from_float<scalar_t>(p[e] * (dp[e] - dot));
 }
 
-__global__ void router_aux_stats_kernel(const float* probs, const int32_t* topk_ids, int64_t tokens, int experts,
-                                        int top_k, float* expert_counts, float* prob_sums) {
+__global__ void router_aux_stats_kernel(const float* probs, const int32_t* topk_ids, int64_t tokens,
+                                        int experts, int top_k, float* expert_counts,
+                                        float* prob_sums) {
   const int e = blockIdx.x;
   float prob = 0.0f, count = 0.0f;
   for (int64_t n = threadIdx.x; n < tokens; n += blockDim.x) {
@@ -117,7 +121,8 @@ __global__ void router_aux_stats_kernel(const float* probs, const int32_t* topk_
 
 // Per slot of this block: its expert, rank among earlier same-expert slots of its warp,
 // and per-warp counts in shared memory. Returns the expert (or -1 past the end).
-__device__ int rank_in_block(const int32_t* topk_ids, int64_t slots, int experts, int* warp_counts, int* rank) {
+__device__ int rank_in_block(const int32_t* topk_ids, int64_t slots, int experts, int* warp_counts,
+                             int* rank) {
   const int64_t slot = int64_t(blockIdx.x) * kSortBlock + threadIdx.x;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   int expert = slot < slots ? topk_ids[slot] : -1;
@@ -131,7 +136,8 @@ __device__ int rank_in_block(const int32_t* topk_ids, int64_t slots, int experts
   return expert;
 }
 
-__global__ void sort_count_kernel(const int32_t* topk_ids, int64_t slots, int experts, int32_t* counts, int blocks) {
+__global__ void sort_count_kernel(const int32_t* topk_ids, int64_t slots, int experts,
+                                  int32_t* counts, int blocks) {
   extern __shared__ int warp_counts[];  // (experts, 32)
   int rank;
   rank_in_block(topk_ids, slots, experts, warp_counts, &rank);
@@ -143,7 +149,8 @@ __global__ void sort_count_kernel(const int32_t* topk_ids, int64_t slots, int ex
 }
 
 // Exclusive scan of counts (experts * blocks, expert-major) by one block, in place.
-__global__ void sort_scan_kernel(int32_t* counts, int64_t length, int experts, int blocks, int32_t* expert_offsets) {
+__global__ void sort_scan_kernel(int32_t* counts, int64_t length, int experts, int blocks,
+                                 int32_t* expert_offsets) {
   __shared__ int32_t carry;
   __shared__ int32_t warp_sums[32];
   if (threadIdx.x == 0) carry = 0;
@@ -180,8 +187,9 @@ __global__ void sort_scan_kernel(int32_t* counts, int64_t length, int experts, i
   if (threadIdx.x == 0) expert_offsets[experts] = carry;
 }
 
-__global__ void sort_place_kernel(const int32_t* topk_ids, int64_t slots, int experts, const int32_t* base,
-                                  int blocks, int32_t* sorted_slots, int32_t* slot_rows) {
+__global__ void sort_place_kernel(const int32_t* topk_ids, int64_t slots, int experts,
+                                  const int32_t* base, int blocks, int32_t* sorted_slots,
+                                  int32_t* slot_rows) {
   extern __shared__ int warp_counts[];
   int rank;
   const int expert = rank_in_block(topk_ids, slots, experts, warp_counts, &rank);
@@ -201,10 +209,12 @@ __global__ void sort_place_kernel(const int32_t* topk_ids, int64_t slots, int ex
 
 // out[r] = x[sorted_slots[r] / k]
 template <typename scalar_t>
-__global__ void gather_kernel(const scalar_t* x, const int32_t* sorted_slots, int top_k, scalar_t* out, int64_t hidden) {
+__global__ void gather_kernel(const scalar_t* x, const int32_t* sorted_slots, int top_k,
+                              scalar_t* out, int64_t hidden) {
   const int64_t row = blockIdx.x;
   const int64_t token = sorted_slots[row] / top_k;
-  for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) out[row * hidden + c] = x[token * hidden + c];
+  for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x)
+    out[row * hidden + c] = x[token * hidden + c];
 }
 
 __global__ void invert_kernel(const int32_t* sorted_slots, int64_t rows, int32_t* slot_rows) {
@@ -214,8 +224,8 @@ __global__ void invert_kernel(const int32_t* sorted_slots, int64_t rows, int32_t
 
 // dx[n] += sum_j dout[slot_rows[n*k+j]]  (deterministic: one block per token)
 template <typename scalar_t>
-__global__ void gather_backward_kernel(const scalar_t* dout, const int32_t* slot_rows, int top_k, scalar_t* dx,
-                                       int64_t hidden) {
+__global__ void gather_backward_kernel(const scalar_t* dout, const int32_t* slot_rows, int top_k,
+                                       scalar_t* dx, int64_t hidden) {
   const int64_t token = blockIdx.x;
   for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) {
     float sum = to_float(dx[token * hidden + c]);
@@ -228,8 +238,8 @@ __global__ void gather_backward_kernel(const scalar_t* dout, const int32_t* slot
 }
 
 template <typename scalar_t>
-__global__ void combine_kernel(const scalar_t* y, const float* weights, const int32_t* slot_rows, int top_k,
-                               scalar_t* out, int64_t hidden) {
+__global__ void combine_kernel(const scalar_t* y, const float* weights, const int32_t* slot_rows,
+                               int top_k, scalar_t* out, int64_t hidden) {
   const int64_t token = blockIdx.x;
   for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) {
     float sum = 0.0f;
@@ -242,9 +252,9 @@ __global__ void combine_kernel(const scalar_t* y, const float* weights, const in
 }
 
 template <typename scalar_t>
-__global__ void combine_backward_kernel(const scalar_t* dout, const scalar_t* y, const float* weights,
-                                        const int32_t* slot_rows, int top_k, scalar_t* dy, float* dweights,
-                                        int64_t hidden) {
+__global__ void combine_backward_kernel(const scalar_t* dout, const scalar_t* y,
+                                        const float* weights, const int32_t* slot_rows, int top_k,
+                                        scalar_t* dy, float* dweights, int64_t hidden) {
   const int64_t token = blockIdx.x;
   for (int j = 0; j < top_k; ++j) {
     const int32_t row = slot_rows[token * top_k + j];
@@ -262,12 +272,15 @@ __global__ void combine_backward_kernel(const scalar_t* dout, const scalar_t* y,
   }
 }
 
-int row_threads(int64_t d) { return static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, ceil_div(d, 32) * 32))); }
+int row_threads(int64_t d) {
+  return static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, ceil_div(d, 32) * 32)));
+}
 
 }  // namespace
 
 void launch_router_forward(const Tensor& logits, int top_k, bool normalize, const Tensor& probs,
-                           const Tensor& topk_ids, const Tensor& topk_weights, cudaStream_t stream) {
+                           const Tensor& topk_ids, const Tensor& topk_weights,
+                           cudaStream_t stream) {
   check_float(logits, "router_forward logits");
   check_f32(probs, "router_forward probs");
   check_i32(topk_ids, "router_forward topk_ids");
@@ -276,20 +289,22 @@ void launch_router_forward(const Tensor& logits, int top_k, bool normalize, cons
   const int64_t tokens = experts ? logits.numel() / experts : 0;
   if (top_k < 1 || top_k > experts || top_k > 32 || probs.numel() != logits.numel() ||
       topk_ids.numel() != tokens * top_k || topk_weights.numel() != tokens * top_k)
-    fail("router_forward: logits ", logits.shape.str(), " top_k ", top_k, " probs ", probs.shape.str(),
-         " topk_ids ", topk_ids.shape.str(), " do not fit");
+    fail("router_forward: logits ", logits.shape.str(), " top_k ", top_k, " probs ",
+         probs.shape.str(), " topk_ids ", topk_ids.shape.str(), " do not fit");
   if (tokens == 0) return;
   const int warps = 4;
   MOETUNE_DISPATCH_FLOAT(logits.dtype, "router_forward", {
-    router_forward_kernel<scalar_t><<<ceil_div(tokens, warps), warps * 32, sizeof(float) * warps * experts, stream>>>(
-        logits.ptr<scalar_t>(), tokens, experts, top_k, normalize, probs.ptr<float>(), topk_ids.ptr<int32_t>(),
-        topk_weights.ptr<float>());
+    router_forward_kernel<scalar_t>
+        <<<ceil_div(tokens, warps), warps * 32, sizeof(float) * warps * experts, stream>>>(
+            logits.ptr<scalar_t>(), tokens, experts, top_k, normalize, probs.ptr<float>(),
+            topk_ids.ptr<int32_t>(), topk_weights.ptr<float>());
   });
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
 
-void launch_router_backward(const Tensor& dtopk_weights, const Tensor& probs, const Tensor& topk_ids,
-                            bool normalize, const Tensor& aux_dprob, const Tensor& dlogits, cudaStream_t stream) {
+void launch_router_backward(const Tensor& dtopk_weights, const Tensor& probs,
+                            const Tensor& topk_ids, bool normalize, const Tensor& aux_dprob,
+                            const Tensor& dlogits, cudaStream_t stream) {
   check_f32(dtopk_weights, "router_backward dtopk_weights");
   check_f32(probs, "router_backward probs");
   check_float(dlogits, "router_backward dlogits");
@@ -304,15 +319,17 @@ void launch_router_backward(const Tensor& dtopk_weights, const Tensor& probs, co
   const float* aux = present(aux_dprob) ? aux_dprob.ptr<float>() : nullptr;
   const int warps = 4;
   MOETUNE_DISPATCH_FLOAT(dlogits.dtype, "router_backward", {
-    router_backward_kernel<scalar_t><<<ceil_div(tokens, warps), warps * 32, sizeof(float) * warps * experts, stream>>>(
-        dtopk_weights.ptr<float>(), probs.ptr<float>(), topk_ids.ptr<int32_t>(), tokens, experts, top_k, normalize,
-        aux, dlogits.ptr<scalar_t>());
+    router_backward_kernel<scalar_t>
+        <<<ceil_div(tokens, warps), warps * 32, sizeof(float) * warps * experts, stream>>>(
+            dtopk_weights.ptr<float>(), probs.ptr<float>(), topk_ids.ptr<int32_t>(), tokens,
+            experts, top_k, normalize, aux, dlogits.ptr<scalar_t>());
   });
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
 
-void launch_router_aux_stats(const Tensor& probs, const Tensor& topk_ids, const Tensor& expert_counts,
-                             const Tensor& prob_sums, cudaStream_t stream) {
+void launch_router_aux_stats(const Tensor& probs, const Tensor& topk_ids,
+                             const Tensor& expert_counts, const Tensor& prob_sums,
+                             cudaStream_t stream) {
   check_f32(probs, "router_aux_stats probs");
   check_f32(expert_counts, "router_aux_stats expert_counts");
   check_f32(prob_sums, "router_aux_stats prob_sums");
@@ -321,61 +338,70 @@ void launch_router_aux_stats(const Tensor& probs, const Tensor& topk_ids, const 
   if (expert_counts.numel() != experts || prob_sums.numel() != experts)
     fail("router_aux_stats: expert_counts/prob_sums must have ", experts, " elements");
   if (tokens == 0) return;
-  router_aux_stats_kernel<<<experts, 256, 0, stream>>>(probs.ptr<float>(), topk_ids.ptr<int32_t>(), tokens, experts,
-                                                       static_cast<int>(topk_ids.numel() / tokens),
-                                                       expert_counts.ptr<float>(), prob_sums.ptr<float>());
+  router_aux_stats_kernel<<<experts, 256, 0, stream>>>(
+      probs.ptr<float>(), topk_ids.ptr<int32_t>(), tokens, experts,
+      static_cast<int>(topk_ids.numel() / tokens), expert_counts.ptr<float>(),
+      prob_sums.ptr<float>());
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
 
 void launch_moe_sort(const Tensor& topk_ids, int num_experts, const Tensor& expert_offsets,
-                     const Tensor& sorted_slots, const Tensor& slot_rows, Scratch& scratch, cudaStream_t stream) {
+                     const Tensor& sorted_slots, const Tensor& slot_rows, Scratch& scratch,
+                     cudaStream_t stream) {
   check_i32(topk_ids, "moe_sort_by_expert topk_ids");
   check_i32(expert_offsets, "moe_sort_by_expert expert_offsets");
   const int64_t slots = topk_ids.numel();
-  if (expert_offsets.numel() != num_experts + 1 || sorted_slots.numel() != slots || slot_rows.numel() != slots ||
-      num_experts < 1)
+  if (expert_offsets.numel() != num_experts + 1 || sorted_slots.numel() != slots ||
+      slot_rows.numel() != slots || num_experts < 1)
     fail("moe_sort_by_expert: expert_offsets ", expert_offsets.shape.str(), " sorted_slots ",
-         sorted_slots.shape.str(), " slot_rows ", slot_rows.shape.str(), " do not fit ", slots, " slots, ",
-         num_experts, " experts");
+         sorted_slots.shape.str(), " slot_rows ", slot_rows.shape.str(), " do not fit ", slots,
+         " slots, ", num_experts, " experts");
   const int blocks = static_cast<int>(std::max<int64_t>(1, ceil_div(slots, kSortBlock)));
   auto* counts = static_cast<int32_t*>(scratch.get(sizeof(int32_t) * num_experts * blocks));
   const size_t smem = sizeof(int) * 32 * num_experts;
   if (smem > 48 * 1024) {
-    MOETUNE_CUDA_CHECK(cudaFuncSetAttribute(sort_count_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    MOETUNE_CUDA_CHECK(cudaFuncSetAttribute(sort_place_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    MOETUNE_CUDA_CHECK(cudaFuncSetAttribute(
+        sort_count_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    MOETUNE_CUDA_CHECK(cudaFuncSetAttribute(
+        sort_place_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   }
-  sort_count_kernel<<<blocks, kSortBlock, smem, stream>>>(topk_ids.ptr<int32_t>(), slots, num_experts, counts, blocks);
+  sort_count_kernel<<<blocks, kSortBlock, smem, stream>>>(topk_ids.ptr<int32_t>(), slots,
+                                                          num_experts, counts, blocks);
   MOETUNE_CUDA_LAUNCH_CHECK();
-  sort_scan_kernel<<<1, 1024, 0, stream>>>(counts, int64_t(num_experts) * blocks, num_experts, blocks,
-                                          expert_offsets.ptr<int32_t>());
+  sort_scan_kernel<<<1, 1024, 0, stream>>>(counts, int64_t(num_experts) * blocks, num_experts,
+                                           blocks, expert_offsets.ptr<int32_t>());
   MOETUNE_CUDA_LAUNCH_CHECK();
   if (slots == 0) return;
-  sort_place_kernel<<<blocks, kSortBlock, smem, stream>>>(topk_ids.ptr<int32_t>(), slots, num_experts, counts, blocks,
-                                                          sorted_slots.ptr<int32_t>(), slot_rows.ptr<int32_t>());
+  sort_place_kernel<<<blocks, kSortBlock, smem, stream>>>(
+      topk_ids.ptr<int32_t>(), slots, num_experts, counts, blocks, sorted_slots.ptr<int32_t>(),
+      slot_rows.ptr<int32_t>());
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
 
-void launch_moe_gather(const Tensor& x, const Tensor& sorted_slots, int top_k, const Tensor& out, cudaStream_t stream) {
+void launch_moe_gather(const Tensor& x, const Tensor& sorted_slots, int top_k, const Tensor& out,
+                       cudaStream_t stream) {
   const int64_t hidden = x.size(-1), rows = sorted_slots.numel();
   if (out.numel() != rows * hidden || out.dtype != x.dtype || x.numel() * top_k != rows * hidden)
-    fail("moe_gather: x ", x.shape.str(), " out ", out.shape.str(), " sorted_slots ", sorted_slots.shape.str(),
-         " do not fit");
+    fail("moe_gather: x ", x.shape.str(), " out ", out.shape.str(), " sorted_slots ",
+         sorted_slots.shape.str(), " do not fit");
   if (rows == 0) return;
   MOETUNE_DISPATCH_FLOAT(x.dtype, "moe_gather", {
-    gather_kernel<scalar_t><<<rows, row_threads(hidden), 0, stream>>>(x.ptr<scalar_t>(), sorted_slots.ptr<int32_t>(),
-                                                                      top_k, out.ptr<scalar_t>(), hidden);
+    gather_kernel<scalar_t><<<rows, row_threads(hidden), 0, stream>>>(
+        x.ptr<scalar_t>(), sorted_slots.ptr<int32_t>(), top_k, out.ptr<scalar_t>(), hidden);
   });
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
 
-void launch_moe_gather_backward(const Tensor& dout, const Tensor& sorted_slots, int top_k, const Tensor& dx,
-                                Scratch& scratch, cudaStream_t stream) {
+void launch_moe_gather_backward(const Tensor& dout, const Tensor& sorted_slots, int top_k,
+                                const Tensor& dx, Scratch& scratch, cudaStream_t stream) {
   const int64_t hidden = dx.size(-1), rows = sorted_slots.numel();
-  if (dout.numel() != rows * hidden || dout.dtype != dx.dtype || dx.numel() * top_k != rows * hidden)
+  if (dout.numel() != rows * hidden || dout.dtype != dx.dtype ||
+      dx.numel() * top_k != rows * hidden)
     fail("moe_gather_backward: dout ", dout.shape.str(), " dx ", dx.shape.str(), " do not fit");
   if (rows == 0) return;
   auto* slot_rows = static_cast<int32_t*>(scratch.get(sizeof(int32_t) * rows));
-  invert_kernel<<<ceil_div(rows, 256), 256, 0, stream>>>(sorted_slots.ptr<int32_t>(), rows, slot_rows);
+  invert_kernel<<<ceil_div(rows, 256), 256, 0, stream>>>(sorted_slots.ptr<int32_t>(), rows,
+                                                         slot_rows);
   MOETUNE_CUDA_LAUNCH_CHECK();
   MOETUNE_DISPATCH_FLOAT(dx.dtype, "moe_gather_backward", {
     gather_backward_kernel<scalar_t><<<rows / top_k, row_threads(hidden), 0, stream>>>(
@@ -384,36 +410,40 @@ void launch_moe_gather_backward(const Tensor& dout, const Tensor& sorted_slots, 
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
 
-void launch_moe_combine(const Tensor& y, const Tensor& weights, const Tensor& slot_rows, const Tensor& out,
-                        cudaStream_t stream) {
+void launch_moe_combine(const Tensor& y, const Tensor& weights, const Tensor& slot_rows,
+                        const Tensor& out, cudaStream_t stream) {
   check_f32(weights, "moe_combine weights");
   const int64_t hidden = out.size(-1), tokens = hidden ? out.numel() / hidden : 0;
   const int top_k = tokens ? static_cast<int>(weights.numel() / tokens) : 1;
-  if (y.numel() != tokens * top_k * hidden || slot_rows.numel() != tokens * top_k || y.dtype != out.dtype)
-    fail("moe_combine: y ", y.shape.str(), " weights ", weights.shape.str(), " out ", out.shape.str(), " do not fit");
+  if (y.numel() != tokens * top_k * hidden || slot_rows.numel() != tokens * top_k ||
+      y.dtype != out.dtype)
+    fail("moe_combine: y ", y.shape.str(), " weights ", weights.shape.str(), " out ",
+         out.shape.str(), " do not fit");
   if (tokens == 0) return;
   MOETUNE_DISPATCH_FLOAT(out.dtype, "moe_combine", {
     combine_kernel<scalar_t><<<tokens, row_threads(hidden), 0, stream>>>(
-        y.ptr<scalar_t>(), weights.ptr<float>(), slot_rows.ptr<int32_t>(), top_k, out.ptr<scalar_t>(), hidden);
+        y.ptr<scalar_t>(), weights.ptr<float>(), slot_rows.ptr<int32_t>(), top_k,
+        out.ptr<scalar_t>(), hidden);
   });
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
 
-void launch_moe_combine_backward(const Tensor& dout, const Tensor& y, const Tensor& weights, const Tensor& slot_rows,
-                                 const Tensor& dy, const Tensor& dweights, cudaStream_t stream) {
+void launch_moe_combine_backward(const Tensor& dout, const Tensor& y, const Tensor& weights,
+                                 const Tensor& slot_rows, const Tensor& dy, const Tensor& dweights,
+                                 cudaStream_t stream) {
   check_f32(weights, "moe_combine_backward weights");
   check_f32(dweights, "moe_combine_backward dweights");
   const int64_t hidden = dout.size(-1), tokens = hidden ? dout.numel() / hidden : 0;
   const int top_k = tokens ? static_cast<int>(weights.numel() / tokens) : 1;
-  if (y.numel() != tokens * top_k * hidden || dy.numel() != y.numel() || dweights.numel() != weights.numel() ||
-      y.dtype != dout.dtype || dy.dtype != dout.dtype)
-    fail("moe_combine_backward: dout ", dout.shape.str(), " y ", y.shape.str(), " dy ", dy.shape.str(),
-         " do not fit");
+  if (y.numel() != tokens * top_k * hidden || dy.numel() != y.numel() ||
+      dweights.numel() != weights.numel() || y.dtype != dout.dtype || dy.dtype != dout.dtype)
+    fail("moe_combine_backward: dout ", dout.shape.str(), " y ", y.shape.str(), " dy ",
+         dy.shape.str(), " do not fit");
   if (tokens == 0) return;
   MOETUNE_DISPATCH_FLOAT(dout.dtype, "moe_combine_backward", {
     combine_backward_kernel<scalar_t><<<tokens, row_threads(hidden), 0, stream>>>(
-        dout.ptr<scalar_t>(), y.ptr<scalar_t>(), weights.ptr<float>(), slot_rows.ptr<int32_t>(), top_k,
-        dy.ptr<scalar_t>(), dweights.ptr<float>(), hidden);
+        dout.ptr<scalar_t>(), y.ptr<scalar_t>(), weights.ptr<float>(), slot_rows.ptr<int32_t>(),
+        top_k, dy.ptr<scalar_t>(), dweights.ptr<float>(), hidden);
   });
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
