@@ -18,7 +18,7 @@
 namespace moetune {
 namespace {
 
-using nlohmann::json;
+using json = RecordJson;
 using testing::TempDir;
 using testing::write_text_file;
 
@@ -141,7 +141,7 @@ TEST(DatasetFormats, DetectFromKeys) {
   EXPECT_EQ(detect_format(json::parse(R"({"text": "a"})"), source), DataFormat::Text);
   const std::string message =
       error_of([&] { detect_format(json::parse(R"({"question": "a", "answer": "b"})"), source); });
-  EXPECT_NE(message.find("[answer, question]"), std::string::npos) << message;
+  EXPECT_NE(message.find("[question, answer]"), std::string::npos) << message;
   EXPECT_NE(message.find("data.train[0].format"), std::string::npos) << message;
   DataSource mapped = source;
   mapped.columns = {{"prompt", "question"}, {"completion", "answer"}};
@@ -628,6 +628,10 @@ TEST_F(DatasetQwen3, RealFilesThroughTheQwen3Template) {
     all_text += tokenizer_->decode(dataset.examples.input_ids(i));
   EXPECT_NE(all_text.find("<tool_call>\n{\"name\": \""), std::string::npos);
   EXPECT_NE(all_text.find("<tools>"), std::string::npos);
+  // Keys keep the file's order (tojson does not sort them), with the OpenAI wrapper first.
+  EXPECT_NE(all_text.find("{\"type\": \"function\", \"function\": {\"name\": \"search_recipes\", "
+                          "\"description\": "),
+            std::string::npos);
   EXPECT_NE(all_text.find("<tool_response>"), std::string::npos);
 }
 

@@ -9,7 +9,7 @@
 
 namespace moetune {
 
-using nlohmann::json;
+using json = RecordJson;
 using Spans = std::vector<std::pair<size_t, size_t>>;
 
 namespace {
@@ -85,7 +85,8 @@ ExampleEncoder::ExampleEncoder(const Tokenizer& tokenizer, const ChatTemplate* c
       chat_template_(chat_template),
       train_on_(train_on),
       add_eos_(add_eos),
-      special_variables_(special_token_variables(tokenizer.special_tokens().config)) {}
+      special_variables_(
+          special_token_variables(RecordJson::parse(tokenizer.special_tokens().config.dump()))) {}
 
 int32_t ExampleEncoder::eos_id() const {
   const auto& eos = tokenizer_.special_tokens().eos_token;
@@ -124,7 +125,8 @@ Spans ExampleEncoder::spans_from_prefixes(const Example& example, const std::str
         prefix =
             i == 0 && !generation_prompt
                 ? std::string()
-                : chat_template_->render(template_variables(example, i, generation_prompt)).text;
+                : chat_template_->render_ordered(template_variables(example, i, generation_prompt))
+                      .text;
       } catch (const Error&) {
         if (i != 0) throw;
         prefix.clear();  // some templates cannot render an empty conversation
@@ -148,7 +150,7 @@ Spans ExampleEncoder::spans_from_prefixes(const Example& example, const std::str
     }
     // End: the turn as rendered when it is the last message.
     const std::string through =
-        chat_template_->render(template_variables(example, i + 1, false)).text;
+        chat_template_->render_ordered(template_variables(example, i + 1, false)).text;
     if (through.compare(0, prefix.size(), prefix) != 0)
       inconsistent("so that its prefix is not a prefix of the rendered turn");
     const std::string turn = through.substr(prefix.size());
@@ -174,7 +176,7 @@ MaskedText ExampleEncoder::render_chat(const Example& example) const {
   if (!chat_template_)
     fail("the tokenizer has no chat template for chat data (set data.chat_template)");
   const RenderedChat rendered =
-      chat_template_->render(template_variables(example, example.messages.size(), false));
+      chat_template_->render_ordered(template_variables(example, example.messages.size(), false));
   MaskedText masked;
   masked.text = rendered.text;
   if (train_on_ == TrainOn::All) {
@@ -191,7 +193,7 @@ MaskedText ExampleEncoder::render_chat(const Example& example) const {
       for (bool generation_prompt : {true, false}) {
         const std::string context =
             chat_template_
-                ->render(
+                ->render_ordered(
                     template_variables(example, example.first_trained_message, generation_prompt))
                 .text;
         if (masked.text.compare(0, context.size(), context) == 0) {
