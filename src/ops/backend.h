@@ -21,11 +21,13 @@
 namespace moetune {
 
 // Hyper-parameters of one torch.optim.AdamW step (decoupled weight decay, bias correction).
+// The scalars are double, as Python floats are in torch: 1 - beta2 formed from a float
+// 0.999f is off by 1e-5 relative, which would break bit-parity with torch's update.
 struct AdamWHyper {
-  float lr = 1e-3f;
-  float beta1 = 0.9f;
-  float beta2 = 0.999f;
-  float eps = 1e-8f;
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
   int64_t step = 1;  // 1-based step number after this update (for bias correction)
 };
 
