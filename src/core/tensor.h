@@ -64,7 +64,7 @@ struct Tensor {
 // device (see ops/backend.h); CPU buffers use aligned host memory.
 class Buffer {
  public:
-  Buffer() = default;
+  Buffer() : storage_(nullptr, Deleter{}) {}
   Buffer(DType dtype, Shape shape, Device device = Device::CPU);
   Buffer(Buffer&&) noexcept = default;
   Buffer& operator=(Buffer&&) noexcept = default;

@@ -1,0 +1,50 @@
+// Byte counts for MemoryPlan, mirroring the allocations in weights.cpp, model.cpp,
+// decoder.cpp, attention.cpp, mlp.cpp and moe.cpp.
+#include "model/memory_plan.h"
+
+#include <algorithm>
+
+#include "model/model.h"
+
+namespace moetune {
+
+MemoryPlan plan_memory(const ModelConfig& config, const MemoryPlanOptions& options) {
+  MemoryPlan plan;
+  const int64_t parameters = count_parameters(config, false);
+  const int64_t act = static_cast<int64_t>(dtype_size(options.param_dtype));
+  plan.weights = parameters * act;
+  plan.grads = parameters * static_cast<int64_t>(dtype_size(options.grad_dtype));
+  plan.master_weights = options.param_dtype == DType::F32 ? 0 : parameters * 4;
+  plan.optimizer_state = parameters * 8;
+
+  const int64_t N = options.batch * options.seq, H = config.hidden_size;
+  const int64_t D = config.head_dim > 0 ? config.head_dim : H / config.num_attention_heads;
+  const int64_t q_width = config.num_attention_heads * D, kv_width = config.num_key_value_heads * D;
+  const int64_t k = config.num_experts_per_tok, E = config.num_experts;
+  const int64_t I_moe = config.moe_intermediate_size, I = config.intermediate_size;
+
+  // Attention, per layer: q, k, v, out (+ the projections before q/k norm), lse, rstds
+  int64_t attention = N * (2 * q_width + 2 * kv_width) * act +
+                      options.batch * config.num_attention_heads * options.seq * 4;
+  if (config.qk_norm)
+    attention += N * (q_width + kv_width) * act +
+                 N * (config.num_attention_heads + config.num_key_value_heads) * 4;
+  const int64_t norms = 3 * N * H * act + 2 * N * 4;  // attn_norm, mid, mlp_norm, 2 rstd
+  const int64_t dense = N * 3 * I * act;
+  const int64_t moe =
+      N * E * 4 + N * k * 8 + (E + 1) * 4 + N * k * 8 + N * k * (2 * H + 3 * I_moe) * act;
+  bool any_dense = false, any_moe = false;
+  for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
+    const bool is_moe = config.layer_is_moe(l);
+    (is_moe ? any_moe : any_dense) = true;
+    plan.activations += attention + norms + (is_moe ? moe : dense) + N * H * act;  // + residual
+  }
+  plan.activations += N * H * act + N * H * act + N * 4 + N * 12;  // last residual, final norm, ids
+  plan.scratch = 3 * N * H * act + N * (2 * q_width + 2 * kv_width) * act;
+  if (config.qk_norm) plan.scratch += N * (q_width + kv_width) * act;
+  if (any_dense) plan.scratch += N * 3 * I * act;
+  if (any_moe) plan.scratch += N * E * act * 2 + N * k * (2 * H + 3 * I_moe) * act + N * k * 4;
+  return plan;
+}
+
+}  // namespace moetune

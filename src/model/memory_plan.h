@@ -1,0 +1,36 @@
+// Memory needed to train a model, from its config and the micro-batch shape: weights,
+// gradients, AdamW state (and fp32 master weights when the weights are stored in bf16),
+// and the activations one micro-batch saves for its backward (plus the shared scratch).
+// The numbers follow the buffers model.cpp allocates, so `inspect` and the trainer's plan
+// say what the run will really hold (allocator overhead and the CUDA context excluded).
+#pragma once
+
+#include <cstdint>
+
+#include "core/dtype.h"
+#include "io/model_config.h"
+
+namespace moetune {
+
+struct MemoryPlanOptions {
+  DType param_dtype = DType::F32;
+  DType grad_dtype = DType::F32;
+  int64_t batch = 1;  // micro-batch rows
+  int64_t seq = 2048;
+};
+
+struct MemoryPlan {
+  int64_t weights = 0;
+  int64_t grads = 0;
+  int64_t master_weights = 0;   // fp32 copies when param_dtype is not F32
+  int64_t optimizer_state = 0;  // exp_avg + exp_avg_sq, fp32
+  int64_t activations = 0;      // saved by one micro-batch, all layers
+  int64_t scratch = 0;          // per-layer backward buffers shared by all layers, logits-free
+  int64_t total() const {
+    return weights + grads + master_weights + optimizer_state + activations + scratch;
+  }
+};
+
+MemoryPlan plan_memory(const ModelConfig& config, const MemoryPlanOptions& options);
+
+}  // namespace moetune

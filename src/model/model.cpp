@@ -1,0 +1,332 @@
+// Model: construction, random init, the step (embedding -> decoder layers -> final norm ->
+// fused LM head + cross-entropy, then the backward in reverse), the load-balancing aux
+// loss, RoPE frequencies and parameter counts. Loading and saving HF folders is in
+// model_io.cpp.
+//
+// Activations are allocated for one micro-batch shape (B, T) and reused while the shape
+// stays the same. The aux loss needs every MoE layer's routing statistics before any
+// backward, so it is computed between the forward and the backward (one small host read).
+#include "model/model.h"
+
+#include <cmath>
+#include <random>
+
+#include "model/decoder.h"
+
+namespace moetune {
+
+struct ModelActivations {
+  int64_t batch = 0, seq = 0;
+  Buffer input_ids;              // (N) I32
+  Buffer labels;                 // (N) I32 shifted: labels[t + 1], -100 at the end of each row
+  Buffer positions;              // (N) I32
+  Buffer doc_offsets;            // (docs + 1) I32, reallocated per call when used
+  std::vector<Buffer> residual;  // L + 1 of (N, H): input of layer l; [L] the last output
+  std::vector<LayerActivations> layers;
+  DecoderScratch scratch;
+  Buffer final_norm;                            // (N, H)
+  Buffer final_rstd;                            // (N) fp32
+  Buffer dresidual;                             // (N, H)
+  Buffer loss_sum, correct;                     // (1) fp32
+  Buffer aux_counts, aux_prob_sums, aux_dprob;  // (E) fp32
+  std::unique_ptr<TokenDispatcher> dispatcher;
+};
+
+Model::Model(const ModelConfig& config, Backend& backend, ModelOptions options)
+    : config_(config), backend_(backend), options_(options) {
+  if (config_.head_dim <= 0 && config_.num_attention_heads > 0)
+    config_.head_dim = config_.hidden_size / config_.num_attention_heads;
+  if (config_.family == ModelFamily::Mixtral) config_.norm_topk_prob = true;  // always renormalises
+  weights_ = std::make_unique<ModelWeights>(config_, options.param_dtype, options.grad_dtype,
+                                            backend.device());
+  const std::vector<float> inv_freq = rope_inv_freq(config_);
+  inv_freq_ = Buffer(DType::F32, {static_cast<int64_t>(inv_freq.size())}, backend.device());
+  backend.copy(inv_freq_, Tensor(const_cast<float*>(inv_freq.data()), DType::F32,
+                                 {static_cast<int64_t>(inv_freq.size())}));
+  backend.synchronize();
+}
+
+Model::~Model() = default;
+
+std::unique_ptr<Model> Model::random_init(const ModelConfig& config, uint64_t seed,
+                                          Backend& backend, ModelOptions options) {
+  std::unique_ptr<Model> model(new Model(config, backend, options));
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, static_cast<float>(config.initializer_range));
+  for (const Parameter& parameter : model->parameters()) {
+    std::vector<float> values(static_cast<size_t>(parameter.value.numel()));
+    const bool is_norm = parameter.name.ends_with("norm.weight");
+    const bool is_bias = parameter.name.ends_with(".bias");
+    for (float& value : values) value = is_norm ? 1.0f : is_bias ? 0.0f : normal(rng);
+    backend.copy(parameter.value, Tensor(values.data(), DType::F32, parameter.value.shape));
+    backend.synchronize();
+  }
+  model->zero_grads();
+  return model;
+}
+
+void Model::zero_grads() {
+  for (const Parameter& parameter : weights_->parameters()) backend_.fill(parameter.grad, 0.0f);
+}
+
+std::vector<float> rope_inv_freq(const ModelConfig& config) {
+  // In float32, as Transformers: 1 / base ** (arange(0, D, 2) / D)
+  const int64_t D =
+      config.head_dim > 0 ? config.head_dim : config.hidden_size / config.num_attention_heads;
+  const float base = static_cast<float>(config.rope.theta);
+  std::vector<float> inv_freq(static_cast<size_t>(D / 2));
+  for (int64_t i = 0; i < D / 2; ++i)
+    inv_freq[i] = 1.0f / std::pow(base, static_cast<float>(2 * i) / static_cast<float>(D));
+  if (config.rope.type == "llama3") {  // _compute_llama3_parameters
+    const float factor = static_cast<float>(config.rope.factor);
+    const float low = static_cast<float>(config.rope.low_freq_factor);
+    const float high = static_cast<float>(config.rope.high_freq_factor);
+    const float old_context = static_cast<float>(config.rope.original_max_position_embeddings);
+    const float low_freq_wavelen = old_context / low, high_freq_wavelen = old_context / high;
+    for (float& freq : inv_freq) {
+      const float wavelen = 2.0f * static_cast<float>(M_PI) / freq;
+      float scaled = wavelen > low_freq_wavelen ? freq / factor : freq;
+      if (!(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen)) {
+        const float smooth = (old_context / wavelen - low) / (high - low);
+        scaled = (1 - smooth) * scaled / factor + smooth * scaled;
+      }
+      freq = scaled;
+    }
+  } else if (config.rope.type != "default") {
+    fail("rope type '", config.rope.type, "' is not supported (default, llama3)");
+  }
+  return inv_freq;
+}
+
+int64_t count_parameters(const ModelConfig& config, bool active_per_token) {
+  const int64_t H = config.hidden_size, V = config.vocab_size;
+  const int64_t D = config.head_dim > 0 ? config.head_dim : H / config.num_attention_heads;
+  const int64_t q_width = config.num_attention_heads * D, kv_width = config.num_key_value_heads * D;
+  const bool bias = config.attention_bias && config.family != ModelFamily::Mixtral;
+  int64_t total = V * H + H + (config.tie_word_embeddings ? 0 : V * H);
+  for (int64_t i = 0; i < config.num_hidden_layers; ++i) {
+    total += 2 * H + 2 * q_width * H + 2 * kv_width * H;
+    if (bias) total += q_width + 2 * kv_width + H;
+    if (config.qk_norm) total += 2 * D;
+    if (config.layer_is_moe(i)) {
+      const int64_t expert = 3 * H * config.moe_intermediate_size;
+      const int64_t experts_used =
+          active_per_token ? config.num_experts_per_tok : config.num_experts;
+      total += config.num_experts * H + experts_used * expert;
+    } else {
+      total += 3 * H * config.intermediate_size;
+    }
+  }
+  return total;
+}
+
+int64_t Model::num_parameters(bool active_per_token) const {
+  return count_parameters(config_, active_per_token);
+}
+
+namespace {
+void validate_batch(const BatchView& batch, const ModelConfig& config) {
+  const int64_t N = batch.batch * batch.seq;
+  if (batch.batch <= 0 || batch.seq <= 0)
+    fail("batch: empty (", batch.batch, " x ", batch.seq, ")");
+  if (static_cast<int64_t>(batch.input_ids.size()) != N)
+    fail("batch: input_ids has ", batch.input_ids.size(), " tokens, expected ", N);
+  if (!batch.labels.empty() && static_cast<int64_t>(batch.labels.size()) != N)
+    fail("batch: labels has ", batch.labels.size(), " tokens, expected ", N);
+  if (!batch.position_ids.empty() && static_cast<int64_t>(batch.position_ids.size()) != N)
+    fail("batch: position_ids has ", batch.position_ids.size(), " entries, expected ", N);
+  for (int64_t i = 0; i < N; ++i) {
+    const int32_t id = batch.input_ids[i];
+    if (id < 0 || id >= config.vocab_size)
+      fail("batch: input_ids[", i, "] = ", id, " is outside the vocabulary [0, ", config.vocab_size,
+           ")");
+    if (!batch.labels.empty()) {
+      const int32_t label = batch.labels[i];
+      if (label != -100 && (label < 0 || label >= config.vocab_size))
+        fail("batch: labels[", i, "] = ", label, " is neither -100 nor a token id < ",
+             config.vocab_size);
+    }
+    if (!batch.position_ids.empty() && batch.position_ids[i] < 0)
+      fail("batch: position_ids[", i, "] = ", batch.position_ids[i], " is negative");
+  }
+  if (!batch.doc_offsets.empty()) {
+    const auto& offsets = batch.doc_offsets;
+    if (offsets.size() < 2 || offsets.front() != 0 || offsets.back() != N)
+      fail("batch: doc_offsets must run from 0 to ", N);
+    for (size_t d = 0; d + 1 < offsets.size(); ++d) {
+      const int64_t begin = offsets[d], end = offsets[d + 1];
+      if (end < begin) fail("batch: doc_offsets decrease at ", d + 1);
+      if (end > begin && begin / batch.seq != (end - 1) / batch.seq)
+        fail("batch: document ", d, " [", begin, ", ", end, ") crosses a row boundary");
+    }
+  }
+}
+
+template <typename T>
+Tensor host_tensor(std::vector<T>& values, DType dtype) {
+  return Tensor(values.data(), dtype, {static_cast<int64_t>(values.size())});
+}
+}  // namespace
+
+StepResult Model::forward_backward(const BatchView& batch, float loss_scale, float aux_loss_scale,
+                                   const Tensor& logits) {
+  return run(batch, true, loss_scale, aux_loss_scale, logits);
+}
+
+StepResult Model::evaluate(const BatchView& batch, const Tensor& logits) {
+  return run(batch, false, 0.0f, 0.0f, logits);
+}
+
+StepResult Model::run(const BatchView& batch, bool backward, float loss_scale, float aux_loss_scale,
+                      const Tensor& logits) {
+  validate_batch(batch, config_);
+  const int64_t B = batch.batch, T = batch.seq, N = B * T, H = config_.hidden_size;
+  const int64_t L = config_.num_hidden_layers, E = config_.num_experts;
+  const DType dtype = options_.param_dtype;
+  const Device device = backend_.device();
+  const float eps = static_cast<float>(config_.rms_norm_eps);
+  if (logits.defined() && (logits.dtype != DType::F32 || logits.numel() != N * config_.vocab_size))
+    fail("logits output must be fp32 with ", N, " x ", config_.vocab_size, " elements");
+
+  // ---- activations for this shape -------------------------------------------------------
+  if (!activations_ || activations_->batch != B || activations_->seq != T) {
+    activations_.reset();  // free the old shape's buffers first
+    auto a = std::make_unique<ModelActivations>();
+    a->batch = B;
+    a->seq = T;
+    a->input_ids = Buffer(DType::I32, {N}, device);
+    a->labels = Buffer(DType::I32, {N}, device);
+    a->positions = Buffer(DType::I32, {N}, device);
+    a->dispatcher = make_local_dispatcher(backend_, std::max<int64_t>(E, 1),
+                                          std::max<int64_t>(config_.num_experts_per_tok, 1));
+    AttentionInputs shape_inputs{B, T, Tensor(), Tensor(), Tensor()};
+    DecoderContext context{backend_, config_, shape_inputs, *a->dispatcher};
+    for (int64_t l = 0; l <= L; ++l) a->residual.emplace_back(dtype, Shape{N, H}, device);
+    a->layers.resize(L);
+    for (int64_t l = 0; l < L; ++l)
+      allocate_layer(context, config_.layer_is_moe(l), dtype, a->layers[l]);
+    allocate_decoder_scratch(context, dtype, a->scratch);
+    a->final_norm = Buffer(dtype, {N, H}, device);
+    a->final_rstd = Buffer(DType::F32, {N}, device);
+    a->dresidual = Buffer(dtype, {N, H}, device);
+    a->loss_sum = Buffer(DType::F32, {1}, device);
+    a->correct = Buffer(DType::F32, {1}, device);
+    if (E > 0) {
+      a->aux_counts = Buffer(DType::F32, {E}, device);
+      a->aux_prob_sums = Buffer(DType::F32, {E}, device);
+      a->aux_dprob = Buffer(DType::F32, {E}, device);
+    }
+    activations_ = std::move(a);
+  }
+  ModelActivations& a = *activations_;
+
+  // ---- inputs to the device -------------------------------------------------------------
+  StepResult result;
+  std::vector<int32_t> ids(batch.input_ids.begin(), batch.input_ids.end());
+  std::vector<int32_t> shifted(static_cast<size_t>(N), -100);
+  std::vector<int32_t> positions(static_cast<size_t>(N));
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t n = b * T + t;
+      if (!batch.labels.empty() && t + 1 < T) shifted[n] = batch.labels[n + 1];
+      if (shifted[n] != -100) ++result.trained_tokens;
+      positions[n] = batch.position_ids.empty() ? static_cast<int32_t>(t) : batch.position_ids[n];
+    }
+  }
+  backend_.copy(a.input_ids, host_tensor(ids, DType::I32));
+  backend_.copy(a.labels, host_tensor(shifted, DType::I32));
+  backend_.copy(a.positions, host_tensor(positions, DType::I32));
+  Tensor doc_offsets;
+  std::vector<int32_t> offsets(batch.doc_offsets.begin(), batch.doc_offsets.end());
+  if (!offsets.empty()) {
+    a.doc_offsets = Buffer(DType::I32, {static_cast<int64_t>(offsets.size())}, device);
+    backend_.copy(a.doc_offsets, host_tensor(offsets, DType::I32));
+    doc_offsets = a.doc_offsets.tensor();
+  }
+  const AttentionInputs inputs{B, T, a.positions.tensor(), inv_freq_.tensor(), doc_offsets};
+  const DecoderContext context{backend_, config_, inputs, *a.dispatcher};
+  const WeightTensors& w = weights_->values();
+  const WeightTensors& g = weights_->grads();
+
+  // ---- forward --------------------------------------------------------------------------
+  backend_.embedding_forward(a.input_ids, w.embed, a.residual[0]);
+  for (int64_t l = 0; l < L; ++l)
+    decoder_layer_forward(context, w.layers[l], a.residual[l], a.layers[l], a.scratch,
+                          a.residual[l + 1]);
+
+  // ---- load-balancing aux loss over all MoE layers (Transformers' load_balancing_loss_func:
+  // the router logits of every MoE layer concatenated, so every (layer, token) row counts)
+  int64_t moe_layers = 0;
+  for (int64_t l = 0; l < L; ++l) moe_layers += config_.layer_is_moe(l) ? 1 : 0;
+  Tensor aux_dprob;
+  if (config_.output_router_logits && moe_layers > 0) {
+    backend_.fill(a.aux_counts, 0.0f);
+    backend_.fill(a.aux_prob_sums, 0.0f);
+    for (int64_t l = 0; l < L; ++l) {
+      if (!config_.layer_is_moe(l)) continue;
+      backend_.router_aux_stats(a.layers[l].moe.probs, a.layers[l].moe.topk_ids, a.aux_counts,
+                                a.aux_prob_sums);
+    }
+    std::vector<float> counts(static_cast<size_t>(E)), prob_sums(static_cast<size_t>(E));
+    backend_.copy(host_tensor(counts, DType::F32), a.aux_counts);
+    backend_.copy(host_tensor(prob_sums, DType::F32), a.aux_prob_sums);
+    backend_.synchronize();
+    // aux = E * sum_e (count_e / rows) * (prob_sum_e / rows), rows = moe_layers * N
+    const double rows = static_cast<double>(moe_layers * N);
+    double aux = 0;
+    for (int64_t e = 0; e < E; ++e) aux += (counts[e] / rows) * (prob_sums[e] / rows);
+    result.has_aux_loss = true;
+    result.aux_loss = aux * static_cast<double>(E);
+    if (backward) {
+      // d(coef * aux)/d probs[row, e] = coef * E * count_e / rows^2 (the counts are constant)
+      std::vector<float> dprob(static_cast<size_t>(E));
+      const double coef = config_.router_aux_loss_coef * aux_loss_scale;
+      for (int64_t e = 0; e < E; ++e)
+        dprob[e] = static_cast<float>(coef * static_cast<double>(E) * counts[e] / (rows * rows));
+      backend_.copy(a.aux_dprob, host_tensor(dprob, DType::F32));
+      aux_dprob = a.aux_dprob.tensor();
+    }
+  }
+
+  // ---- final norm, LM head and cross-entropy (+ its backward, fused) --------------------
+  backend_.rmsnorm_forward(a.residual[L], w.final_norm, eps, a.final_norm, a.final_rstd);
+  backend_.fill(a.loss_sum, 0.0f);
+  backend_.fill(a.correct, 0.0f);
+  LinearCrossEntropyArgs loss_args;
+  loss_args.hidden = a.final_norm;
+  loss_args.weight = w.lm_head;
+  loss_args.labels = a.labels;
+  loss_args.loss_sum = a.loss_sum;
+  loss_args.correct = a.correct;
+  loss_args.logits = logits;
+  const Tensor dnormed = a.scratch.dnormed;
+  if (backward && loss_scale != 0.0f) {
+    loss_args.grad_scale = loss_scale;
+    loss_args.grad_hidden = dnormed;
+    loss_args.grad_weight = g.lm_head;
+  }
+  backend_.linear_cross_entropy(loss_args);
+
+  // ---- backward -------------------------------------------------------------------------
+  if (backward) {
+    if (loss_scale == 0.0f) backend_.fill(dnormed, 0.0f);
+    backend_.rmsnorm_backward(dnormed, a.residual[L], w.final_norm, a.final_rstd, a.dresidual,
+                              g.final_norm, false);
+    for (int64_t l = L - 1; l >= 0; --l) {
+      const Tensor layer_aux = config_.layer_is_moe(l) ? aux_dprob : Tensor();
+      decoder_layer_backward(context, w.layers[l], g.layers[l], a.residual[l], a.layers[l],
+                             layer_aux, a.scratch, a.dresidual);
+    }
+    backend_.embedding_backward(a.input_ids, a.dresidual, g.embed);
+  }
+
+  float loss_sum = 0, correct = 0;
+  backend_.copy(Tensor(&loss_sum, DType::F32, {1}), a.loss_sum);
+  backend_.copy(Tensor(&correct, DType::F32, {1}), a.correct);
+  backend_.synchronize();
+  result.loss_sum = loss_sum;
+  result.correct = correct;
+  return result;
+}
+
+}  // namespace moetune

@@ -1,0 +1,120 @@
+// Model: a decoder-only causal LM (Qwen3-MoE, Mixtral, Qwen3, Llama) with an explicit
+// forward that saves what the backward needs and a hand-written backward that accumulates
+// parameter gradients (llm.c's pattern), over the ops of a Backend.
+//
+// What the trainer uses:
+//   auto model = Model::from_hf_folder(dir, backend, {});
+//   model->zero_grads();
+//   for each micro-batch: model->forward_backward(batch, 1.0f / tokens_in_optimizer_step);
+//   optimizer step over model->parameters(); model->save_hf_folder(out, {...});
+// Loss: Transformers' causal-LM loss (position t predicts labels[t + 1], the last position
+// of each row and labels == -100 are ignored), summed and multiplied by loss_scale in the
+// gradient (Trainer's num_items_in_batch semantics), plus router_aux_loss_coef * the
+// load-balancing loss when the config has output_router_logits.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "io/model_config.h"
+#include "model/weights.h"
+#include "ops/backend.h"
+
+namespace moetune {
+
+// One micro-batch on the host: B rows of T tokens, flattened row-major.
+struct BatchView {
+  int64_t batch = 0, seq = 0;
+  std::span<const int32_t> input_ids;     // (B*T)
+  std::span<const int32_t> labels;        // (B*T) unshifted, -100 = not trained
+  std::span<const int32_t> position_ids;  // (B*T) or empty: 0..T-1 in every row
+  std::span<const int32_t> doc_offsets;   // (docs + 1) into B*T, or empty: one doc per row
+};
+
+struct StepResult {
+  double loss_sum = 0;         // sum of token cross-entropies over trained tokens (unscaled)
+  int64_t trained_tokens = 0;  // labels != -100 after the shift
+  bool has_aux_loss = false;
+  double aux_loss = 0;  // Transformers' aux_loss (before router_aux_loss_coef)
+  double correct = 0;   // trained tokens whose argmax is the label
+};
+
+struct ModelOptions {
+  DType param_dtype = DType::F32;  // storage of the weights on the device
+  DType grad_dtype = DType::F32;   // storage of the gradients
+};
+
+struct SaveOptions {
+  DType dtype = DType::F32;                // F32, BF16 or F16 on disk
+  int64_t max_shard_bytes = 5LL << 30;     // larger checkpoints are sharded
+  std::filesystem::path tokenizer_source;  // copy tokenizer files from here (optional)
+};
+
+struct LayerActivations;  // model/decoder.h
+struct ModelActivations;
+
+class Model {
+ public:
+  static std::unique_ptr<Model> from_hf_folder(const std::filesystem::path& folder,
+                                               Backend& backend, ModelOptions options = {});
+  // normal(0, initializer_range) for linear and embedding weights, norms 1, biases 0.
+  static std::unique_ptr<Model> random_init(const ModelConfig& config, uint64_t seed,
+                                            Backend& backend, ModelOptions options = {});
+  ~Model();
+
+  const ModelConfig& config() const { return config_; }
+  Backend& backend() const { return backend_; }
+
+  // Forward and backward of one micro-batch; gradients are ACCUMULATED into the parameters'
+  // grads (call zero_grads() at the start of an optimizer step). loss_scale multiplies the
+  // cross-entropy sum in the gradient (1 / trained tokens of the whole optimizer step);
+  // aux_loss_scale multiplies router_aux_loss_coef * aux_loss in the gradient (1: as
+  // Transformers, which adds the aux loss to every micro-batch's loss).
+  // logits: optional (B*T, V) fp32 tensor on the device, written when defined.
+  StepResult forward_backward(const BatchView& batch, float loss_scale, float aux_loss_scale = 1.0f,
+                              const Tensor& logits = Tensor());
+  // Forward only (no gradient).
+  StepResult evaluate(const BatchView& batch, const Tensor& logits = Tensor());
+
+  void zero_grads();
+  std::span<Parameter> parameters() { return weights_->parameters(); }
+  std::span<const Parameter> parameters() const { return weights_->parameters(); }
+  const ModelWeights& weights() const { return *weights_; }
+
+  // Writes config.json, model.safetensors (or shards + index) and the tokenizer files.
+  void save_hf_folder(const std::filesystem::path& folder, const SaveOptions& options) const;
+  // Copies every on-disk tensor's value (or gradient) to host fp32, under its HF name.
+  struct NamedHostTensor {
+    std::string name;
+    Shape shape;
+    std::vector<float> values;
+  };
+  std::vector<NamedHostTensor> hf_tensors_to_host(bool gradients) const;
+
+  int64_t num_parameters(bool active_per_token) const;
+
+ private:
+  Model(const ModelConfig& config, Backend& backend, ModelOptions options);
+  StepResult run(const BatchView& batch, bool backward, float loss_scale, float aux_loss_scale,
+                 const Tensor& logits);
+
+  ModelConfig config_;
+  Backend& backend_;
+  ModelOptions options_;
+  std::unique_ptr<ModelWeights> weights_;
+  Buffer inv_freq_;  // (D/2) fp32 on the device
+  std::unique_ptr<ModelActivations> activations_;
+};
+
+// Parameters of the whole model and active per token (top-k of the experts), from a config.
+int64_t count_parameters(const ModelConfig& config, bool active_per_token);
+
+// RoPE inverse frequencies (D/2) as Transformers computes them (default and llama3).
+std::vector<float> rope_inv_freq(const ModelConfig& config);
+
+}  // namespace moetune

@@ -1,0 +1,54 @@
+// AdamW over a model's parameters: torch.optim.AdamW semantics (decoupled weight decay,
+// bias correction), one Backend::adamw_update call per step for all parameters.
+// State: exp_avg and exp_avg_sq in fp32 per parameter, the step counter, and fp32 master
+// weights for parameters stored in a lower precision. The state tensors are exposed by
+// name for checkpointing ("exp_avg.NAME", "exp_avg_sq.NAME", "master.NAME").
+#pragma once
+
+#include <span>
+#include <string>
+#include <vector>
+
+#include "model/weights.h"
+#include "ops/backend.h"
+
+namespace moetune {
+
+struct AdamWConfig {
+  float lr = 1e-3f;
+  float beta1 = 0.9f;
+  float beta2 = 0.999f;
+  float eps = 1e-8f;
+  float weight_decay = 0.01f;  // applied to parameters with decay == true
+};
+
+class AdamW {
+ public:
+  // Parameters must outlive the optimizer. Master fp32 copies are made for non-F32 params.
+  AdamW(std::span<const Parameter> parameters, Backend& backend, const AdamWConfig& config);
+
+  // One update of every parameter from its gradient times grad_scale (clipping); lr may be
+  // overridden per step (schedules).
+  void step(float lr, float grad_scale = 1.0f);
+  void step() { step(config_.lr); }
+
+  int64_t step_count() const { return step_count_; }
+  void set_step_count(int64_t steps) { step_count_ = steps; }
+  const AdamWConfig& config() const { return config_; }
+
+  struct StateTensor {
+    std::string name;
+    Tensor tensor;  // on the backend's device
+  };
+  std::vector<StateTensor> state_tensors() const;
+
+ private:
+  Backend& backend_;
+  AdamWConfig config_;
+  int64_t step_count_ = 0;
+  std::vector<std::string> names_;
+  std::vector<Buffer> storage_;
+  std::vector<AdamWParam> params_;
+};
+
+}  // namespace moetune
