@@ -21,8 +21,8 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SEED = 1234
-MAX_OPERAND = 999  # operands in [0, MAX_OPERAND]
-TRAIN_EXAMPLES = 6000
+MAX_DIGITS = 2  # operands of 1 to MAX_DIGITS digits
+TRAIN_EXAMPLES = 7000
 EVAL_EXAMPLES = 200
 VOCAB_SIZE = 384
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -89,8 +89,8 @@ def make_examples(rng):
     pairs = []
     while len(pairs) < TRAIN_EXAMPLES + EVAL_EXAMPLES:
         # Mix operand lengths so short sums are seen too.
-        a = rng.randint(0, 10 ** rng.randint(1, 3) - 1)
-        b = rng.randint(0, 10 ** rng.randint(1, 3) - 1)
+        a = rng.randint(0, 10 ** rng.randint(1, MAX_DIGITS) - 1)
+        b = rng.randint(0, 10 ** rng.randint(1, MAX_DIGITS) - 1)
         if (a, b) in seen:
             continue
         seen.add((a, b))
