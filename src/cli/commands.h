@@ -13,5 +13,6 @@ struct Command {
 };
 
 int run_version(int argc, char** argv);
+int run_tokenize(int argc, char** argv);
 
 }  // namespace moetune::cli

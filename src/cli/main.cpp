@@ -13,6 +13,7 @@ namespace moetune::cli {
 namespace {
 constexpr Command kCommands[] = {
     {"version", run_version, "print the version and the backends this build has"},
+    {"tokenize", run_tokenize, "encode/decode JSONL text with a Hugging Face tokenizer"},
 };
 
 void print_usage() {
