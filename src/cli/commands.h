@@ -14,5 +14,8 @@ struct Command {
 
 int run_version(int argc, char** argv);
 int run_tokenize(int argc, char** argv);
+int run_forward_backward(int argc, char** argv);
+int run_init(int argc, char** argv);
+int run_inspect(int argc, char** argv);
 
 }  // namespace moetune::cli

@@ -14,6 +14,9 @@ namespace {
 constexpr Command kCommands[] = {
     {"version", run_version, "print the version and the backends this build has"},
     {"tokenize", run_tokenize, "encode/decode JSONL text with a Hugging Face tokenizer"},
+    {"forward-backward", run_forward_backward, "one forward+backward (+AdamW step) on a batch file"},
+    {"init", run_init, "write a randomly initialised model folder from a config.json"},
+    {"inspect", run_inspect, "describe a model folder and the memory to train it"},
 };
 
 void print_usage() {

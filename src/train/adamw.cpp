@@ -20,13 +20,13 @@ AdamW::AdamW(std::span<const Parameter> parameters, Backend& backend, const Adam
       entry.master = storage_.back().tensor();
       backend.copy(entry.master, parameter.value);
     }
-    entry.weight_decay = parameter.decay ? config.weight_decay : 0.0f;
+    entry.weight_decay = parameter.decay ? static_cast<float>(config.weight_decay) : 0.0f;
     names_.push_back(parameter.name);
     params_.push_back(entry);
   }
 }
 
-void AdamW::step(float lr, float grad_scale) {
+void AdamW::step(double lr, float grad_scale) {
   ++step_count_;
   AdamWHyper hyper;
   hyper.lr = lr;

@@ -15,11 +15,11 @@
 namespace moetune {
 
 struct AdamWConfig {
-  float lr = 1e-3f;
-  float beta1 = 0.9f;
-  float beta2 = 0.999f;
-  float eps = 1e-8f;
-  float weight_decay = 0.01f;  // applied to parameters with decay == true
+  double lr = 1e-3;  // double, as Python floats in torch (see AdamWHyper)
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.01;  // applied to parameters with decay == true
 };
 
 class AdamW {
@@ -29,7 +29,7 @@ class AdamW {
 
   // One update of every parameter from its gradient times grad_scale (clipping); lr may be
   // overridden per step (schedules).
-  void step(float lr, float grad_scale = 1.0f);
+  void step(double lr, float grad_scale = 1.0f);
   void step() { step(config_.lr); }
 
   int64_t step_count() const { return step_count_; }
