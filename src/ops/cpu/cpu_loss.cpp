@@ -61,7 +61,7 @@ void CpuBackend::linear_cross_entropy(const LinearCrossEntropyArgs& args) {
 
   double total_loss = 0.0;
   int64_t total_correct = 0;
-  std::vector<float> logits(kChunkRows * vocab);  // (rows, V), becomes dlogits in place
+  std::vector<float> logits(std::min(kChunkRows, tokens) * vocab);  // (rows, V) -> dlogits
   for (int64_t first = 0; first < tokens; first += kChunkRows) {
     const int64_t rows = std::min(kChunkRows, tokens - first);
     const float* hidden_chunk = hidden + first * width;  // (rows, H)
@@ -91,16 +91,19 @@ void CpuBackend::linear_cross_entropy(const LinearCrossEntropyArgs& args) {
       for (int64_t v = 1; v < vocab; ++v)
         if (row[v] > row[argmax]) argmax = v;
       const float max_logit = row[argmax];
-      double sum = 0.0;
-      for (int64_t v = 0; v < vocab; ++v) sum += std::exp(static_cast<double>(row[v] - max_logit));
-      const double log_sum_exp = max_logit + std::log(sum);
-      total_loss += log_sum_exp - row[label];
+      const float label_logit = row[label];
+      double sum = 0.0;  // of exp(logit - max), each exp kept in the row for the backward
+      for (int64_t v = 0; v < vocab; ++v) {
+        row[v] = std::exp(row[v] - max_logit);
+        sum += row[v];
+      }
+      total_loss += max_logit + std::log(sum) - label_logit;
       if (argmax == label) ++total_correct;
       if (!backward) continue;
-      for (int64_t v = 0; v < vocab; ++v) {
-        const double prob = std::exp(static_cast<double>(row[v]) - log_sum_exp);
-        row[v] = static_cast<float>((prob - (v == label ? 1.0 : 0.0)) * args.grad_scale);
-      }
+      // dlogits = (softmax - onehot(label)) * grad_scale
+      const float prob_scale = static_cast<float>(args.grad_scale / sum);
+      for (int64_t v = 0; v < vocab; ++v) row[v] *= prob_scale;
+      row[label] -= args.grad_scale;
     }
     if (!backward) continue;
     float* grad_hidden_chunk = grad_hidden + first * width;  // (rows, H)
