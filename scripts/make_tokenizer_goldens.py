@@ -40,6 +40,60 @@ TOKENIZERS = {  # golden name -> folder under shared/data holding tokenizer.json
 
 MAX_SAMPLE_CHARS = 1200
 
+METASPACE = "\u2581"
+# Variants: a shared tokenizer with other components swapped in, to cover the layouts of
+# models not in shared/data (Metaspace pre-tokenizers of Mistral v0.3/Llama-2-style files,
+# added-token flags, other normalizers/pre-tokenizers/post-processors). The golden's header
+# holds the patch; the test applies it to the base tokenizer.json the same way.
+VARIANTS = {
+    "mixtral-metaspace-first": ("mixtral", {
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Metaspace", "replacement": METASPACE, "prepend_scheme": "first", "split": False},
+        "decoder": {"type": "Metaspace", "replacement": METASPACE, "prepend_scheme": "first", "split": False},
+    }, []),
+    "phi3-metaspace-always-split": ("phi-3-mini", {
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Metaspace", "replacement": METASPACE, "prepend_scheme": "always", "split": True},
+        "decoder": {"type": "Metaspace", "replacement": METASPACE, "prepend_scheme": "always", "split": True},
+    }, [{"content": "<|special_x|>", "lstrip": True, "rstrip": True, "special": True, "normalized": False}]),
+    "llama3-added-flags-nfkc": ("llama3", {
+        "normalizer": {"type": "NFKC"},
+        "post_processor": {"type": "TemplateProcessing",
+                           "single": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}},
+                                      {"Sequence": {"id": "A", "type_id": 0}},
+                                      {"SpecialToken": {"id": "<|end_of_text|>", "type_id": 0}}],
+                           "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                           "special_tokens": {
+                               "<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [128000], "tokens": ["<|begin_of_text|>"]},
+                               "<|end_of_text|>": {"id": "<|end_of_text|>", "ids": [128001], "tokens": ["<|end_of_text|>"]}}},
+    }, [{"content": "<mask>", "lstrip": True, "special": True, "normalized": False},
+        {"content": "[R]", "rstrip": True, "special": False, "normalized": False},
+        {"content": "hello", "single_word": True, "special": False, "normalized": True},
+        {"content": "\uff46\uff55\uff4c\uff4c", "special": False, "normalized": True},
+        {"content": "wide word", "single_word": True, "lstrip": True, "rstrip": True, "special": True, "normalized": True}]),
+    "qwen3-digits-nfkd-roberta": ("qwen3", {
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "NFKD"}, {"type": "Strip", "strip_left": True, "strip_right": True},
+            {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "}]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "Split", "pattern": {"String": "."}, "behavior": "MergedWithPrevious", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}]},
+        "post_processor": {"type": "RobertaProcessing", "sep": ["<|im_end|>", 151645], "cls": ["<|im_start|>", 151644],
+                           "trim_offsets": True, "add_prefix_space": True},
+    }, []),
+    "gpt2-whitespace-split-bert": ("gpt2/kv260-gptq", {
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Whitespace"},
+            {"type": "Split", "pattern": {"Regex": "[aeiou]+"}, "behavior": "MergedWithNext", "invert": False},
+            {"type": "Split", "pattern": {"Regex": "[xyz]"}, "behavior": "Contiguous", "invert": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": {"type": "BertProcessing", "sep": ["<|endoftext|>", 50256], "cls": ["<|endoftext|>", 50256]},
+        "decoder": {"type": "Sequence", "decoders": [{"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+                                                       {"type": "Replace", "pattern": {"String": "e"}, "content": "E"}]},
+    }, [{"content": "<sep>", "special": True, "normalized": False, "single_word": True}]),
+}
+
 
 def clip(text):
     return text[:MAX_SAMPLE_CHARS]
@@ -158,6 +212,22 @@ def fuzz_strings(tok_json, count, seed):
     return out
 
 
+def apply_variant(tok_json, patch, extra_tokens):
+    """The patched tokenizer.json (also what the C++ test does): top-level keys replaced,
+    extra added tokens appended with the next free ids."""
+    tok_json = dict(tok_json, **patch)
+    next_id = max([*tok_json["model"]["vocab"].values(), *(t["id"] for t in tok_json["added_tokens"])]) + 1
+    added = list(tok_json["added_tokens"])
+    for token in extra_tokens:
+        full = {"id": next_id, "content": token["content"], "single_word": False, "lstrip": False,
+                "rstrip": False, "normalized": True, "special": False}
+        full.update(token)
+        added.append(full)
+        next_id += 1
+    tok_json["added_tokens"] = added
+    return tok_json
+
+
 def load_tokenizer_json(shared, folder, tmp):
     """Path of a loadable copy of the folder's tokenizer.json. Legacy "a b" merges that are not
     exactly two space-separated tokens (llama2's copy has 3: "   ", "     ", "▁  ") make
@@ -224,6 +294,27 @@ def main():
             rows += [record(tok, text, {"i": i}) for i, text in enumerate(corpus)]
             rows += [record(tok, text, {"text": text})
                      for text in fuzz_strings(tok_json, args.fuzz, 1000 + seed)]
+            out_path = os.path.join(OUT, name + ".jsonl")
+            with open(out_path, "w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n")
+            print(f"{out_path}: {len(rows) - 1} rows, {os.path.getsize(out_path)} bytes")
+        edge_start = len(corpus) - len(EDGE_CASES)
+        for seed, (name, (folder, patch, extra)) in enumerate(VARIANTS.items()):
+            with open(load_tokenizer_json(args.shared, folder, tmp), encoding="utf-8") as f:
+                tok_json = apply_variant(json.load(f), patch, extra)
+            path = os.path.join(tmp, "variant.json")
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(tok_json, f, ensure_ascii=False)
+            tok = Tokenizer.from_file(path)
+            tok.no_truncation()
+            tok.no_padding()
+            rows = [{"tokenizer": folder, "patch": patch, "extra_added_tokens": extra}]
+            rows += [record(tok, corpus[i], {"i": i}) for i in range(edge_start, len(corpus))]
+            specials = [t["content"] for t in extra] + ["hello", "wide word", "[R] ", " <mask>", "1.5.9"]
+            rows += [record(tok, text, {"text": text})
+                     for text in fuzz_strings({"added_tokens": [{"content": c} for c in specials]},
+                                              args.fuzz // 3, 2000 + seed)]
             out_path = os.path.join(OUT, name + ".jsonl")
             with open(out_path, "w", encoding="utf-8") as f:
                 for row in rows:

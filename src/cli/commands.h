@@ -13,9 +13,12 @@ struct Command {
 };
 
 int run_version(int argc, char** argv);
-int run_tokenize(int argc, char** argv);
 int run_forward_backward(int argc, char** argv);
 int run_init(int argc, char** argv);
 int run_inspect(int argc, char** argv);
+int run_data(int argc, char** argv);
+int run_tokenize(int argc, char** argv);
+int run_bench_tokenizer(int argc, char** argv);
+int run_render_chat(int argc, char** argv);
 
 }  // namespace moetune::cli

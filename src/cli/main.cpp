@@ -13,10 +13,13 @@ namespace moetune::cli {
 namespace {
 constexpr Command kCommands[] = {
     {"version", run_version, "print the version and the backends this build has"},
-    {"tokenize", run_tokenize, "encode/decode JSONL text with a Hugging Face tokenizer"},
     {"forward-backward", run_forward_backward, "one forward+backward (+AdamW step) on a batch file"},
     {"init", run_init, "write a randomly initialised model folder from a config.json"},
     {"inspect", run_inspect, "describe a model folder and the memory to train it"},
+    {"data", run_data, "preview a recipe's dataset: rendered examples, loss masks, token stats"},
+    {"tokenize", run_tokenize, "encode/decode JSONL text with a Hugging Face tokenizer"},
+    {"bench-tokenizer", run_bench_tokenizer, "measure single-threaded tokenizer encode speed"},
+    {"render-chat", run_render_chat, "render chat conversations (JSONL) with a chat template"},
 };
 
 void print_usage() {

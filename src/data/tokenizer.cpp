@@ -86,8 +86,8 @@ Tokenizer Tokenizer::from_json(const json& tokenizer_json, const json& tokenizer
   impl->normalizer = make_normalizer(get("normalizer"), source);
   impl->pre_tokenizer = make_pre_tokenizer(get("pre_tokenizer"), source);
   impl->model = std::make_unique<BpeModel>(member(tokenizer_json, "model", source), source);
-  impl->added =
-      std::make_unique<AddedVocabulary>(get("added_tokens"), impl->normalizer.get(), source);
+  impl->added = std::make_unique<AddedVocabulary>(get("added_tokens"), impl->model->vocab(),
+                                                  impl->normalizer.get(), source);
   impl->post_processor = make_post_processor(get("post_processor"), impl->model->vocab(), source);
   impl->decoder = make_decoder(get("decoder"), source);
 

@@ -54,25 +54,45 @@ void AddedVocabulary::Trie::insert(std::string_view key, int32_t token) {
   first_byte[static_cast<unsigned char>(key[0])] = true;
 }
 
-AddedVocabulary::AddedVocabulary(const json& added_tokens, const Normalizer* normalizer,
-                                 const std::string& source) {
+AddedVocabulary::AddedVocabulary(const json& added_tokens, const Vocab& model_vocab,
+                                 const Normalizer* normalizer, const std::string& source) {
   const std::string context = source + ": added_tokens";
   if (!added_tokens.is_null() && !added_tokens.is_array()) fail(context, " must be an array");
-  if (added_tokens.is_array()) {
-    for (const json& entry : added_tokens) {
-      AddedToken token;
-      token.content = string_member(entry, "content", context);
-      const json& id = member(entry, "id", context);
-      if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() > INT32_MAX)
-        fail(context, ": token '", token.content, "' needs a non-negative integer id");
-      token.id = static_cast<int32_t>(id.get<int64_t>());
-      token.single_word = bool_member(entry, "single_word", context, false);
-      token.lstrip = bool_member(entry, "lstrip", context, false);
-      token.rstrip = bool_member(entry, "rstrip", context, false);
-      token.special = bool_member(entry, "special", context, false);
-      token.normalized = bool_member(entry, "normalized", context, !token.special);
-      tokens_.push_back(std::move(token));
-    }
+  // HF ignores the ids written in the file: each token takes its id in the vocab when it has
+  // one, else the next free id (AddedVocabulary::add_tokens); a warning is all HF gives.
+  Vocab assigned;
+  int64_t max_assigned = -1;
+  const auto model_size = static_cast<int64_t>(model_vocab.size());
+  for (const json& entry : added_tokens.is_array() ? added_tokens : json::array()) {
+    AddedToken token;
+    token.content = string_member(entry, "content", context);
+    token.single_word = bool_member(entry, "single_word", context, false);
+    token.lstrip = bool_member(entry, "lstrip", context, false);
+    token.rstrip = bool_member(entry, "rstrip", context, false);
+    token.special = bool_member(entry, "special", context, false);
+    token.normalized = bool_member(entry, "normalized", context, !token.special);
+    if (token.content.empty()) continue;
+    bool duplicate = false;
+    for (const AddedToken& other : tokens_)
+      duplicate =
+          duplicate || (other.content == token.content && other.single_word == token.single_word &&
+                        other.lstrip == token.lstrip && other.rstrip == token.rstrip &&
+                        other.normalized == token.normalized && other.special == token.special);
+    if (duplicate) continue;
+    int64_t id;
+    if (auto it = assigned.find(token.content); it != assigned.end())
+      id = it->second;
+    else if (auto vit = model_vocab.find(token.content); vit != model_vocab.end())
+      id = vit->second;
+    else if (max_assigned < 0)
+      id = model_size;
+    else
+      id = (max_assigned >= model_size || model_size == 0) ? max_assigned + 1 : model_size;
+    if (id > INT32_MAX) fail(context, ": too many tokens");
+    token.id = static_cast<int32_t>(id);
+    assigned[token.content] = token.id;
+    max_assigned = std::max(max_assigned, id);
+    tokens_.push_back(std::move(token));
   }
   // HF orders the patterns special tokens first, then the others.
   for (int pass = 0; pass < 2; ++pass) {
@@ -88,8 +108,11 @@ AddedVocabulary::AddedVocabulary(const json& added_tokens, const Normalizer* nor
       }
     }
   }
-  word_start_ = std::make_unique<Regex>(R"(^\w)", context);
-  word_end_ = std::make_unique<Regex>(R"(\w$)", context);
+  // Rust regex's \w (Alphabetic, marks, decimal numbers, connector punctuation, joiners);
+  // \A and \z because the Regex class compiles in multiline mode.
+  const std::string word = R"([\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\x{200C}\x{200D}])";
+  word_start_ = std::make_unique<Regex>("\\A" + word, context);
+  word_end_ = std::make_unique<Regex>(word + "\\z", context);
 }
 
 void AddedVocabulary::split(Piece piece, const Trie& trie, std::vector<Piece>& out) const {

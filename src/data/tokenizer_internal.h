@@ -131,7 +131,7 @@ struct AddedToken {
 
 class AddedVocabulary {
  public:
-  AddedVocabulary(const json& added_tokens, const Normalizer* normalizer,
+  AddedVocabulary(const json& added_tokens, const Vocab& model_vocab, const Normalizer* normalizer,
                   const std::string& source);
   // HF's extract_and_normalize: splits out non-normalized tokens on the raw text, normalizes
   // the rest piecewise, then splits out the normalized tokens.

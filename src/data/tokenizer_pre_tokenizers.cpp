@@ -218,19 +218,24 @@ class WhitespaceSplitPreTokenizer final : public PreTokenizer {
   }
 };
 
+// Digits: Rust's char::is_numeric (any \p{N}), each digit alone or runs kept together.
 class DigitsPreTokenizer final : public PreTokenizer {
  public:
-  explicit DigitsPreTokenizer(bool individual) : individual_(individual) {}
+  DigitsPreTokenizer(bool individual, const std::string& context)
+      : individual_(individual), regex_(R"(\p{N})", context) {}
   void pre_tokenize(std::vector<Piece>& pieces) const override {
+    std::vector<std::pair<size_t, size_t>> matches;
     split_each(pieces, [&](Piece& piece, std::vector<Piece>& out) {
-      split_on_chars(
-          piece, [](char32_t cp) { return cp >= '0' && cp <= '9'; },
-          individual_ ? SplitBehavior::Isolated : SplitBehavior::Contiguous, out);
+      regex_.find_all(piece.text, matches);
+      split_by_matches(piece, matches,
+                       individual_ ? SplitBehavior::Isolated : SplitBehavior::Contiguous, false,
+                       out);
     });
   }
 
  private:
   bool individual_;
+  Regex regex_;
 };
 
 // Whitespace: keeps the matches of \w+|[^\w\s]+ (the rest is removed).
@@ -281,7 +286,7 @@ std::unique_ptr<PreTokenizer> make_pre_tokenizer(const json& config, const std::
   if (type == "Whitespace") return std::make_unique<WhitespacePreTokenizer>(context);
   if (type == "Digits")
     return std::make_unique<DigitsPreTokenizer>(
-        bool_member(config, "individual_digits", context, false));
+        bool_member(config, "individual_digits", context, false), context);
   if (type == "Sequence") {
     std::vector<std::unique_ptr<PreTokenizer>> parts;
     for (const json& part : member(config, "pretokenizers", context))
