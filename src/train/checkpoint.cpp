@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "io/json_file.h"
 #include "io/safetensors.h"
 
 namespace moetune {
@@ -64,25 +65,12 @@ void fsync_path(const fs::path& path) {
   if (result != 0) fail("fsync of ", path.string(), " failed: ", std::strerror(errno));
 }
 
-void write_file_atomic(const fs::path& path, const std::string& text) {
-  const fs::path temporary = path.string() + ".tmp";
-  {
-    std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
-    if (!out) fail("cannot write ", temporary.string());
-    out << text;
-    out.flush();
-    if (!out) fail("cannot write ", temporary.string());
-  }
-  fsync_path(temporary);
-  fs::rename(temporary, path);
-}
-
 fs::path checkpoint_path(const fs::path& checkpoints_dir, int64_t step) {
   return checkpoints_dir / ("step-" + std::to_string(step));
 }
 
-fs::path write_checkpoint(const fs::path& checkpoints_dir, const CheckpointContents& contents,
-                          Backend& backend) {
+fs::path write_training_checkpoint(const fs::path& checkpoints_dir,
+                                   const CheckpointContents& contents, Backend& backend) {
   fs::create_directories(checkpoints_dir);
   const fs::path final_path = checkpoint_path(checkpoints_dir, contents.step);
   const fs::path temporary = final_path.string() + ".tmp";

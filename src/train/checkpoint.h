@@ -39,8 +39,9 @@ std::filesystem::path checkpoint_path(const std::filesystem::path& checkpoints_d
 
 // Writes checkpoints_dir/step-N atomically (see above); returns its path. Device tensors
 // are copied to the host through `backend`.
-std::filesystem::path write_checkpoint(const std::filesystem::path& checkpoints_dir,
-                                       const CheckpointContents& contents, Backend& backend);
+std::filesystem::path write_training_checkpoint(const std::filesystem::path& checkpoints_dir,
+                                                const CheckpointContents& contents,
+                                                Backend& backend);
 
 // The complete checkpoints (step-N folders with a trainer_state.json), by increasing step.
 std::vector<std::filesystem::path> list_checkpoints(const std::filesystem::path& checkpoints_dir);
@@ -62,7 +63,5 @@ void load_checkpoint_tensors(const std::filesystem::path& file,
 
 // fsync helpers (the rename dance above); errors name the path.
 void fsync_path(const std::filesystem::path& path);
-// Writes `text` to path atomically: path.tmp, fsync, rename.
-void write_file_atomic(const std::filesystem::path& path, const std::string& text);
 
 }  // namespace moetune
