@@ -13,5 +13,7 @@ struct Command {
 };
 
 int run_version(int argc, char** argv);
+int run_launch(int argc, char** argv);
+int run_dist_selftest(int argc, char** argv);
 
 }  // namespace moetune::cli

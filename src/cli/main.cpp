@@ -13,6 +13,8 @@ namespace moetune::cli {
 namespace {
 constexpr Command kCommands[] = {
     {"version", run_version, "print the version and the backends this build has"},
+    {"launch", run_launch, "run a command as N ranks on this node (multi-GPU)"},
+    {"dist-selftest", run_dist_selftest, "check bootstrap, store and collectives across ranks"},
 };
 
 void print_usage() {
