@@ -6,8 +6,9 @@
 // launcher as training (srun / mpirun / torchrun --no-python / moetune launch).
 //
 // Fault injection for the launcher's tests: MOETUNE_SELFTEST_FAIL_RANK=r and
-// MOETUNE_SELFTEST_FAIL=exit|kill|hang|no-show make rank r exit with status 3, die by
-// SIGKILL, hang after joining the store, or hang before joining it.
+// MOETUNE_SELFTEST_FAIL=exit|kill|hang|no-show|exit-early make rank r exit with status 3,
+// die by SIGKILL, hang after joining the store, hang before joining it, or exit with
+// status 3 before joining it (the others then wait until the launcher stops them).
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -36,11 +37,11 @@ void maybe_fail(const dist::ProcessInfo& info, const char* stage) {
   const char* mode = std::getenv("MOETUNE_SELFTEST_FAIL");
   if (!rank || !mode || std::atoi(rank) != info.rank) return;
   const std::string how = mode;
-  const bool before_store = how == "no-show";
+  const bool before_store = how == "no-show" || how == "exit-early";
   if (before_store != (std::strcmp(stage, "before-store") == 0)) return;
   std::fprintf(stderr, "dist-selftest: rank %d fails on purpose (%s)\n", info.rank, mode);
   std::fflush(stderr);
-  if (how == "exit") std::_Exit(3);
+  if (how == "exit" || how == "exit-early") std::_Exit(3);
   if (how == "kill") std::raise(SIGKILL);
   if (how == "hang" || how == "no-show")
     while (true) std::this_thread::sleep_for(std::chrono::seconds(1));

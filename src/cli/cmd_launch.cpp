@@ -263,6 +263,10 @@ class Launcher {
     ::setpgid(0, 0);
     ::prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (::getppid() != parent) ::_exit(1);  // the launcher died before prctl
+    // A launcher started in the background of a script has SIGINT ignored, and ignored
+    // signals survive exec: the ranks must still stop when the launcher passes one on.
+    ::signal(SIGINT, SIG_DFL);
+    ::signal(SIGTERM, SIG_DFL);
     ::dup2(out_fd, STDOUT_FILENO);
     ::dup2(err_fd, STDERR_FILENO);
     const int n = options_.nproc_per_node;
