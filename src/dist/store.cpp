@@ -202,8 +202,10 @@ class ServerState {
         auto found = data_.find(f[0]);
         if (found != data_.end()) return reply(kValue, {found->second});
         if (!dead_.empty()) return reply(kFailure, {dead_description()});
-        double timeout_ms = std::atof(f[1].c_str());
-        waiters_.push_back({fd, f[0], after_seconds(std::max(0.0, timeout_ms) / 1000.0)});
+        // Clamped: the number comes off the network (NaN fails the comparison: 0).
+        const double timeout_ms = std::atof(f[1].c_str());
+        const double seconds = timeout_ms > 0 ? std::min(timeout_ms / 1000.0, 1e8) : 0.0;
+        waiters_.push_back({fd, f[0], after_seconds(seconds)});
         return true;
       }
       case kCheck: {
