@@ -153,6 +153,19 @@ TEST(DistCommunicator, ArgumentChecks) {
       comm.all_reduce_sum(device, Tensor(b.data(), DType::F32, {4}, Device::CUDA), nullptr), Error);
 }
 
+TEST(DistCommunicator, NcclFailsClearlyWithoutCuda) {
+  if (nccl_available())
+    GTEST_SKIP() << "this build has NCCL (tested on GPUs by dist-selftest --nccl)";
+  StoreServer server(0, 1, 5.0);
+  Store store("127.0.0.1", server.port(), 0, 1, 5.0);
+  try {
+    make_nccl_communicator(ProcessInfo{}, store);
+    FAIL() << "no error";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("without CUDA"), std::string::npos) << error.what();
+  }
+}
+
 TEST(DistLayout, RankToGroupMapping) {
   ParallelLayout layout = ParallelLayout::make(8, 4, 128);
   EXPECT_EQ(layout.data_parallel, 2);

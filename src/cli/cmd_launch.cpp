@@ -351,7 +351,7 @@ class Launcher {
                                           static_cast<int64_t>(options_.grace_period_s * 1000));
   }
 
-  void on_signal(int signal_number) {
+  void handle_signal(int signal_number) {
     if (signal_number == SIGCHLD) return reap();
     if (interrupted_) {  // a second Ctrl-C: no more waiting
       for (const Rank& rank : ranks_) signal_rank(rank, SIGKILL);
@@ -404,7 +404,7 @@ class Launcher {
         if (fds[0].revents & POLLIN) {
           char received[64];
           ssize_t got = ::read(signals.read_fd(), received, sizeof(received));
-          for (ssize_t i = 0; i < got; ++i) on_signal(received[i]);
+          for (ssize_t i = 0; i < got; ++i) handle_signal(received[i]);
         }
         for (size_t i = 1; i < fds.size(); ++i)
           if (fds[i].revents & (POLLIN | POLLHUP | POLLERR))
