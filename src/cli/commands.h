@@ -24,5 +24,7 @@ int run_bench(int argc, char** argv);
 int run_train(int argc, char** argv);
 int run_plan(int argc, char** argv);
 int run_generate(int argc, char** argv);
+int run_launch(int argc, char** argv);
+int run_dist_selftest(int argc, char** argv);
 
 }  // namespace moetune::cli

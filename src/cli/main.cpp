@@ -24,6 +24,8 @@ constexpr Command kCommands[] = {
     {"train", run_train, "train a model from a YAML recipe (moetune train RECIPE.yaml)"},
     {"plan", run_plan, "print the memory plan of a recipe and whether it fits"},
     {"generate", run_generate, "generate text with a model folder (KV cache, CPU)"},
+    {"launch", run_launch, "run a command as N ranks on this node (multi-GPU)"},
+    {"dist-selftest", run_dist_selftest, "check bootstrap, store and collectives across ranks"},
 };
 
 void print_usage() {
