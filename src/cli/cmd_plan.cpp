@@ -32,10 +32,25 @@ int64_t available_host_memory() {
   return 0;
 }
 
+// Bytes in GiB, or MiB below 1 GiB.
 std::string gib(int64_t bytes) {
   char text[32];
-  std::snprintf(text, sizeof(text), "%10.3f GiB",
-                static_cast<double>(bytes) / (1024.0 * 1024.0 * 1024.0));
+  const double value = static_cast<double>(bytes);
+  if (value >= 1024.0 * 1024.0 * 1024.0)
+    std::snprintf(text, sizeof(text), "%10.3f GiB", value / (1024.0 * 1024.0 * 1024.0));
+  else
+    std::snprintf(text, sizeof(text), "%10.3f MiB", value / (1024.0 * 1024.0));
+  return text;
+}
+
+// A parameter count as "30.53B" or "0.44M".
+std::string count(int64_t parameters) {
+  char text[32];
+  const double value = static_cast<double>(parameters);
+  if (value >= 1e9)
+    std::snprintf(text, sizeof(text), "%.2fB", value / 1e9);
+  else
+    std::snprintf(text, sizeof(text), "%.2fM", value / 1e6);
   return text;
 }
 
@@ -83,10 +98,10 @@ int run_plan(int argc, char** argv) {
   options.seq = t.seq_len;
   const MemoryPlan plan = plan_memory(config, options);
 
-  std::printf("memory plan for %s (%s, %.3fB parameters, %.3fB active per token)\n",
+  std::printf("memory plan for %s (%s, %s parameters, %s active per token)\n",
               recipe.source.c_str(), config.model_type.c_str(),
-              static_cast<double>(count_parameters(config, false)) / 1e9,
-              static_cast<double>(count_parameters(config, true)) / 1e9);
+              count(count_parameters(config, false)).c_str(),
+              count(count_parameters(config, true)).c_str());
   std::printf("  micro-batch %lld x %lld tokens, gradient accumulation %lld, weights %s\n",
               static_cast<long long>(t.micro_batch), static_cast<long long>(t.seq_len),
               static_cast<long long>(t.grad_accumulation()),

@@ -406,8 +406,8 @@ std::string resolved_recipe_yaml(const Recipe& recipe) {
   const auto& o = recipe.optimizer;
   out << YAML::Key << "optimizer" << YAML::Value << YAML::BeginMap;
   out << YAML::Key << "lr" << YAML::Value << shortest(o.lr);
-  out << YAML::Key << "betas" << YAML::Value << YAML::Flow << YAML::BeginSeq << o.beta1 << o.beta2
-      << YAML::EndSeq;
+  out << YAML::Key << "betas" << YAML::Value << YAML::Flow << YAML::BeginSeq << shortest(o.beta1)
+      << shortest(o.beta2) << YAML::EndSeq;
   out << YAML::Key << "eps" << YAML::Value << shortest(o.eps);
   out << YAML::Key << "weight_decay" << YAML::Value << shortest(o.weight_decay);
   out << YAML::Key << "no_decay" << YAML::Value << YAML::Flow << o.no_decay;
