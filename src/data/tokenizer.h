@@ -6,13 +6,12 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <span>
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 namespace moetune {
 
@@ -38,7 +37,7 @@ class Tokenizer {
 
   std::optional<int32_t> token_to_id(std::string_view token) const;
   std::string id_to_token(int32_t id) const;
-  int64_t vocab_size() const;  // including added tokens
+  int64_t vocab_size() const;  // including added tokens: 1 + the largest id
   const TokenizerSpecialTokens& special_tokens() const;
 
  private:
