@@ -22,7 +22,7 @@ os.environ["RAYON_NUM_THREADS"] = "1"
 from tokenizers import Tokenizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(ROOT, "..", "shared", "data")
+SHARED = os.environ.get("MOETUNE_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data"))
 FOLDERS = {"qwen3": "qwen3", "llama3": "llama3", "mixtral": "mixtral", "gpt2": "gpt2/kv260-gptq"}
 
 

@@ -86,11 +86,13 @@ double total_loss(const StepResult& result, const ModelConfig& config) {
 int run_forward_backward(int argc, char** argv) {
   CLI::App app{"One forward + backward (and optionally one AdamW step) on a batch file"};
   app.name("moetune forward-backward");
-  std::string model_dir, batch_path, out_path, device = "cpu", adamw_text;
+  std::string model_dir, batch_path, out_path, device = "cpu", adamw_text, dtype = "fp32";
   app.add_option("--model", model_dir, "HF model folder")->required();
   app.add_option("--batch", batch_path, "safetensors with input_ids and labels [B, T]")->required();
   app.add_option("--out", out_path, "output safetensors")->required();
   app.add_option("--device", device, "cpu, cuda or cuda:N");
+  app.add_option("--dtype", dtype, "weights and gradients: fp32 or bf16 (bf16 needs cuda)")
+      ->check(CLI::IsMember({"fp32", "bf16"}));
   app.add_option("--adamw", adamw_text, "lr=F,beta1=F,beta2=F,eps=F,weight_decay=F");
   try {
     app.parse(argc, argv);
@@ -107,7 +109,9 @@ int run_forward_backward(int argc, char** argv) {
          " differ in shape");
 
   auto backend = make_backend(device);
-  auto model = Model::from_hf_folder(model_dir, *backend);
+  ModelOptions options;
+  if (dtype == "bf16") options.param_dtype = options.grad_dtype = DType::BF16;
+  auto model = Model::from_hf_folder(model_dir, *backend, options);
   const ModelConfig& config = model->config();
   BatchView batch;
   batch.batch = ids_shape[0];

@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
-#include <regex>
 #include <set>
 
 #include "core/error.h"
@@ -24,6 +23,18 @@ std::string shard_file_name(size_t index, size_t count) {
   char name[64];
   std::snprintf(name, sizeof(name), "model-%05zu-of-%05zu.safetensors", index + 1, count);
   return name;
+}
+
+// model.safetensors, its index, or model-00001-of-00004.safetensors.
+bool is_weight_file_name(const std::string& name) {
+  if (name == kSafetensorsName || name == kSafetensorsIndexName) return true;
+  const std::string_view pattern = "model-#####-of-#####.safetensors";
+  if (name.size() != pattern.size()) return false;
+  for (size_t i = 0; i < name.size(); ++i)
+    if (pattern[i] == '#' ? !std::isdigit(static_cast<unsigned char>(name[i]))
+                          : name[i] != pattern[i])
+      return false;
+  return true;
 }
 
 }  // namespace
@@ -203,11 +214,10 @@ std::vector<std::string> write_checkpoint(const std::filesystem::path& folder,
   }
 
   // Remove weight files of an earlier save that the new one does not use (as save_pretrained).
-  static const std::regex kWeightFile(R"(model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?)");
   std::set<std::string> keep(written.begin(), written.end());
   for (const auto& entry : std::filesystem::directory_iterator(folder, error)) {
     std::string name = entry.path().filename().string();
-    if (entry.is_regular_file() && std::regex_match(name, kWeightFile) && !keep.count(name))
+    if (entry.is_regular_file() && is_weight_file_name(name) && !keep.count(name))
       std::filesystem::remove(entry.path(), error);
   }
   return written;

@@ -202,7 +202,9 @@ std::string parse_dtype(const ConfigReader& reader) {
 
 void parse_moe(const ConfigReader& reader, ModelConfig& config) {
   if (config.family == ModelFamily::Qwen3Moe) {
-    config.num_experts = reader.integer("num_experts", 128);
+    // Transformers 5 save_pretrained writes qwen3_moe's expert count as num_local_experts.
+    config.num_experts = reader.has("num_local_experts") ? reader.integer("num_local_experts")
+                                                         : reader.integer("num_experts", 128);
     config.num_experts_per_tok = reader.integer("num_experts_per_tok", 8);
     config.moe_intermediate_size = reader.integer("moe_intermediate_size", 768);
     config.norm_topk_prob = reader.boolean("norm_topk_prob", false);

@@ -56,7 +56,7 @@ std::string span_str(const std::vector<uint64_t>& list) {
   return text + "]";
 }
 
-float load_as_float(const std::byte* element, DType dtype) {
+inline float load_as_float(const std::byte* element, DType dtype) {
   if (dtype == DType::F32) {
     float value;
     std::memcpy(&value, element, 4);
@@ -67,7 +67,7 @@ float load_as_float(const std::byte* element, DType dtype) {
   return dtype == DType::BF16 ? bf16_to_float(bits) : f16_to_float(bits);
 }
 
-void store_float(float value, std::byte* element, DType dtype) {
+inline void store_float(float value, std::byte* element, DType dtype) {
   if (dtype == DType::F32) {
     std::memcpy(element, &value, 4);
     return;
@@ -328,13 +328,28 @@ void convert_tensor(Tensor source, Tensor destination, const std::string& what) 
       fail(what, ": dtype ", dtype_name(dtype), " is not supported yet (conversion from ",
            dtype_name(source.dtype), " to ", dtype_name(destination.dtype),
            "; only F32, BF16 and F16 convert)");
+  // One tight loop per (source, destination) pair, so the dtype test is not per element.
   const auto* in = static_cast<const std::byte*>(source.data);
   auto* out = static_cast<std::byte*>(destination.data);
-  size_t in_size = dtype_size(source.dtype), out_size = dtype_size(destination.dtype);
-  int64_t count = source.numel();
-  for (int64_t i = 0; i < count; ++i)
-    store_float(load_as_float(in + i * in_size, source.dtype), out + i * out_size,
-                destination.dtype);
+  const int64_t count = source.numel();
+  auto run = [&]<DType kIn, DType kOut>() {
+    constexpr size_t in_size = kIn == DType::F32 ? 4 : 2, out_size = kOut == DType::F32 ? 4 : 2;
+    for (int64_t i = 0; i < count; ++i)
+      store_float(load_as_float(in + i * in_size, kIn), out + i * out_size, kOut);
+  };
+  DType from = source.dtype, to = destination.dtype;
+  if (from == DType::BF16 && to == DType::F32)
+    run.operator()<DType::BF16, DType::F32>();
+  else if (from == DType::F16 && to == DType::F32)
+    run.operator()<DType::F16, DType::F32>();
+  else if (from == DType::F32 && to == DType::BF16)
+    run.operator()<DType::F32, DType::BF16>();
+  else if (from == DType::F32 && to == DType::F16)
+    run.operator()<DType::F32, DType::F16>();
+  else if (from == DType::BF16 && to == DType::F16)
+    run.operator()<DType::BF16, DType::F16>();
+  else
+    run.operator()<DType::F16, DType::BF16>();
 }
 
 // ---- writing ----------------------------------------------------------------------------------

@@ -48,6 +48,11 @@ Model::Model(const ModelConfig& config, Backend& backend, ModelOptions options)
 
 Model::~Model() = default;
 
+std::unique_ptr<Model> Model::uninitialized(const ModelConfig& config, Backend& backend,
+                                            ModelOptions options) {
+  return std::unique_ptr<Model>(new Model(config, backend, options));
+}
+
 std::unique_ptr<Model> Model::random_init(const ModelConfig& config, uint64_t seed,
                                           Backend& backend, ModelOptions options) {
   std::unique_ptr<Model> model(new Model(config, backend, options));

@@ -65,6 +65,9 @@ class Model {
   // normal(0, initializer_range) for linear and embedding weights, norms 1, biases 0.
   static std::unique_ptr<Model> random_init(const ModelConfig& config, uint64_t seed,
                                             Backend& backend, ModelOptions options = {});
+  // Weights allocated (zero-filled) but not initialised: the caller fills them (benchmarks).
+  static std::unique_ptr<Model> uninitialized(const ModelConfig& config, Backend& backend,
+                                              ModelOptions options = {});
   ~Model();
 
   const ModelConfig& config() const { return config_; }

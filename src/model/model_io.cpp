@@ -3,11 +3,11 @@
 // converts the file's dtype to fp32 on the host and copies into the slice (the backend
 // converts to the parameter dtype); save copies each slice out in the requested dtype.
 // F32 -> F32 and BF16 -> (any) -> BF16 round trips are bit-exact.
-#include <fstream>
 #include <set>
 #include <unordered_map>
 
 #include "io/checkpoint.h"
+#include "io/json_file.h"
 #include "io/safetensors.h"
 #include "model/hf_names.h"
 #include "model/model.h"
@@ -80,8 +80,8 @@ std::unique_ptr<Model> Model::from_hf_folder(const std::filesystem::path& folder
            tensor.shape.str(), " from config.json)");
     const TensorInfo& info = reader.info(tensor.hf_name);
     if (info.shape != tensor.shape)
-      fail(reader.file_of(tensor.hf_name).string(), ": tensor ", tensor.hf_name, " has shape ",
-           info.shape.str(), " but config.json implies ", tensor.shape.str());
+      fail(reader.file_of(tensor.hf_name).path().string(), ": tensor ", tensor.hf_name,
+           " has shape ", info.shape.str(), " but config.json implies ", tensor.shape.str());
     const Parameter* parameter = model->weights_->find(tensor.parameter);
     MOETUNE_CHECK(parameter, "no parameter ", tensor.parameter);
     Buffer host(DType::F32, tensor.shape);
@@ -133,12 +133,7 @@ void Model::save_hf_folder(const std::filesystem::path& folder, const SaveOption
   nlohmann::json json = config_.raw.is_object() ? config_.raw : nlohmann::json::object();
   json["dtype"] = dtype_string;
   if (json.contains("torch_dtype")) json["torch_dtype"] = dtype_string;
-  {
-    std::ofstream file(folder / "config.json");
-    if (!file) fail("cannot write ", (folder / "config.json").string());
-    file << json.dump(2) << "\n";
-    if (!file) fail("error writing ", (folder / "config.json").string());
-  }
+  write_json_file(folder / "config.json", json);
 
   if (!options.tokenizer_source.empty()) {
     for (const char* name : kTokenizerFiles) {

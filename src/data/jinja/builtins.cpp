@@ -260,10 +260,6 @@ std::string jinja_title(const std::string& s) {
   return out;
 }
 
-int64_t cp_index(const std::string& s, size_t byte_offset) {
-  return static_cast<int64_t>(utf8_length(std::string_view(s).substr(0, byte_offset)));
-}
-
 bool starts_or_ends(const std::string& s, const Value& affix, bool starts, const std::string& fn) {
   auto test = [&](const Value& a) {
     if (!a.is_string())

@@ -1,0 +1,185 @@
+// `moetune bench`: training-step throughput of a random-init model of a given config on the
+// GPU (forward, backward, AdamW), printed as one JSON line. Random token ids, labels = ids
+// (the model shifts them, as Transformers). Weights bf16, gradients bf16, AdamW state bf16:
+// the same storage Transformers v5 uses for a bf16 model with torch.optim.AdamW (state
+// follows the parameter dtype), so memory is compared like for like. Timing: warm-up steps,
+// then the median wall time of --steps synchronised steps; one extra profiled step brackets
+// every op with CUDA events for the per-phase times. tflops uses DESIGN.md's formula.
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cli/commands.h"
+#include "core/error.h"
+#include "io/model_config.h"
+#include "model/model.h"
+#include "ops/backend.h"
+
+#if MOETUNE_HAS_CUDA
+#include "ops/cuda/cuda_profile.h"
+#include "ops/cuda/device_memory.h"
+#endif
+
+namespace moetune::cli {
+
+namespace {
+
+// DESIGN.md: 6 x (per layer: attention projections + router + top-k experts' three
+// matrices (or the dense MLP), plus the LM head) + 6 x layers x seq x heads x head_dim.
+double flops_per_token(const ModelConfig& c, int64_t seq) {
+  const double H = double(c.hidden_size),
+               D = double(c.head_dim > 0 ? c.head_dim : c.hidden_size / c.num_attention_heads);
+  const double q = c.num_attention_heads * D, kv = c.num_key_value_heads * D;
+  double matrices = 0;
+  for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
+    matrices += H * q * 2 + H * kv * 2;
+    if (c.layer_is_moe(layer))
+      matrices += double(c.num_experts) * H +
+                  double(c.num_experts_per_tok) * 3 * H * double(c.moe_intermediate_size);
+    else
+      matrices += 3 * H * double(c.intermediate_size);
+  }
+  matrices += double(c.vocab_size) * H;
+  return 6 * matrices + 6.0 * double(c.num_hidden_layers) * double(seq) * q;
+}
+
+}  // namespace
+
+int run_bench(int argc, char** argv) {
+  CLI::App app{"Training-step benchmark of a random-init model on the GPU (one JSON line)"};
+  app.name("moetune bench");
+  std::string config_path, routing = "real", device = "cuda";
+  int64_t layers = 0, seq = 4096, micro_batch = 1, steps = 5, warmup = 2;
+  bool recompute = false;
+  app.add_option("--config", config_path, "HF config.json of the model shape")->required();
+  app.add_option("--layers", layers, "keep the first N decoder layers (default: all)");
+  app.add_option("--seq", seq, "tokens per row");
+  app.add_option("--micro-batch", micro_batch, "rows per step");
+  app.add_option("--steps", steps, "timed steps (median reported)");
+  app.add_option("--warmup", warmup, "untimed steps first");
+  app.add_flag("--recompute", recompute, "activation checkpointing per layer");
+  app.add_option("--routing", routing, "real (the random-init router) or balanced")
+      ->check(CLI::IsMember({"real", "balanced"}));
+  app.add_option("--device", device, "cuda or cuda:N");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& error) {
+    return app.exit(error);
+  }
+#if !MOETUNE_HAS_CUDA
+  fail("bench needs the CUDA backend; this build has none (rebuild with -DMOETUNE_CUDA=ON)");
+#else
+  if (recompute) fail("--recompute: activation checkpointing is not in the model yet");
+  if (routing != "real") fail("--routing balanced is not implemented yet (real routing only)");
+  if (seq < 2 || micro_batch < 1 || steps < 1 || warmup < 0)
+    fail("bench: --seq >= 2, --micro-batch >= 1, --steps >= 1");
+  ModelConfig config = load_model_config(config_path);
+  if (layers > 0) {
+    if (layers > config.num_hidden_layers)
+      fail("--layers ", layers, " > the config's ", config.num_hidden_layers);
+    config.num_hidden_layers = layers;
+  }
+  if (config.head_dim <= 0) config.head_dim = config.hidden_size / config.num_attention_heads;
+
+  auto backend = make_backend(device);
+  ModelOptions options;
+  options.param_dtype = DType::BF16;
+  options.grad_dtype = DType::BF16;
+  auto model = Model::uninitialized(config, *backend, options);
+  uint64_t seed = 1;
+  for (const Parameter& parameter : model->parameters()) {
+    if (parameter.name.ends_with("norm.weight"))
+      backend->fill(parameter.value, 1.0f);
+    else if (!parameter.name.ends_with(".bias"))
+      cuda::fill_normal(parameter.value, static_cast<float>(config.initializer_range), seed++);
+  }
+  // AdamW state in the parameter dtype (bf16), as torch.optim.AdamW keeps it for bf16 params.
+  std::vector<Buffer> state;
+  std::vector<AdamWParam> adamw;
+  for (const Parameter& parameter : model->parameters()) {
+    state.emplace_back(parameter.value.dtype, parameter.value.shape, Device::CUDA);
+    state.emplace_back(parameter.value.dtype, parameter.value.shape, Device::CUDA);
+    AdamWParam entry;
+    entry.param = parameter.value;
+    entry.grad = parameter.grad;
+    entry.exp_avg = state[state.size() - 2];
+    entry.exp_avg_sq = state.back();
+    entry.weight_decay = parameter.decay ? 0.01f : 0.0f;
+    adamw.push_back(entry);
+  }
+  for (const AdamWParam& entry : adamw) {
+    backend->fill(entry.exp_avg, 0.0f);
+    backend->fill(entry.exp_avg_sq, 0.0f);
+  }
+
+  const int64_t tokens = micro_batch * seq;
+  std::vector<int32_t> ids(static_cast<size_t>(tokens));
+  std::mt19937 rng(1234);
+  std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(config.vocab_size - 1));
+  for (auto& id : ids) id = token(rng);
+  BatchView batch;
+  batch.batch = micro_batch;
+  batch.seq = seq;
+  batch.input_ids = ids;
+  batch.labels = ids;
+  const float loss_scale = 1.0f / static_cast<float>(micro_batch * (seq - 1));
+
+  AdamWHyper hyper;
+  hyper.lr = 1e-5;
+  double last_loss = 0;
+  auto train_step = [&]() {
+    model->zero_grads();
+    const StepResult result = model->forward_backward(batch, loss_scale);
+    backend->adamw_update(adamw, hyper, 1.0f);
+    ++hyper.step;
+    backend->synchronize();
+    last_loss = result.trained_tokens ? result.loss_sum / double(result.trained_tokens) : 0.0;
+  };
+  auto now = [] { return std::chrono::steady_clock::now(); };
+  for (int64_t i = 0; i < warmup; ++i) train_step();
+  std::vector<double> times;
+  for (int64_t i = 0; i < steps; ++i) {
+    const auto start = now();
+    train_step();
+    times.push_back(std::chrono::duration<double>(now() - start).count());
+  }
+  std::sort(times.begin(), times.end());
+  const double step_s = times[times.size() / 2];
+
+  cuda::begin_phase_profile(*backend);
+  const auto profile_start = now();
+  train_step();
+  const double profiled_s = std::chrono::duration<double>(now() - profile_start).count();
+  const cuda::PhaseTimes phases = cuda::end_phase_profile(*backend);
+
+  const cuda::DeviceMemoryStats memory = cuda::device_memory_stats();
+  const double tps = double(tokens) / step_s;
+  const double tflops = tps * flops_per_token(config, seq) / 1e12;
+  const auto seconds = [&](cuda::Phase phase) { return phases.seconds[static_cast<int>(phase)]; };
+  double measured = 0;
+  for (double s : phases.seconds) measured += s;
+  std::printf(
+      "{\"engine\": \"moetune\", \"gpu\": \"%s\", \"layers\": %lld, \"seq\": %lld, "
+      "\"micro_batch\": %lld, "
+      "\"routing\": \"%s\", \"recompute\": %s, \"tokens_per_step\": %lld, \"tps\": %.1f, "
+      "\"tflops\": %.1f, "
+      "\"peak_gib\": %.2f, \"step_s\": %.4f, \"loss\": %.4f, \"phases_s\": {\"attention\": %.4f, "
+      "\"router_dispatch\": %.4f, \"experts\": %.4f, \"loss\": %.4f, \"optimizer\": %.4f, "
+      "\"dense_gemm\": %.4f, "
+      "\"other_ops\": %.4f, \"host_gaps\": %.4f}, \"profiled_step_s\": %.4f}\n",
+      cuda::device_name(), (long long)config.num_hidden_layers, (long long)seq,
+      (long long)micro_batch, routing.c_str(), recompute ? "true" : "false", (long long)tokens, tps,
+      tflops, double(memory.peak_reserved) / double(1ull << 30), step_s, last_loss,
+      seconds(cuda::Phase::Attention), seconds(cuda::Phase::RouterDispatch),
+      seconds(cuda::Phase::Experts), seconds(cuda::Phase::Loss), seconds(cuda::Phase::Optimizer),
+      seconds(cuda::Phase::DenseGemm), seconds(cuda::Phase::OtherOps),
+      std::max(0.0, profiled_s - measured), profiled_s);
+  return 0;
+#endif
+}
+
+}  // namespace moetune::cli

@@ -1,0 +1,36 @@
+// Per-phase timing of the CUDA backend, for `moetune bench`: while profiling is on, every
+// op is bracketed by CUDA events and its time added to the phase it belongs to. Phases
+// are decided by the op: attention (the attention kernels), router+dispatch (router, sort,
+// gather, combine), experts (grouped GEMMs, SwiGLU), loss (fused LM head + cross-entropy),
+// optimizer (AdamW, gradient norm), dense GEMMs (projections), other ops (norms, RoPE,
+// embedding, adds, copies). Host gaps are what the step's wall time has beyond their sum.
+#pragma once
+
+#include <array>
+
+#include "ops/backend.h"
+
+namespace moetune::cuda {
+
+enum class Phase : int {
+  Attention,
+  RouterDispatch,
+  Experts,
+  Loss,
+  Optimizer,
+  DenseGemm,
+  OtherOps,
+  Count
+};
+inline constexpr std::array<const char*, static_cast<int>(Phase::Count)> kPhaseNames = {
+    "attention", "router_dispatch", "experts", "loss", "optimizer", "dense_gemm", "other_ops"};
+
+struct PhaseTimes {
+  std::array<double, static_cast<int>(Phase::Count)> seconds{};
+};
+
+// backend must be a CUDA backend (fails otherwise).
+void begin_phase_profile(Backend& backend);
+PhaseTimes end_phase_profile(Backend& backend);  // synchronises
+
+}  // namespace moetune::cuda

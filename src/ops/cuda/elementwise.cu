@@ -1,0 +1,451 @@
+// Memory-bound kernels: fill, dtype conversion, add, bias, embedding, RMSNorm (with the fused
+// residual add), rotary embedding and SwiGLU. One thread block per row where a row needs a
+// reduction (norms), flat grid-stride loops elsewhere. Secondary operands (weights, biases)
+// are read through `load_any`, a uniform run-time dtype branch, so each kernel is compiled
+// once or twice rather than for every dtype combination.
+#include "ops/cuda/device_memory.h"
+#include "ops/cuda/device_utils.cuh"
+
+namespace moetune::cuda {
+
+namespace {
+
+int grid_for(int64_t n, int threads = 256) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, threads), 65536)));
+}
+
+__global__ void fill_kernel(void* dst, Kind kind, int64_t n, float value) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    store_any(dst, kind, i, value);
+}
+__global__ void fill_i32_kernel(int32_t* dst, int64_t n, int32_t value) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    dst[i] = value;
+}
+__global__ void convert_kernel(void* dst, Kind dst_kind, const void* src, Kind src_kind,
+                               int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    store_any(dst, dst_kind, i, load_any(src, src_kind, i));
+}
+__global__ void add_kernel(void* out, Kind ko, const void* a, Kind ka, const void* b, Kind kb,
+                           int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    store_any(out, ko, i, load_any(a, ka, i) + load_any(b, kb, i));
+}
+__global__ void add_bias_kernel(void* x, Kind kx, const void* bias, Kind kb, int64_t n, int64_t d) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    store_any(x, kx, i, load_any(x, kx, i) + load_any(bias, kb, i % d));
+}
+// One thread per column, rows walked in order (coalesced across the warp).
+__global__ void bias_backward_kernel(const void* dy, Kind kdy, void* dbias, Kind kb, int64_t rows,
+                                     int64_t d) {
+  const int64_t col = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (col >= d) return;
+  float sum = 0.0f;
+  for (int64_t r = 0; r < rows; ++r) sum += load_any(dy, kdy, r * d + col);
+  store_any(dbias, kb, col, load_any(dbias, kb, col) + sum);
+}
+
+__global__ void embedding_forward_kernel(const int32_t* ids, const void* table, Kind kt,
+                                         int64_t vocab, void* out, Kind ko, int64_t hidden) {
+  const int64_t n = blockIdx.x;
+  const int32_t id = ids[n];
+  const bool valid = id >= 0 && id < vocab;
+  for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x)
+    store_any(out, ko, n * hidden + c,
+              valid ? load_any(table, kt, int64_t(id) * hidden + c) : 0.0f);
+}
+// Deterministic scatter-add without atomics: the block of the first token with a given id
+// lists (warp 0, ballots in token order) every later token with that id in shared memory,
+// then sums their gradient rows in token order and adds once. O(N) id reads per block.
+constexpr int kMaxRepeats = 2048;
+__global__ void embedding_backward_kernel(const int32_t* ids, int64_t tokens, const void* dout,
+                                          Kind kd, void* dtable, Kind kt, int64_t vocab,
+                                          int64_t hidden) {
+  const int64_t n = blockIdx.x;
+  const int32_t id = ids[n];
+  if (id < 0 || id >= vocab) return;
+  __shared__ int earlier, count;
+  __shared__ int32_t repeats[kMaxRepeats];
+  if (threadIdx.x == 0) earlier = 0, count = 0;
+  __syncthreads();
+  for (int64_t m = threadIdx.x; m < n; m += blockDim.x)
+    if (ids[m] == id) earlier = 1;
+  __syncthreads();
+  if (earlier) return;
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    int listed = 0;
+    for (int64_t base = n; base < tokens; base += 32) {
+      const int64_t m = base + lane;
+      const bool hit = m < tokens && ids[m] == id;
+      const unsigned mask = __ballot_sync(0xffffffffu, hit);
+      const int at = listed + __popc(mask & ((1u << lane) - 1u));
+      if (hit && at < kMaxRepeats) repeats[at] = static_cast<int32_t>(m);
+      listed += __popc(mask);
+    }
+    if (lane == 0) count = listed;
+  }
+  __syncthreads();
+  const int listed = min(count, kMaxRepeats);
+  const int64_t rest =
+      listed == kMaxRepeats ? int64_t(repeats[kMaxRepeats - 1]) + 1 : tokens;  // past the list
+  for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) {
+    float sum = 0.0f;
+    for (int i = 0; i < listed; ++i) sum += load_any(dout, kd, int64_t(repeats[i]) * hidden + c);
+    for (int64_t m = rest; m < tokens; ++m)  // only when an id repeats more than kMaxRepeats times
+      if (ids[m] == id) sum += load_any(dout, kd, m * hidden + c);
+    const int64_t at = int64_t(id) * hidden + c;
+    store_any(dtable, kt, at, load_any(dtable, kt, at) + sum);
+  }
+}
+
+// out = weight * round(x * rstd); optional fused residual += delta first (x is residual).
+template <typename scalar_t>
+__global__ void rmsnorm_forward_kernel(scalar_t* x, const void* delta, Kind kdelta,
+                                       const void* weight, Kind kw, float eps, scalar_t* out,
+                                       float* rstd, int64_t d) {
+  const int64_t row = blockIdx.x;
+  scalar_t* xr = x + row * d;
+  float sum_sq = 0.0f;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    float value = to_float(xr[c]);
+    if (delta) {
+      value = to_float(from_float<scalar_t>(value + load_any(delta, kdelta, row * d + c)));
+      xr[c] = from_float<scalar_t>(value);
+    }
+    sum_sq += value * value;
+  }
+  const float inv = rsqrtf(block_sum(sum_sq) / float(d) + eps);
+  if (threadIdx.x == 0) rstd[row] = inv;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    const float normed = to_float(from_float<scalar_t>(to_float(xr[c]) * inv));
+    out[row * d + c] = from_float<scalar_t>(normed * load_any(weight, kw, c));
+  }
+}
+
+// dx = rstd * (g - xhat * mean(g * xhat)), g = dout * w; dweight partials per block in
+// shared memory (one column per thread slot), summed over blocks by a second kernel.
+template <typename scalar_t>
+__global__ void rmsnorm_backward_kernel(const scalar_t* dout, const scalar_t* x, const void* weight,
+                                        Kind kw, const float* rstd, scalar_t* dx, bool accumulate,
+                                        float* dweight_partial, int64_t rows, int64_t d) {
+  extern __shared__ float dw_local[];  // (d)
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) dw_local[c] = 0.0f;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const float inv = rstd[row];
+    float dot = 0.0f;
+    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+      const float g = to_float(dout[row * d + c]);
+      const float xhat = to_float(x[row * d + c]) * inv;
+      dot += g * load_any(weight, kw, c) * xhat;
+      dw_local[c] += g * xhat;
+    }
+    const float mean = block_sum(dot) / float(d);
+    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+      const float g = to_float(dout[row * d + c]) * load_any(weight, kw, c);
+      const float xhat = to_float(x[row * d + c]) * inv;
+      float value = inv * (g - xhat * mean);
+      if (accumulate) value += to_float(dx[row * d + c]);
+      dx[row * d + c] = from_float<scalar_t>(value);
+    }
+  }
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x)
+    dweight_partial[blockIdx.x * d + c] = dw_local[c];
+}
+
+__global__ void sum_partials_kernel(const float* partial, int blocks, void* out, Kind ko,
+                                    int64_t d) {
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (c >= d) return;
+  float sum = 0.0f;
+  for (int b = 0; b < blocks; ++b) sum += partial[b * d + c];
+  store_any(out, ko, c, load_any(out, ko, c) + sum);
+}
+
+// HF rotate_half: pairs (i, i + D/2) rotate by angle position * inv_freq[i] (fp32 math).
+template <typename scalar_t>
+__global__ void rope_kernel(scalar_t* x, const int32_t* positions, const float* inv_freq,
+                            int64_t tokens, int64_t heads, int64_t half, float direction) {
+  const int64_t total = tokens * heads * half;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t pair = i % half;
+    const int64_t token = i / (heads * half);
+    const int64_t base = (i / half) * 2 * half;
+    const float angle = float(positions[token]) * inv_freq[pair];
+    const float c = cosf(angle), s = direction * sinf(angle);
+    const float x1 = to_float(x[base + pair]), x2 = to_float(x[base + pair + half]);
+    x[base + pair] = from_float<scalar_t>(x1 * c - x2 * s);
+    x[base + pair + half] = from_float<scalar_t>(x2 * c + x1 * s);
+  }
+}
+
+__device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + __expf(-v)); }
+
+template <typename scalar_t>
+__global__ void swiglu_forward_kernel(const scalar_t* gate_up, scalar_t* out, int64_t rows,
+                                      int64_t width) {
+  const int64_t total = rows * width;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / width, c = i % width;
+    const float g = to_float(gate_up[r * 2 * width + c]),
+                u = to_float(gate_up[r * 2 * width + width + c]);
+    const float silu = to_float(from_float<scalar_t>(g * sigmoid(g)));
+    out[i] = from_float<scalar_t>(silu * u);
+  }
+}
+template <typename scalar_t>
+__global__ void swiglu_backward_kernel(const scalar_t* dout, const scalar_t* gate_up,
+                                       scalar_t* dgate_up, int64_t rows, int64_t width) {
+  const int64_t total = rows * width;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / width, c = i % width;
+    const float g = to_float(gate_up[r * 2 * width + c]),
+                u = to_float(gate_up[r * 2 * width + width + c]);
+    const float d = to_float(dout[i]);
+    const float sg = sigmoid(g);
+    dgate_up[r * 2 * width + c] = from_float<scalar_t>(d * u * sg * (1.0f + g * (1.0f - sg)));
+    dgate_up[r * 2 * width + width + c] = from_float<scalar_t>(d * g * sg);
+  }
+}
+
+int row_threads(int64_t d) {
+  return static_cast<int>(std::min<int64_t>(512, std::max<int64_t>(32, ceil_div(d, 32) * 32)));
+}
+
+}  // namespace
+
+void check_float(const Tensor& t, const char* what) {
+  if (t.dtype != DType::F32 && t.dtype != DType::BF16)
+    fail(what, ": expected an F32 or BF16 tensor, got ", dtype_name(t.dtype), " ", t.shape.str());
+  if (t.numel() > 0 && t.device != Device::CUDA) fail(what, ": tensor is not on the CUDA device");
+}
+void check_f32(const Tensor& t, const char* what) {
+  if (t.dtype != DType::F32) fail(what, ": expected an F32 tensor, got ", dtype_name(t.dtype));
+  if (t.numel() > 0 && t.device != Device::CUDA) fail(what, ": tensor is not on the CUDA device");
+}
+void check_i32(const Tensor& t, const char* what) {
+  if (t.dtype != DType::I32) fail(what, ": expected an I32 tensor, got ", dtype_name(t.dtype));
+  if (t.numel() > 0 && t.device != Device::CUDA) fail(what, ": tensor is not on the CUDA device");
+}
+
+void launch_fill(const Tensor& dst, float value, cudaStream_t stream) {
+  if (dst.numel() == 0) return;
+  if (dst.dtype == DType::I32) {
+    fill_i32_kernel<<<grid_for(dst.numel()), 256, 0, stream>>>(dst.ptr<int32_t>(), dst.numel(),
+                                                               int32_t(value));
+  } else {
+    fill_kernel<<<grid_for(dst.numel()), 256, 0, stream>>>(dst.data, kind_of(dst), dst.numel(),
+                                                           value);
+  }
+  MOETUNE_CUDA_LAUNCH_CHECK();
+}
+
+void launch_convert(const Tensor& dst, const Tensor& src, cudaStream_t stream) {
+  if (dst.numel() == 0) return;
+  convert_kernel<<<grid_for(dst.numel()), 256, 0, stream>>>(dst.data, kind_of(dst), src.data,
+                                                            kind_of(src), dst.numel());
+  MOETUNE_CUDA_LAUNCH_CHECK();
+}
+
+void launch_add(const Tensor& out, const Tensor& a, const Tensor& b, cudaStream_t stream) {
+  if (out.numel() != a.numel() || out.numel() != b.numel())
+    fail("add: shapes ", out.shape.str(), " ", a.shape.str(), " ", b.shape.str(), " differ");
+  if (out.numel() == 0) return;
+  add_kernel<<<grid_for(out.numel()), 256, 0, stream>>>(out.data, kind_of(out), a.data, kind_of(a),
+                                                        b.data, kind_of(b), out.numel());
+  MOETUNE_CUDA_LAUNCH_CHECK();
+}
+
+void launch_add_bias(const Tensor& x, const Tensor& bias, cudaStream_t stream) {
+  const int64_t d = bias.numel();
+  if (d == 0 || x.numel() % d != 0)
+    fail("add_bias: bias ", bias.shape.str(), " does not fit ", x.shape.str());
+  add_bias_kernel<<<grid_for(x.numel()), 256, 0, stream>>>(x.data, kind_of(x), bias.data,
+                                                           kind_of(bias), x.numel(), d);
+  MOETUNE_CUDA_LAUNCH_CHECK();
+}
+
+void launch_bias_backward(const Tensor& dy, const Tensor& dbias, cudaStream_t stream) {
+  const int64_t d = dbias.numel();
+  if (d == 0 || dy.numel() % d != 0)
+    fail("bias_backward: dbias ", dbias.shape.str(), " does not fit ", dy.shape.str());
+  bias_backward_kernel<<<ceil_div(d, 256), 256, 0, stream>>>(dy.data, kind_of(dy), dbias.data,
+                                                             kind_of(dbias), dy.numel() / d, d);
+  MOETUNE_CUDA_LAUNCH_CHECK();
+}
+
+void launch_embedding_forward(const Tensor& ids, const Tensor& table, const Tensor& out,
+                              cudaStream_t stream) {
+  check_i32(ids, "embedding_forward ids");
+  const int64_t tokens = ids.numel(), hidden = table.size(-1);
+  if (out.numel() != tokens * hidden)
+    fail("embedding_forward: out ", out.shape.str(), " for ", tokens, " ids");
+  if (tokens == 0) return;
+  embedding_forward_kernel<<<tokens, row_threads(hidden), 0, stream>>>(
+      ids.ptr<int32_t>(), table.data, kind_of(table), table.size(0), out.data, kind_of(out),
+      hidden);
+  MOETUNE_CUDA_LAUNCH_CHECK();
+}
+
+void launch_embedding_backward(const Tensor& ids, const Tensor& dout, const Tensor& dtable,
+                               Scratch&, cudaStream_t stream) {
+  check_i32(ids, "embedding_backward ids");
+  const int64_t tokens = ids.numel(), hidden = dtable.size(-1);
+  if (dout.numel() != tokens * hidden)
+    fail("embedding_backward: dout ", dout.shape.str(), " for ", tokens, " ids");
+  if (tokens == 0) return;
+  embedding_backward_kernel<<<tokens, row_threads(hidden), 0, stream>>>(
+      ids.ptr<int32_t>(), tokens, dout.data, kind_of(dout), dtable.data, kind_of(dtable),
+      dtable.size(0), hidden);
+  MOETUNE_CUDA_LAUNCH_CHECK();
+}
+
+void launch_rmsnorm_forward(const Tensor* residual, const Tensor* delta, const Tensor& x,
+                            const Tensor& weight, float eps, const Tensor& out, const Tensor& rstd,
+                            cudaStream_t stream) {
+  check_float(x, "rmsnorm x");
+  check_f32(rstd, "rmsnorm rstd");
+  const int64_t d = weight.numel();
+  if (d == 0 || x.numel() % d != 0 || out.numel() != x.numel() || out.dtype != x.dtype)
+    fail("rmsnorm: x ", x.shape.str(), " out ", out.shape.str(), " weight ", weight.shape.str(),
+         " do not fit");
+  const int64_t rows = x.numel() / d;
+  if (rstd.numel() != rows) fail("rmsnorm: rstd ", rstd.shape.str(), " for ", rows, " rows");
+  if (delta && delta->numel() != x.numel())
+    fail("add_rmsnorm: delta ", delta->shape.str(), " vs ", x.shape.str());
+  (void)residual;
+  if (rows == 0) return;
+  MOETUNE_DISPATCH_FLOAT(x.dtype, "rmsnorm", {
+    rmsnorm_forward_kernel<scalar_t><<<rows, row_threads(d), 0, stream>>>(
+        x.ptr<scalar_t>(), delta ? delta->data : nullptr, delta ? kind_of(*delta) : Kind::F32,
+        weight.data, kind_of(weight), eps, out.ptr<scalar_t>(), rstd.ptr<float>(), d);
+  });
+  MOETUNE_CUDA_LAUNCH_CHECK();
+}
+
+void launch_rmsnorm_backward(const Tensor& dout, const Tensor& x, const Tensor& weight,
+                             const Tensor& rstd, const Tensor& dx, const Tensor& dweight,
+                             bool accumulate_dx, Scratch& scratch, cudaStream_t stream) {
+  check_float(x, "rmsnorm_backward x");
+  const int64_t d = weight.numel();
+  if (d == 0 || x.numel() % d != 0 || dout.numel() != x.numel() || dx.numel() != x.numel() ||
+      dout.dtype != x.dtype || dx.dtype != x.dtype || dweight.numel() != d)
+    fail("rmsnorm_backward: shapes/dtypes do not fit: x ", x.shape.str(), " dout ",
+         dout.shape.str(), " dx ", dx.shape.str(), " weight ", weight.shape.str());
+  const int64_t rows = x.numel() / d;
+  if (rows == 0) return;
+  const int blocks = static_cast<int>(std::min<int64_t>(rows, 264));
+  auto* partial = static_cast<float*>(scratch.get(sizeof(float) * blocks * d));
+  const size_t smem = sizeof(float) * d;
+  MOETUNE_DISPATCH_FLOAT(x.dtype, "rmsnorm_backward", {
+    auto kernel = rmsnorm_backward_kernel<scalar_t>;
+    if (smem > 48 * 1024)
+      MOETUNE_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    kernel<<<blocks, row_threads(d), smem, stream>>>(
+        dout.ptr<scalar_t>(), x.ptr<scalar_t>(), weight.data, kind_of(weight), rstd.ptr<float>(),
+        dx.ptr<scalar_t>(), accumulate_dx, partial, rows, d);
+  });
+  MOETUNE_CUDA_LAUNCH_CHECK();
+  sum_partials_kernel<<<ceil_div(d, 256), 256, 0, stream>>>(partial, blocks, dweight.data,
+                                                            kind_of(dweight), d);
+  MOETUNE_CUDA_LAUNCH_CHECK();
+}
+
+void launch_rope(const Tensor& x, const Tensor& positions, const Tensor& inv_freq, bool inverse,
+                 cudaStream_t stream) {
+  check_float(x, "rope x");
+  check_i32(positions, "rope positions");
+  check_f32(inv_freq, "rope inv_freq");
+  if (x.rank() != 3 || x.size(0) != positions.numel() || x.size(2) != 2 * inv_freq.numel())
+    fail("rope: x ", x.shape.str(), " positions ", positions.shape.str(), " inv_freq ",
+         inv_freq.shape.str(), " do not fit (N, heads, D), (N), (D/2)");
+  if (x.numel() == 0) return;
+  MOETUNE_DISPATCH_FLOAT(x.dtype, "rope", {
+    rope_kernel<scalar_t><<<grid_for(x.numel() / 2), 256, 0, stream>>>(
+        x.ptr<scalar_t>(), positions.ptr<int32_t>(), inv_freq.ptr<float>(), x.size(0), x.size(1),
+        inv_freq.numel(), inverse ? -1.0f : 1.0f);
+  });
+  MOETUNE_CUDA_LAUNCH_CHECK();
+}
+
+void launch_swiglu_forward(const Tensor& gate_up, const Tensor& out, cudaStream_t stream) {
+  check_float(gate_up, "swiglu gate_up");
+  const int64_t width = out.size(-1), rows = width ? out.numel() / width : 0;
+  if (gate_up.numel() != 2 * out.numel() || gate_up.size(-1) != 2 * width ||
+      out.dtype != gate_up.dtype)
+    fail("swiglu: gate_up ", gate_up.shape.str(), " and out ", out.shape.str(),
+         " do not fit (M, 2I), (M, I)");
+  if (out.numel() == 0) return;
+  MOETUNE_DISPATCH_FLOAT(out.dtype, "swiglu", {
+    swiglu_forward_kernel<scalar_t><<<grid_for(out.numel()), 256, 0, stream>>>(
+        gate_up.ptr<scalar_t>(), out.ptr<scalar_t>(), rows, width);
+  });
+  MOETUNE_CUDA_LAUNCH_CHECK();
+}
+
+void launch_swiglu_backward(const Tensor& dout, const Tensor& gate_up, const Tensor& dgate_up,
+                            cudaStream_t stream) {
+  const int64_t width = dout.size(-1), rows = width ? dout.numel() / width : 0;
+  if (gate_up.numel() != 2 * dout.numel() || dgate_up.numel() != gate_up.numel() ||
+      dout.dtype != gate_up.dtype || dgate_up.dtype != gate_up.dtype)
+    fail("swiglu_backward: dout ", dout.shape.str(), " gate_up ", gate_up.shape.str(), " dgate_up ",
+         dgate_up.shape.str(), " do not fit");
+  if (dout.numel() == 0) return;
+  MOETUNE_DISPATCH_FLOAT(dout.dtype, "swiglu_backward", {
+    swiglu_backward_kernel<scalar_t><<<grid_for(dout.numel()), 256, 0, stream>>>(
+        dout.ptr<scalar_t>(), gate_up.ptr<scalar_t>(), dgate_up.ptr<scalar_t>(), rows, width);
+  });
+  MOETUNE_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace moetune::cuda
+
+// ---- benchmark helpers (ops/cuda/device_memory.h) ----
+namespace moetune::cuda {
+namespace {
+__device__ __forceinline__ uint64_t mix(uint64_t x) {  // splitmix64
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+__global__ void fill_normal_kernel(void* dst, Kind kind, int64_t n, float std, uint64_t seed) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const uint64_t bits = mix(seed ^ mix(uint64_t(i)));
+    const float u1 = (float((bits >> 40) & 0xffffff) + 1.0f) / 16777217.0f;
+    const float u2 = float((bits >> 16) & 0xffffff) / 16777216.0f;
+    store_any(dst, kind, i, std * sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2));
+  }
+}
+}  // namespace
+
+void fill_normal(const Tensor& tensor, float std, uint64_t seed) {
+  if (tensor.numel() == 0) return;
+  // Default stream between device syncs (the backend's stream may still be zero-filling the
+  // allocation): used only while setting a benchmark up.
+  MOETUNE_CUDA_CHECK(cudaDeviceSynchronize());
+  fill_normal_kernel<<<grid_for(tensor.numel()), 256>>>(tensor.data, kind_of(tensor),
+                                                        tensor.numel(), std, seed);
+  MOETUNE_CUDA_LAUNCH_CHECK();
+  MOETUNE_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+const char* device_name() {
+  static thread_local cudaDeviceProp properties;
+  int device = 0;
+  MOETUNE_CUDA_CHECK(cudaGetDevice(&device));
+  MOETUNE_CUDA_CHECK(cudaGetDeviceProperties(&properties, device));
+  return properties.name;
+}
+}  // namespace moetune::cuda
