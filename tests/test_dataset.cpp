@@ -123,6 +123,34 @@ TEST(DatasetRecords, BrokenJsonStructureNamesTheLine) {
   EXPECT_NE(error_of([&] { records_of(dir / "open.json"); }).find("not closed"), std::string::npos);
 }
 
+TEST(DatasetRecords, EveryTruncationOfAFileIsAnErrorOrRecordsNeverACrash) {
+  TempDir dir;
+  const std::string text =
+      "[\n {\"conversations\": [{\"from\": \"human\", \"value\": \"a\\\"]}\"}]},\n"
+      " {\"text\": \"\u00e9\", \"n\": [1, 2.5e3, null, true]}\n]\n";
+  for (size_t cut = 0; cut <= text.size(); ++cut) {
+    for (const char* name : {"cut.json", "cut.jsonl"}) {
+      write_text_file(dir / name, text.substr(0, cut));
+      try {
+        read_json_records(dir / name, [&](int64_t line, std::string_view record) {
+          EXPECT_GE(line, 1);
+          const json parsed = json::parse(record, nullptr, false);
+          if (!parsed.is_discarded() && parsed.is_object()) {
+            try {
+              convert_record(parsed, detect_format(parsed, source_for(dir / name)),
+                             source_for(dir / name), FormatOptions{});
+            } catch (const Error&) {
+            }
+          }
+          return true;
+        });
+      } catch (const Error& error) {
+        EXPECT_NE(std::string(error.what()).find(name), std::string::npos) << error.what();
+      }
+    }
+  }
+}
+
 // ---- formats ------------------------------------------------------------------------------
 
 TEST(DatasetFormats, DetectFromKeys) {
