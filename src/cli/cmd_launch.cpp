@@ -333,6 +333,12 @@ class Launcher {
         rank.running = false;
         rank.status = status;
         const bool failed = !(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+        // A rank that stopped because a peer failed (kExitPeerFailure) may be reaped before
+        // the peer itself: the peer's own failure, when it comes, is the one to report.
+        const bool root_cause = !(WIFEXITED(status) && WEXITSTATUS(status) == kExitPeerFailure);
+        if (failed && first_failure_ && root_cause && !stopped_by_us(status) &&
+            !is_root_cause(ranks_[*first_failure_].status))
+          first_failure_ = rank.rank;
         if (failed && !first_failure_ && !interrupted_) {
           first_failure_ = rank.rank;
           std::fprintf(stderr, "moetune launch: rank %d (pid %d) %s; stopping the other ranks\n",
@@ -342,6 +348,15 @@ class Launcher {
         }
       }
     }
+  }
+
+  static bool is_root_cause(int status) {
+    return !(WIFEXITED(status) && WEXITSTATUS(status) == kExitPeerFailure);
+  }
+  // Killed by the SIGTERM/SIGKILL this launcher sends after a failure.
+  bool stopped_by_us(int status) const {
+    return kill_deadline_ && WIFSIGNALED(status) &&
+           (WTERMSIG(status) == SIGTERM || WTERMSIG(status) == SIGKILL);
   }
 
   void stop_all(int signal_number) {

@@ -49,6 +49,9 @@ int main(int argc, char** argv) {
     if (name != command.name) continue;
     try {
       return command.run(argc - 1, argv + 1);
+    } catch (const moetune::PeerFailure& error) {
+      std::fprintf(stderr, "moetune %s: error: %s\n", command.name, error.what());
+      return moetune::kExitPeerFailure;
     } catch (const moetune::Error& error) {
       std::fprintf(stderr, "moetune %s: error: %s\n", command.name, error.what());
       return 1;

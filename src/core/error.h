@@ -15,6 +15,15 @@ class Error : public std::runtime_error {
   explicit Error(const std::string& message) : std::runtime_error(message) {}
 };
 
+// A failure caused by another process of a distributed job (a rank that died, hung or
+// disagreed). Processes exit with kExitPeerFailure for it, so that a launcher can tell the
+// rank that failed first from the ranks that stopped because of it.
+class PeerFailure : public Error {
+ public:
+  using Error::Error;
+};
+constexpr int kExitPeerFailure = 75;
+
 namespace detail {
 template <typename... Args>
 std::string concat(const Args&... args) {

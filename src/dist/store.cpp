@@ -526,7 +526,8 @@ Store::Reply Store::request(uint8_t op, const std::vector<std::string>& fields,
       auto message = decode(*payload);
       if (!message) lost("malformed reply");
       if (message->code == kFailure)
-        fail(message->fields.empty() ? std::string("store failure") : message->fields[0]);
+        throw PeerFailure(message->fields.empty() ? std::string("store failure")
+                                                  : message->fields[0]);
       return {message->code, std::move(message->fields)};
     }
     if (bad) lost("oversized reply");
@@ -623,7 +624,7 @@ Watchdog::Watchdog(const std::string& host, int port, int rank, int world_size, 
     on_failure_ = [](const std::string& message) {
       std::fprintf(stderr, "moetune: distributed job failed: %s\n", message.c_str());
       std::fflush(stderr);
-      std::_Exit(1);
+      std::_Exit(kExitPeerFailure);
     };
   }
   thread_ = std::thread([this] { run(); });
