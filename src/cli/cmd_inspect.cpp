@@ -1,7 +1,7 @@
 // `moetune inspect DIR`: what a model folder holds and what training it costs:
 // architecture, parameters (total and active per token), dtypes on disk, and the memory
-// to train with AdamW in two layouts (fp32 everything; bf16 weights with fp32 master
-// weights and fp32 gradients) for one micro-batch shape.
+// to train with AdamW in three layouts (fp32 everything; bf16 weights with fp32 master
+// weights and bf16 or fp32 gradients) for one micro-batch shape.
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <map>
@@ -46,7 +46,7 @@ int run_inspect(int argc, char** argv) {
   app.name("moetune inspect");
   std::string dir;
   int64_t batch = 1, seq = 4096;
-  app.add_option("dir", dir, "HF model folder")->required();
+  app.add_option("dir", dir, "HF model folder (or a bare config.json)")->required();
   app.add_option("--batch", batch, "micro-batch rows for the memory estimate");
   app.add_option("--seq", seq, "tokens per row for the memory estimate");
   try {
@@ -54,7 +54,9 @@ int run_inspect(int argc, char** argv) {
   } catch (const CLI::ParseError& error) {
     return app.exit(error);
   }
-  ModelConfig config = load_model_config(std::filesystem::path(dir) / "config.json");
+  const std::filesystem::path location(dir);
+  const bool config_only = location.extension() == ".json";
+  ModelConfig config = load_model_config(config_only ? location : location / "config.json");
   if (config.head_dim <= 0) config.head_dim = config.hidden_size / config.num_attention_heads;
 
   std::printf("%s (%s)\n", dir.c_str(), config.model_type.c_str());
@@ -84,26 +86,35 @@ int run_inspect(int argc, char** argv) {
               human_count(static_cast<double>(count_parameters(config, false))).c_str(),
               human_count(static_cast<double>(count_parameters(config, true))).c_str());
 
-  CheckpointReader reader(dir);
-  std::map<std::string, std::pair<int64_t, int64_t>> by_dtype;  // tensors, bytes
-  for (const std::string& name : reader.names()) {
-    const TensorInfo& info = reader.info(name);
-    auto& entry = by_dtype[std::string(dtype_name(info.dtype))];
-    entry.first += 1;
-    entry.second += static_cast<int64_t>(info.bytes());
+  const bool has_weights =
+      !config_only && (std::filesystem::exists(location / kSafetensorsName) ||
+                       std::filesystem::exists(location / kSafetensorsIndexName));
+  if (has_weights) {
+    CheckpointReader reader(dir);
+    std::map<std::string, std::pair<int64_t, int64_t>> by_dtype;  // tensors, bytes
+    for (const std::string& name : reader.names()) {
+      const TensorInfo& info = reader.info(name);
+      auto& entry = by_dtype[std::string(dtype_name(info.dtype))];
+      entry.first += 1;
+      entry.second += static_cast<int64_t>(info.bytes());
+    }
+    std::printf("  on disk:");
+    for (const auto& [dtype, entry] : by_dtype)
+      std::printf(" %s %lld tensors %s;", dtype.c_str(), static_cast<long long>(entry.first),
+                  human_bytes(static_cast<double>(entry.second)).c_str());
+    std::printf(" (config dtype %s)\n", config.dtype.c_str());
+  } else {
+    std::printf("  no weights here (config dtype %s)\n", config.dtype.c_str());
   }
-  std::printf("  on disk:");
-  for (const auto& [dtype, entry] : by_dtype)
-    std::printf(" %s %lld tensors %s;", dtype.c_str(), static_cast<long long>(entry.first),
-                human_bytes(static_cast<double>(entry.second)).c_str());
-  std::printf(" (config dtype %s)\n", config.dtype.c_str());
 
   std::printf("memory to train with AdamW, micro-batch %lld x %lld tokens:\n",
               static_cast<long long>(batch), static_cast<long long>(seq));
   MemoryPlanOptions fp32{DType::F32, DType::F32, batch, seq};
   print_plan("fp32 weights, fp32 grads:", plan_memory(config, fp32));
-  MemoryPlanOptions bf16{DType::BF16, DType::F32, batch, seq};
-  print_plan("bf16 weights + fp32 master, fp32 grads:", plan_memory(config, bf16));
+  MemoryPlanOptions bf16_grads{DType::BF16, DType::BF16, batch, seq};
+  print_plan("bf16 weights + fp32 master, bf16 grads:", plan_memory(config, bf16_grads));
+  MemoryPlanOptions fp32_grads{DType::BF16, DType::F32, batch, seq};
+  print_plan("bf16 weights + fp32 master, fp32 grads:", plan_memory(config, fp32_grads));
   return 0;
 }
 
