@@ -84,8 +84,8 @@ void moe_forward(Backend& backend, TokenDispatcher& dispatcher, const ModelConfi
   const MoeRouting routing = saved.routing();
   // (ModelOptions::balanced_routing: fixed ids; the weights and their gradient stay the
   // router's, as in Transformers with its top-k indices replaced)
-  const Tensor dispatch_ids =
-      scratch.balanced_ids.data() != nullptr ? scratch.balanced_ids.tensor() : saved.topk_ids.tensor();
+  const Tensor dispatch_ids = scratch.balanced_ids.data() != nullptr ? scratch.balanced_ids.tensor()
+                                                                     : saved.topk_ids.tensor();
   dispatcher.dispatch(x, dispatch_ids, routing, saved.rows);  // (N*k, H)
   // experts
   backend.grouped_gemm(saved.rows, w.experts_gate_up, true, routing.expert_offsets,
