@@ -3,7 +3,10 @@
 // and the real data files of ../shared/data.
 #include <gtest/gtest.h>
 
+#include <fstream>
 #include <functional>
+#include <set>
+#include <sstream>
 
 #include "core/error.h"
 #include "data/dataset.h"
@@ -15,7 +18,7 @@
 namespace moetune {
 namespace {
 
-using nlohmann::json;
+using json = RecordJson;
 using testing::TempDir;
 using testing::write_text_file;
 
@@ -120,6 +123,34 @@ TEST(DatasetRecords, BrokenJsonStructureNamesTheLine) {
   EXPECT_NE(error_of([&] { records_of(dir / "open.json"); }).find("not closed"), std::string::npos);
 }
 
+TEST(DatasetRecords, EveryTruncationOfAFileIsAnErrorOrRecordsNeverACrash) {
+  TempDir dir;
+  const std::string text =
+      "[\n {\"conversations\": [{\"from\": \"human\", \"value\": \"a\\\"]}\"}]},\n"
+      " {\"text\": \"\u00e9\", \"n\": [1, 2.5e3, null, true]}\n]\n";
+  for (size_t cut = 0; cut <= text.size(); ++cut) {
+    for (const char* name : {"cut.json", "cut.jsonl"}) {
+      write_text_file(dir / name, text.substr(0, cut));
+      try {
+        read_json_records(dir / name, [&](int64_t line, std::string_view record) {
+          EXPECT_GE(line, 1);
+          const json parsed = json::parse(record, nullptr, false);
+          if (!parsed.is_discarded() && parsed.is_object()) {
+            try {
+              convert_record(parsed, detect_format(parsed, source_for(dir / name)),
+                             source_for(dir / name), FormatOptions{});
+            } catch (const Error&) {
+            }
+          }
+          return true;
+        });
+      } catch (const Error& error) {
+        EXPECT_NE(std::string(error.what()).find(name), std::string::npos) << error.what();
+      }
+    }
+  }
+}
+
 // ---- formats ------------------------------------------------------------------------------
 
 TEST(DatasetFormats, DetectFromKeys) {
@@ -138,7 +169,7 @@ TEST(DatasetFormats, DetectFromKeys) {
   EXPECT_EQ(detect_format(json::parse(R"({"text": "a"})"), source), DataFormat::Text);
   const std::string message =
       error_of([&] { detect_format(json::parse(R"({"question": "a", "answer": "b"})"), source); });
-  EXPECT_NE(message.find("[answer, question]"), std::string::npos) << message;
+  EXPECT_NE(message.find("[question, answer]"), std::string::npos) << message;
   EXPECT_NE(message.find("data.train[0].format"), std::string::npos) << message;
   DataSource mapped = source;
   mapped.columns = {{"prompt", "question"}, {"completion", "answer"}};
@@ -529,6 +560,123 @@ TEST(DatasetRealFiles, GlaiveToolCallsReachTheTemplate) {
   });
   EXPECT_EQ(records, 300);
   EXPECT_EQ(tool_turns, 211);  // every function_call turn of the file
+}
+
+// ---- the Qwen3 tokenizer, real chat templates, goldens from Transformers ------------------
+
+// The Qwen3 tokenizer folder (tokenizer.json decompressed), loaded once for the suite.
+class DatasetQwen3 : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    folder_ = new TempDir();
+    const std::filesystem::path data = testing::shared_data_dir() / "qwen3";
+    const auto result =
+        testing::run_command("xz -dc '" + (data / "tokenizer.json.xz").string() + "' > '" +
+                             (folder_->path() / "tokenizer.json").string() + "'");
+    ASSERT_EQ(result.exit_code, 0) << result.output;
+    std::filesystem::copy_file(data / "tokenizer_config.json",
+                               folder_->path() / "tokenizer_config.json");
+    tokenizer_ = new Tokenizer(Tokenizer::from_folder(folder_->path()));
+    qwen3_template_ = new ChatTemplate(ChatTemplate::from_tokenizer_folder(folder_->path()));
+  }
+  static void TearDownTestSuite() {
+    delete qwen3_template_;
+    delete tokenizer_;
+    delete folder_;
+  }
+  static inline TempDir* folder_ = nullptr;
+  static inline Tokenizer* tokenizer_ = nullptr;
+  static inline ChatTemplate* qwen3_template_ = nullptr;
+};
+
+TEST_F(DatasetQwen3, GenerationMasksMatchTransformers) {
+  // Goldens: scripts/make_dataset_goldens.py (apply_chat_template with
+  // return_assistant_tokens_mask=True, SmolLM3's template, the Qwen3 tokenizer).
+  std::ifstream file(testing::source_dir() / "tests/goldens/dataset/smollm3_qwen3_masks.jsonl");
+  ASSERT_TRUE(file);
+  std::ifstream template_file(testing::shared_data_dir() / "smollm3/chat_template.jinja");
+  std::stringstream source;
+  source << template_file.rdbuf();
+  const ChatTemplate smollm3(source.str(), "smollm3/chat_template.jinja");
+  ASSERT_TRUE(smollm3.has_generation_tags());
+  const ExampleEncoder encoder(*tokenizer_, &smollm3, TrainOn::Auto, true);
+  std::string line;
+  int cases = 0;
+  while (std::getline(file, line)) {
+    const json golden = json::parse(line);
+    Example example;
+    example.messages = golden["messages"];
+    const EncodedExample encoded = encoder.encode(example);
+    EXPECT_EQ(encoded.input_ids, golden["input_ids"].get<std::vector<int32_t>>()) << cases;
+    EXPECT_EQ(encoded.trained, golden["assistant_masks"].get<std::vector<uint8_t>>()) << cases;
+    EXPECT_FALSE(encoded.realigned);
+    ++cases;
+  }
+  EXPECT_EQ(cases, 4);
+}
+
+TEST_F(DatasetQwen3, PrefixMasksWithTheQwen3Template) {
+  ASSERT_FALSE(qwen3_template_->has_generation_tags());
+  const ExampleEncoder encoder(*tokenizer_, qwen3_template_, TrainOn::Auto, true);
+  const Example chat = two_turn_chat();
+  const EncodedExample encoded = encoder.encode(chat);
+  EXPECT_EQ(encoded.input_ids, tokenizer_->encode(encoder.render_chat(chat).text, false));
+  // Qwen3 renders an empty think block in the last turn only: it is part of what is learned.
+  EXPECT_EQ(trained_runs(*tokenizer_, encoded.input_ids, encoded.trained),
+            (std::vector<std::string>{"hello, the world<|im_end|>\n",
+                                      "<think>\n\n</think>\n\nthen all<|im_end|>\n"}));
+}
+
+TEST_F(DatasetQwen3, RealFilesThroughTheQwen3Template) {
+  const std::filesystem::path data = testing::shared_data_dir();
+  for (const char* path : {"glaive-toolcall/glaive_toolcall_en_demo.json",
+                           "llamafactory-demo/reason_tool_use_demo_50.jsonl",
+                           "alpaca/alpaca_en_demo.json", "sharegpt/conversation.json"}) {
+    SCOPED_TRACE(path);
+    DataConfig config = config_for(data / path);
+    config.train[0].max_samples = 40;
+    const TokenizedDataset dataset =
+        build_dataset(config, *tokenizer_, qwen3_template_, 8192, 1, Split::Train);
+    EXPECT_EQ(dataset.stats.skipped_lines, 0);
+    EXPECT_GT(dataset.stats.examples, 0);
+    for (int64_t i = 0; i < dataset.examples.size(); ++i) {
+      const auto runs =
+          trained_runs(*tokenizer_, dataset.examples.input_ids(i), dataset.examples.trained(i));
+      ASSERT_FALSE(runs.empty());
+      for (const std::string& run : runs) EXPECT_TRUE(run.ends_with("<|im_end|>\n")) << run;
+    }
+  }
+  // Tool calls reach the template: glaive's function_call turns render as <tool_call>.
+  DataConfig glaive = config_for(data / "glaive-toolcall/glaive_toolcall_en_demo.json");
+  glaive.train[0].max_samples = 5;
+  const TokenizedDataset dataset =
+      build_dataset(glaive, *tokenizer_, qwen3_template_, 8192, 1, Split::Train);
+  std::string all_text;
+  for (int64_t i = 0; i < dataset.examples.size(); ++i)
+    all_text += tokenizer_->decode(dataset.examples.input_ids(i));
+  EXPECT_NE(all_text.find("<tool_call>\n{\"name\": \""), std::string::npos);
+  EXPECT_NE(all_text.find("<tools>"), std::string::npos);
+  // Keys keep the file's order (tojson does not sort them), with the OpenAI wrapper first.
+  EXPECT_NE(all_text.find("{\"type\": \"function\", \"function\": {\"name\": \"search_recipes\", "
+                          "\"description\": "),
+            std::string::npos);
+  EXPECT_NE(all_text.find("<tool_response>"), std::string::npos);
+}
+
+TEST_F(DatasetQwen3, LoaderOverGsm8kPromptCompletion) {
+  DataConfig config = config_for(testing::shared_data_dir() / "gsm8k/test.jsonl");
+  config.train[0].columns = {{"prompt", "question"}, {"completion", "answer"}};
+  config.train[0].max_samples = 200;
+  config.eval_fraction = 0.1;
+  DataLoader loader(config, *tokenizer_, qwen3_template_, 512, 3, Split::Train);
+  const DatasetStats stats = loader.stats();
+  EXPECT_EQ(stats.examples, 180);
+  EXPECT_GT(stats.packing_efficiency, 0.9);
+  int64_t trained = 0;
+  for (int64_t row = 0; row < loader.rows_per_epoch(); ++row)
+    trained += loader.next(1).trained_tokens();
+  EXPECT_EQ(trained, stats.trained_tokens);
+  EXPECT_EQ(loader.pad_id(), *tokenizer_->token_to_id("<|endoftext|>"));
 }
 
 }  // namespace

@@ -274,6 +274,14 @@ TEST(DataPreview, PrintsMarkedSamplesAndStats) {
   EXPECT_EQ(result.output.find("hello"), std::string::npos) << "only one sample was asked for";
   EXPECT_NE(result.output.find("examples     2 kept"), std::string::npos) << result.output;
 
+  write_text_file(dir / "split.yaml",
+                  "model: {tokenizer: model}\ndata: {train: chat.jsonl, eval_fraction: 0.5}\n");
+  const auto eval = testing::run_command(testing::moetune_binary().string() + " data preview " +
+                                         (dir / "split.yaml").string() + " --split eval");
+  ASSERT_EQ(eval.exit_code, 0) << eval.output;
+  EXPECT_NE(eval.output.find("=== eval split, seq_len 2048"), std::string::npos) << eval.output;
+  EXPECT_NE(eval.output.find("examples     1 kept"), std::string::npos) << eval.output;
+
   write_text_file(dir / "bad.yaml",
                   "model: {path: model}\ndata: {train: chat.jsonl, shufle: no}\n");
   const auto bad = testing::run_command(testing::moetune_binary().string() + " data preview " +

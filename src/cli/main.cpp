@@ -21,6 +21,11 @@ constexpr Command kCommands[] = {
     {"bench-tokenizer", run_bench_tokenizer, "measure single-threaded tokenizer encode speed"},
     {"render-chat", run_render_chat, "render chat conversations (JSONL) with a chat template"},
     {"bench", run_bench, "training-step throughput on the GPU (one JSON line)"},
+    {"train", run_train, "train a model from a YAML recipe (moetune train RECIPE.yaml)"},
+    {"plan", run_plan, "print the memory plan of a recipe and whether it fits"},
+    {"generate", run_generate, "generate text with a model folder (KV cache, CPU)"},
+    {"launch", run_launch, "run a command as N ranks on this node (multi-GPU)"},
+    {"dist-selftest", run_dist_selftest, "check bootstrap, store and collectives across ranks"},
 };
 
 void print_usage() {

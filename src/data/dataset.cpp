@@ -13,7 +13,7 @@
 
 namespace moetune {
 
-using nlohmann::json;
+using json = RecordJson;
 
 namespace {
 

@@ -9,7 +9,7 @@
 
 namespace moetune {
 
-using nlohmann::json;
+using json = RecordJson;
 using Spans = std::vector<std::pair<size_t, size_t>>;
 
 namespace {
@@ -38,6 +38,39 @@ Spans clip_before(Spans spans, size_t cutoff) {
   return spans;
 }
 
+// Where the longest tail of `turn` (at least `min_tail` bytes) ends in `full`, when that
+// tail starts at or after `start` and no more than the left-out head's length after it;
+// npos if none. Binary search: if a tail of length L fits, every shorter tail fits too.
+// With bounded = false the tail may start anywhere at or after `start`.
+size_t matching_tail_end(const std::string& full, size_t start, const std::string& turn,
+                         size_t min_tail, bool bounded = true) {
+  auto fits = [&](size_t length) -> size_t {
+    const size_t found = full.find(std::string_view(turn).substr(turn.size() - length), start);
+    if (found == std::string::npos) return std::string::npos;
+    if (bounded && found - start > turn.size() - length) return std::string::npos;
+    return found + length;
+  };
+  size_t low = std::max<size_t>(min_tail, 1), high = turn.size();
+  if (low > high || fits(low) == std::string::npos) return std::string::npos;
+  while (low < high) {
+    const size_t middle = low + (high - low + 1) / 2;
+    if (fits(middle) != std::string::npos)
+      low = middle;
+    else
+      high = middle - 1;
+  }
+  return fits(low);
+}
+
+// The tail a match must keep: from the message's content (when it is a non-empty string
+// found in the turn) to the end, so a match cannot stop at a stray end-of-turn marker.
+size_t required_tail(const json& message, const std::string& turn) {
+  const json& content = message["content"];
+  if (!content.is_string() || content.get<std::string>().empty()) return 1;
+  const size_t at = turn.rfind(content.get<std::string>());
+  return at == std::string::npos ? 1 : turn.size() - at;
+}
+
 void append(std::vector<int32_t>& ids, std::vector<uint8_t>& trained,
             const std::vector<int32_t>& piece, bool is_trained) {
   ids.insert(ids.end(), piece.begin(), piece.end());
@@ -52,7 +85,8 @@ ExampleEncoder::ExampleEncoder(const Tokenizer& tokenizer, const ChatTemplate* c
       chat_template_(chat_template),
       train_on_(train_on),
       add_eos_(add_eos),
-      special_variables_(special_token_variables(tokenizer.special_tokens().config)) {}
+      special_variables_(
+          special_token_variables(RecordJson::parse(tokenizer.special_tokens().config.dump()))) {}
 
 int32_t ExampleEncoder::eos_id() const {
   const auto& eos = tokenizer_.special_tokens().eos_token;
@@ -84,28 +118,39 @@ Spans ExampleEncoder::spans_from_prefixes(const Example& example, const std::str
           "; use a template with {% generation %} tags (data.chat_template) or data.train_on: all");
     };
     // Start: the text before the turn, generation prompt included.
-    std::string prefix;
+    std::string prefix, generation_prefix;
     bool prefix_ok = false;
     for (bool generation_prompt : {true, false}) {
       try {
         prefix =
             i == 0 && !generation_prompt
                 ? std::string()
-                : chat_template_->render(template_variables(example, i, generation_prompt)).text;
+                : chat_template_->render_ordered(template_variables(example, i, generation_prompt))
+                      .text;
       } catch (const Error&) {
         if (i != 0) throw;
         prefix.clear();  // some templates cannot render an empty conversation
       }
+      if (generation_prompt) generation_prefix = prefix;
       if (full.compare(0, prefix.size(), prefix) == 0) {
         prefix_ok = true;
         break;
       }
     }
-    if (!prefix_ok) inconsistent("after a context that renders differently in the whole chat");
-    const size_t start = prefix.size();
+    size_t start = prefix.size();
+    if (!prefix_ok) {
+      // An earlier turn renders differently once later messages exist (Qwen3 drops the
+      // reasoning of turns before the last user message): the turn starts where the
+      // prefix's tail (from the previous message's content on) appears in the whole chat.
+      prefix = generation_prefix;
+      const size_t tail = i > 0 ? required_tail(example.messages[i - 1], prefix) : 1;
+      start = matching_tail_end(full, previous_end, prefix, tail, /*bounded=*/false);
+      if (start == std::string::npos)
+        inconsistent("after a context that renders differently in the whole chat");
+    }
     // End: the turn as rendered when it is the last message.
     const std::string through =
-        chat_template_->render(template_variables(example, i + 1, false)).text;
+        chat_template_->render_ordered(template_variables(example, i + 1, false)).text;
     if (through.compare(0, prefix.size(), prefix) != 0)
       inconsistent("so that its prefix is not a prefix of the rendered turn");
     const std::string turn = through.substr(prefix.size());
@@ -113,19 +158,11 @@ Spans ExampleEncoder::spans_from_prefixes(const Example& example, const std::str
     if (full.compare(start, turn.size(), turn) == 0) {
       end = start + turn.size();
     } else {
-      // Anchor on the content: the last-turn rendering may add text before it (Qwen3's empty
-      // <think></think>), but the content and what follows it are the same in context.
-      const json& content = example.messages[i]["content"];
-      if (content.is_string() && !content.get<std::string>().empty()) {
-        const std::string text = content.get<std::string>();
-        const size_t in_turn = turn.rfind(text);
-        const size_t in_full = full.find(text, start);
-        if (in_turn != std::string::npos && in_full != std::string::npos) {
-          const std::string tail = turn.substr(in_turn + text.size());
-          const size_t after = in_full + text.size();
-          if (full.compare(after, tail.size(), tail) == 0) end = after + tail.size();
-        }
-      }
+      // The last-turn rendering may add text at its head (Qwen3's <think></think> block, or
+      // reasoning that earlier turns drop); the rest of the turn is the same in context.
+      // Find the longest tail of the turn that appears in the whole chat no further from
+      // `start` than the head it leaves out; that tail ends the turn in context.
+      end = matching_tail_end(full, start, turn, required_tail(example.messages[i], turn));
     }
     if (end == std::string::npos) inconsistent("differently as the last turn than in context");
     if (start < previous_end) inconsistent("overlapping the previous assistant turn");
@@ -139,7 +176,7 @@ MaskedText ExampleEncoder::render_chat(const Example& example) const {
   if (!chat_template_)
     fail("the tokenizer has no chat template for chat data (set data.chat_template)");
   const RenderedChat rendered =
-      chat_template_->render(template_variables(example, example.messages.size(), false));
+      chat_template_->render_ordered(template_variables(example, example.messages.size(), false));
   MaskedText masked;
   masked.text = rendered.text;
   if (train_on_ == TrainOn::All) {
@@ -156,7 +193,7 @@ MaskedText ExampleEncoder::render_chat(const Example& example) const {
       for (bool generation_prompt : {true, false}) {
         const std::string context =
             chat_template_
-                ->render(
+                ->render_ordered(
                     template_variables(example, example.first_trained_message, generation_prompt))
                 .text;
         if (masked.text.compare(0, context.size(), context) == 0) {

@@ -58,8 +58,8 @@ class ExampleEncoder {
   EncodedExample encode_masked_text(const MaskedText& masked) const;
 
  private:
-  nlohmann::json template_variables(const Example& example, size_t message_count,
-                                    bool add_generation_prompt) const;
+  RecordJson template_variables(const Example& example, size_t message_count,
+                                bool add_generation_prompt) const;
   std::vector<std::pair<size_t, size_t>> spans_from_prefixes(const Example& example,
                                                              const std::string& full) const;
   int32_t eos_id() const;
@@ -68,7 +68,7 @@ class ExampleEncoder {
   const ChatTemplate* chat_template_;
   TrainOn train_on_;
   bool add_eos_;
-  nlohmann::json special_variables_;
+  RecordJson special_variables_;
 };
 
 }  // namespace moetune

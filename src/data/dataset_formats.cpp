@@ -12,7 +12,7 @@
 
 namespace moetune {
 
-using nlohmann::json;
+using json = RecordJson;
 
 namespace {
 

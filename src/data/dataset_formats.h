@@ -31,10 +31,14 @@ void read_json_records(const std::filesystem::path& path,
 
 enum class ExampleKind { Chat, PromptCompletion, Text };
 
+// Records keep their keys' order (ordered_json) so that templates print tools, tool-call
+// arguments and other objects as Python would (tojson does not sort keys).
+using RecordJson = nlohmann::ordered_json;
+
 struct Example {
   ExampleKind kind = ExampleKind::Chat;
-  nlohmann::json messages;           // Chat: [{role, content, ...}, ...]
-  nlohmann::json tools;              // Chat: list of tools, or null
+  RecordJson messages;               // Chat: [{role, content, ...}, ...]
+  RecordJson tools;                  // Chat: list of tools, or null
   size_t first_trained_message = 0;  // Chat: assistant messages before this are context only
   std::string prompt, completion;    // PromptCompletion
   std::string text;                  // Text
@@ -47,11 +51,11 @@ struct FormatOptions {
 
 // The format of `record` judged from its keys (through the source's column mapping).
 // Throws when no format fits, listing the record's keys.
-DataFormat detect_format(const nlohmann::json& record, const DataSource& source);
+DataFormat detect_format(const RecordJson& record, const DataSource& source);
 
 // Converts one record (format already resolved, not Auto). Throws Error on a missing key,
 // a wrong type or an unknown role.
-Example convert_record(const nlohmann::json& record, DataFormat format, const DataSource& source,
+Example convert_record(const RecordJson& record, DataFormat format, const DataSource& source,
                        const FormatOptions& options);
 
 }  // namespace moetune

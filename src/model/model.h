@@ -10,7 +10,8 @@
 // Loss: Transformers' causal-LM loss (position t predicts labels[t + 1], the last position
 // of each row and labels == -100 are ignored), summed and multiplied by loss_scale in the
 // gradient (Trainer's num_items_in_batch semantics), plus router_aux_loss_coef * the
-// load-balancing loss when the config has output_router_logits.
+// load-balancing loss when the config has output_router_logits (over every token of the
+// micro-batch, as Transformers without an attention_mask; padding tokens count too).
 #pragma once
 
 #include <cstdint>

@@ -1,0 +1,172 @@
+// `moetune dist-selftest [--expert-parallel N] [--nccl]`: checks a multi-process setup end
+// to end: bootstrap from the launcher's environment, the rendezvous store (barrier, values
+// from every rank), the CPU store communicator (all_reduce, reduce_scatter, all_gather,
+// all_to_all_v, EP/DP group splits) and, with --nccl in a CUDA build, an NCCL all_reduce on
+// this rank's GPU. Every result is checked against its closed form. Run it under the same
+// launcher as training (srun / mpirun / torchrun --no-python / moetune launch).
+//
+// Fault injection for the launcher's tests: MOETUNE_SELFTEST_FAIL_RANK=r and
+// MOETUNE_SELFTEST_FAIL=exit|kill|hang|no-show|exit-early make rank r exit with status 3,
+// die by SIGKILL, hang after joining the store, hang before joining it, or exit with
+// status 3 before joining it (the others then wait until the launcher stops them).
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cli/commands.h"
+#include "core/error.h"
+#include "dist/bootstrap.h"
+#include "dist/communicator.h"
+#include "dist/store.h"
+#include "ops/backend.h"
+
+namespace moetune::cli {
+
+namespace {
+
+void check(bool condition, const std::string& what) {
+  if (!condition) fail("dist-selftest: ", what);
+}
+
+void maybe_fail(const dist::ProcessInfo& info, const char* stage) {
+  const char* rank = std::getenv("MOETUNE_SELFTEST_FAIL_RANK");
+  const char* mode = std::getenv("MOETUNE_SELFTEST_FAIL");
+  if (!rank || !mode || std::atoi(rank) != info.rank) return;
+  const std::string how = mode;
+  const bool before_store = how == "no-show" || how == "exit-early";
+  if (before_store != (std::strcmp(stage, "before-store") == 0)) return;
+  std::fprintf(stderr, "dist-selftest: rank %d fails on purpose (%s)\n", info.rank, mode);
+  std::fflush(stderr);
+  if (how == "exit" || how == "exit-early") std::_Exit(3);
+  if (how == "kill") std::raise(SIGKILL);
+  if (how == "hang" || how == "no-show")
+    while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
+}
+
+// The store communicator's collectives on small float buffers, against closed forms.
+void check_collectives(dist::Communicator& comm, const std::string& group) {
+  const int n = comm.size(), r = comm.rank();
+  const std::string where = " (group " + group + ", rank " + std::to_string(r) + ")";
+  // all_reduce: element i of rank r is r + i; the sum is n(n-1)/2 + n i.
+  std::vector<float> values(5);
+  for (int i = 0; i < 5; ++i) values[i] = static_cast<float>(r + i);
+  Tensor tensor(values.data(), DType::F32, {5});
+  comm.all_reduce_sum(tensor, tensor, nullptr);
+  for (int i = 0; i < 5; ++i) check(values[i] == n * (n - 1) / 2.0f + n * i, "all_reduce" + where);
+  // reduce_scatter of (n, 2): chunk c of rank r holds 10 r + c; the sum over r of chunk r.
+  std::vector<float> full(2 * n), mine(2);
+  for (int c = 0; c < n; ++c) full[2 * c] = full[2 * c + 1] = static_cast<float>(10 * r + c);
+  comm.reduce_scatter_sum(Tensor(full.data(), DType::F32, {n, 2}),
+                          Tensor(mine.data(), DType::F32, {1, 2}), nullptr);
+  check(mine[0] == 10.0f * n * (n - 1) / 2 + n * r && mine[1] == mine[0], "reduce_scatter" + where);
+  // all_gather: rank r contributes r.
+  float own = static_cast<float>(r);
+  std::vector<float> gathered(n);
+  comm.all_gather(Tensor(&own, DType::F32, {1}), Tensor(gathered.data(), DType::F32, {n}), nullptr);
+  for (int p = 0; p < n; ++p) check(gathered[p] == p, "all_gather" + where);
+  // all_to_all_v: rank r sends (r + p) % 3 rows to peer p, each row (3) = {r, p, row}.
+  std::vector<int64_t> send_rows(n), recv_rows(n);
+  for (int p = 0; p < n; ++p) send_rows[p] = (r + p) % 3, recv_rows[p] = (p + r) % 3;
+  std::vector<float> send, recv(3 * 3 * n);
+  for (int p = 0; p < n; ++p)
+    for (int row = 0; row < send_rows[p]; ++row)
+      send.insert(send.end(), {float(r), float(p), float(row)});
+  int64_t send_total = static_cast<int64_t>(send.size()) / 3;
+  send.resize(3 * (send_total + 1));  // never empty
+  comm.all_to_all_v(Tensor(send.data(), DType::F32, {send_total + 1, 3}), send_rows,
+                    Tensor(recv.data(), DType::F32, {3 * n, 3}), recv_rows, nullptr);
+  size_t position = 0;
+  for (int p = 0; p < n; ++p)
+    for (int row = 0; row < recv_rows[p]; ++row, position += 3)
+      check(recv[position] == p && recv[position + 1] == r && recv[position + 2] == row,
+            "all_to_all_v" + where);
+  comm.barrier(nullptr);
+}
+
+// NCCL on this rank's GPU: all_reduce and all_gather of exact small integers.
+void check_nccl(const dist::ProcessInfo& info, dist::Store& store) {
+  auto comm = dist::make_nccl_communicator(info, store);
+  auto backend = make_backend("cuda:" + std::to_string(dist::cuda_device_for(info)));
+  const int n = comm->size(), r = comm->rank();
+  constexpr int kCount = 4096;
+  std::vector<float> host(kCount), gathered(static_cast<size_t>(kCount) * n);
+  for (int i = 0; i < kCount; ++i) host[i] = static_cast<float>(r + i % 7);
+  Buffer values(DType::F32, {kCount}, Device::CUDA);
+  Buffer all(DType::F32, {n, kCount}, Device::CUDA);
+  backend->copy(values, Tensor(host.data(), DType::F32, {kCount}));
+  backend->synchronize();
+  comm->all_gather(values, all, nullptr);
+  comm->all_reduce_sum(values, values, nullptr);
+  comm->barrier(nullptr);
+  backend->copy(Tensor(host.data(), DType::F32, {kCount}), values);
+  backend->copy(Tensor(gathered.data(), DType::F32, {n, kCount}), all);
+  backend->synchronize();
+  for (int i = 0; i < kCount; ++i)
+    check(host[i] == n * (n - 1) / 2.0f + n * (i % 7), "NCCL all_reduce gave a wrong sum");
+  for (int p = 0; p < n; ++p)
+    check(gathered[static_cast<size_t>(p) * kCount + 5] == p + 5, "NCCL all_gather misplaced data");
+}
+
+}  // namespace
+
+int run_dist_selftest(int argc, char** argv) {
+  int expert_parallel = 1;
+  bool nccl = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--nccl") {
+      nccl = true;
+    } else if (arg == "--expert-parallel" && i + 1 < argc) {
+      expert_parallel = std::atoi(argv[++i]);
+    } else if (arg == "-h" || arg == "--help") {
+      std::printf(
+          "usage: moetune dist-selftest [--expert-parallel N] [--nccl]\n"
+          "Checks bootstrap, the rendezvous store and the collectives across ranks.\n");
+      return 0;
+    } else {
+      fail("unknown argument '", arg, "' (moetune dist-selftest --help)");
+    }
+  }
+  const dist::ProcessInfo info = dist::detect_process_info();
+  const double timeout_s = dist::dist_timeout_seconds();
+  maybe_fail(info, "before-store");
+  dist::Rendezvous rendezvous = dist::rendezvous(info, timeout_s);
+  dist::Store& store = *rendezvous.store;
+  maybe_fail(info, "after-store");
+  store.barrier("selftest-start");
+
+  // Every rank publishes r*r + 1 and reads everyone's.
+  store.set("selftest/value/" + std::to_string(info.rank),
+            std::to_string(info.rank * info.rank + 1));
+  long sum = 0, expected = 0;
+  for (int rank = 0; rank < info.world_size; ++rank) {
+    sum += std::stol(store.get("selftest/value/" + std::to_string(rank)));
+    expected += rank * rank + 1;
+  }
+  check(sum == expected, "values exchanged through the store do not add up");
+
+  std::vector<int> everyone(info.world_size);
+  for (int rank = 0; rank < info.world_size; ++rank) everyone[rank] = rank;
+  auto groups = dist::make_parallel_groups(
+      std::make_unique<dist::StoreCommunicator>(store, everyone), expert_parallel);
+  check_collectives(*groups.world, "world");
+  check_collectives(*groups.expert, "expert");
+  check_collectives(*groups.expert_dp, "expert_dp");
+  check(groups.expert->size() == expert_parallel &&
+            groups.expert->rank() == groups.layout.ep_rank(info.rank) &&
+            groups.expert_dp->rank() == groups.layout.dp_rank(info.rank),
+        "group sizes or ranks differ from the layout");
+
+  if (nccl) check_nccl(info, store);
+  store.barrier("selftest-end");
+  std::printf("dist-selftest: %s: ok (store, collectives, ep=%d%s)\n", info.describe().c_str(),
+              expert_parallel, nccl ? ", nccl" : "");
+  std::fflush(stdout);
+  return 0;
+}
+
+}  // namespace moetune::cli

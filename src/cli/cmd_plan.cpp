@@ -1,0 +1,145 @@
+// `moetune plan RECIPE.yaml [--section.key=value ...] [--device-memory-gib G]`: the memory a
+// training run of the recipe will hold (weights, gradients, optimizer state, activations of
+// one micro-batch) and whether it fits the target device, without loading weights or data.
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <optional>
+#include <string>
+
+#include "cli/commands.h"
+#include "core/error.h"
+#include "io/model_config.h"
+#include "model/memory_plan.h"
+#include "model/model.h"
+#include "train/recipe.h"
+
+namespace moetune::cli {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+// MemAvailable of /proc/meminfo in bytes (0 when unknown).
+int64_t available_host_memory() {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  int64_t kib = 0;
+  std::string unit;
+  while (meminfo >> key >> kib >> unit)
+    if (key == "MemAvailable:") return kib * 1024;
+  return 0;
+}
+
+// Bytes in GiB, or MiB below 1 GiB.
+std::string gib(int64_t bytes) {
+  char text[32];
+  const double value = static_cast<double>(bytes);
+  if (value >= 1024.0 * 1024.0 * 1024.0)
+    std::snprintf(text, sizeof(text), "%10.3f GiB", value / (1024.0 * 1024.0 * 1024.0));
+  else
+    std::snprintf(text, sizeof(text), "%10.3f MiB", value / (1024.0 * 1024.0));
+  return text;
+}
+
+// A parameter count as "30.53B" or "0.44M".
+std::string count(int64_t parameters) {
+  char text[32];
+  const double value = static_cast<double>(parameters);
+  if (value >= 1e9)
+    std::snprintf(text, sizeof(text), "%.2fB", value / 1e9);
+  else
+    std::snprintf(text, sizeof(text), "%.2fM", value / 1e6);
+  return text;
+}
+
+}  // namespace
+
+int run_plan(int argc, char** argv) {
+  std::optional<fs::path> recipe_path;
+  std::optional<double> device_gib;
+  std::vector<RecipeOverride> overrides;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--help" || arg == "-h") {
+      std::printf(
+          "usage: moetune plan RECIPE.yaml [--section.key=value ...] [--device-memory-gib G]\n");
+      return 0;
+    } else if (arg == "--device-memory-gib" && i + 1 < argc) {
+      device_gib = std::strtod(argv[++i], nullptr);
+    } else if (arg.rfind("--device-memory-gib=", 0) == 0) {
+      device_gib = std::strtod(arg.c_str() + std::strlen("--device-memory-gib="), nullptr);
+    } else if (arg.rfind("--", 0) == 0 && arg.find('=') != std::string::npos &&
+               arg.find('.') < arg.find('=')) {
+      overrides.push_back(parse_override(arg));
+    } else if (arg[0] != '-' && !recipe_path) {
+      recipe_path = arg;
+    } else {
+      fail("unexpected argument ", arg, " (see moetune plan --help)");
+    }
+  }
+  if (!recipe_path) {
+    std::printf(
+        "usage: moetune plan RECIPE.yaml [--section.key=value ...] [--device-memory-gib G]\n");
+    return 2;
+  }
+  if (device_gib && !(*device_gib > 0)) fail("--device-memory-gib: expected a positive number");
+  const Recipe recipe = load_recipe(*recipe_path, overrides);
+  const fs::path config_file =
+      recipe.model.path ? *recipe.model.path / "config.json" : *recipe.model.config;
+  const ModelConfig config = load_model_config(config_file);
+  const auto& t = recipe.training;
+
+  MemoryPlanOptions options;
+  options.param_dtype = recipe.model.dtype;
+  options.grad_dtype = DType::F32;  // the trainer keeps fp32 gradients
+  options.batch = t.micro_batch;
+  options.seq = t.seq_len;
+  const MemoryPlan plan = plan_memory(config, options);
+
+  std::printf("memory plan for %s (%s, %s parameters, %s active per token)\n",
+              recipe.source.c_str(), config.model_type.c_str(),
+              count(count_parameters(config, false)).c_str(),
+              count(count_parameters(config, true)).c_str());
+  std::printf("  micro-batch %lld x %lld tokens, gradient accumulation %lld, weights %s\n",
+              static_cast<long long>(t.micro_batch), static_cast<long long>(t.seq_len),
+              static_cast<long long>(t.grad_accumulation()),
+              recipe.model.dtype == DType::BF16 ? "bf16" : "fp32");
+  std::printf("  weights                    %s\n", gib(plan.weights).c_str());
+  std::printf("  gradients                  %s\n", gib(plan.grads).c_str());
+  std::printf("  optimizer state (AdamW)    %s\n", gib(plan.optimizer_state).c_str());
+  if (plan.master_weights)
+    std::printf("  fp32 master weights        %s\n", gib(plan.master_weights).c_str());
+  std::printf("  activations / micro-batch  %s\n", gib(plan.activations).c_str());
+  std::printf("  backward scratch           %s\n", gib(plan.scratch).c_str());
+  std::printf("  total                      %s\n", gib(plan.total()).c_str());
+
+  std::optional<int64_t> capacity;
+  std::string where;
+  if (recipe.parallel.device == "cpu") {
+    if (const int64_t available = available_host_memory()) {
+      capacity = available;
+      where = "host memory available now (MemAvailable)";
+    }
+  } else if (device_gib) {
+    capacity = static_cast<int64_t>(*device_gib * 1024.0 * 1024.0 * 1024.0);
+    where = "device memory (--device-memory-gib)";
+  }
+  if (!capacity) {
+    std::printf(
+        "target %s: its memory is queried when training starts (pass --device-memory-gib G to "
+        "check now)\n",
+        recipe.parallel.device.c_str());
+    return 0;
+  }
+  const bool fits = plan.total() <= *capacity;
+  std::printf("target %s: %s of %s -> %s\n", recipe.parallel.device.c_str(), gib(*capacity).c_str(),
+              where.c_str(),
+              fits ? "fits"
+                   : "DOES NOT FIT (lower training.micro_batch or training.seq_len, or use "
+                     "model.dtype: bf16)");
+  return fits ? 0 : 3;
+}
+
+}  // namespace moetune::cli
