@@ -14,6 +14,9 @@ for line in open(sys.argv[1]):
     r = json.loads(line)
     gpu = gpu or r.get("gpu")
     entry = {k: r[k] for k in ("engine", "layers", "seq", "micro_batch", "routing", "tps", "tflops", "peak_gib", "step_s")}
+    entry["recompute"] = r.get("recompute", False)
+    if "plan_gib" in r:
+        entry["plan_gib"] = r["plan_gib"]
     if "phases_s" in r:
         entry["phases_s"] = r["phases_s"]
     runs.append(entry)

@@ -16,6 +16,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "io/model_config.h"
+#include "model/memory_plan.h"
 #include "model/model.h"
 #include "ops/backend.h"
 
@@ -73,8 +74,6 @@ int run_bench(int argc, char** argv) {
 #if !MOETUNE_HAS_CUDA
   fail("bench needs the CUDA backend; this build has none (rebuild with -DMOETUNE_CUDA=ON)");
 #else
-  if (recompute) fail("--recompute: activation checkpointing is not in the model yet");
-  if (routing != "real") fail("--routing balanced is not implemented yet (real routing only)");
   if (seq < 2 || micro_batch < 1 || steps < 1 || warmup < 0)
     fail("bench: --seq >= 2, --micro-batch >= 1, --steps >= 1");
   ModelConfig config = load_model_config(config_path);
@@ -89,6 +88,8 @@ int run_bench(int argc, char** argv) {
   ModelOptions options;
   options.param_dtype = DType::BF16;
   options.grad_dtype = DType::BF16;
+  options.recompute_layers = recompute;
+  options.balanced_routing = routing == "balanced";
   auto model = Model::uninitialized(config, *backend, options);
   uint64_t seed = 1;
   for (const Parameter& parameter : model->parameters()) {
@@ -157,6 +158,17 @@ int run_bench(int argc, char** argv) {
   const cuda::PhaseTimes phases = cuda::end_phase_profile(*backend);
 
   const cuda::DeviceMemoryStats memory = cuda::device_memory_stats();
+  // The memory plan's prediction for this run: weights, grads, activations and scratch from
+  // plan_memory, AdamW state in the parameter dtype (not the plan's fp32 state), plus the
+  // backend's LM-head logits chunk (at most ~640 MB, cuda_backend.cpp).
+  MemoryPlanOptions plan_options{DType::BF16, DType::BF16, micro_batch, seq, recompute};
+  const MemoryPlan plan = plan_memory(config, plan_options);
+  const int64_t logits_row = config.vocab_size * 2;
+  const int64_t logits_chunk =
+      std::max<int64_t>(1, std::min<int64_t>(tokens, (int64_t(640) << 20) / logits_row)) *
+      logits_row;
+  const double plan_bytes = double(plan.weights + plan.grads + 2 * plan.weights + plan.activations +
+                                   plan.scratch + logits_chunk);
   const double tps = double(tokens) / step_s;
   const double tflops = tps * flops_per_token(config, seq) / 1e12;
   const auto seconds = [&](cuda::Phase phase) { return phases.seconds[static_cast<int>(phase)]; };
@@ -167,14 +179,15 @@ int run_bench(int argc, char** argv) {
       "\"micro_batch\": %lld, "
       "\"routing\": \"%s\", \"recompute\": %s, \"tokens_per_step\": %lld, \"tps\": %.1f, "
       "\"tflops\": %.1f, "
-      "\"peak_gib\": %.2f, \"step_s\": %.4f, \"loss\": %.4f, \"phases_s\": {\"attention\": %.4f, "
+      "\"peak_gib\": %.2f, \"plan_gib\": %.2f, \"step_s\": %.4f, \"loss\": %.4f, \"phases_s\": "
+      "{\"attention\": %.4f, "
       "\"router_dispatch\": %.4f, \"experts\": %.4f, \"loss\": %.4f, \"optimizer\": %.4f, "
       "\"dense_gemm\": %.4f, "
       "\"other_ops\": %.4f, \"host_gaps\": %.4f}, \"profiled_step_s\": %.4f}\n",
       cuda::device_name(), (long long)config.num_hidden_layers, (long long)seq,
       (long long)micro_batch, routing.c_str(), recompute ? "true" : "false", (long long)tokens, tps,
-      tflops, double(memory.peak_reserved) / double(1ull << 30), step_s, last_loss,
-      seconds(cuda::Phase::Attention), seconds(cuda::Phase::RouterDispatch),
+      tflops, double(memory.peak_reserved) / double(1ull << 30), plan_bytes / double(1ull << 30),
+      step_s, last_loss, seconds(cuda::Phase::Attention), seconds(cuda::Phase::RouterDispatch),
       seconds(cuda::Phase::Experts), seconds(cuda::Phase::Loss), seconds(cuda::Phase::Optimizer),
       seconds(cuda::Phase::DenseGemm), seconds(cuda::Phase::OtherOps),
       std::max(0.0, profiled_s - measured), profiled_s);

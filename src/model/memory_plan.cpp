@@ -36,8 +36,11 @@ MemoryPlan plan_memory(const ModelConfig& config, const MemoryPlanOptions& optio
   bool any_dense = false, any_moe = false;
   for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
     const bool is_moe = config.layer_is_moe(l);
+    // with recompute_layers one layer's activations per kind, shared by all layers
+    if (!options.recompute_layers || !(is_moe ? any_moe : any_dense))
+      plan.activations += attention + norms + (is_moe ? moe : dense);
+    plan.activations += N * H * act;  // the residual stream (the layer's input)
     (is_moe ? any_moe : any_dense) = true;
-    plan.activations += attention + norms + (is_moe ? moe : dense) + N * H * act;  // + residual
   }
   plan.activations += N * H * act + N * H * act + N * 4 + N * 12;  // last residual, final norm, ids
   plan.scratch = 3 * N * H * act + N * (2 * q_width + 2 * kv_width) * act;

@@ -17,6 +17,7 @@ struct MemoryPlanOptions {
   DType grad_dtype = DType::F32;
   int64_t batch = 1;  // micro-batch rows
   int64_t seq = 2048;
+  bool recompute_layers = false;  // ModelOptions::recompute_layers
 };
 
 struct MemoryPlan {

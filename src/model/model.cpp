@@ -4,8 +4,12 @@
 // model_io.cpp.
 //
 // Activations are allocated for one micro-batch shape (B, T) and reused while the shape
-// stays the same. The aux loss needs every MoE layer's routing statistics before any
-// backward, so it is computed between the forward and the backward (one small host read).
+// stays the same. With ModelOptions::recompute_layers only the residual stream (each
+// layer's input) is kept for all layers; one LayerActivations per layer kind (MoE, dense)
+// is shared, and the backward reruns layer l's forward into it before layer l's backward
+// (not for the last layer, whose activations are still there). The aux loss needs every MoE layer's
+// routing statistics before any backward, so it is computed between the forward and the backward
+// (one small host read).
 #include "model/model.h"
 
 #include <cmath>
@@ -22,7 +26,7 @@ struct ModelActivations {
   Buffer positions;              // (N) I32
   Buffer doc_offsets;            // (docs + 1) I32, reallocated per call when used
   std::vector<Buffer> residual;  // L + 1 of (N, H): input of layer l; [L] the last output
-  std::vector<LayerActivations> layers;
+  std::vector<LayerActivations> layers;  // L, or with recompute: [0] MoE, [1] dense
   DecoderScratch scratch;
   Buffer final_norm;                            // (N, H)
   Buffer final_rstd;                            // (N) fp32
@@ -207,10 +211,28 @@ StepResult Model::run(const BatchView& batch, bool backward, float loss_scale, f
     AttentionInputs shape_inputs{B, T, Tensor(), Tensor(), Tensor()};
     DecoderContext context{backend_, config_, shape_inputs, *a->dispatcher};
     for (int64_t l = 0; l <= L; ++l) a->residual.emplace_back(dtype, Shape{N, H}, device);
-    a->layers.resize(L);
-    for (int64_t l = 0; l < L; ++l)
-      allocate_layer(context, config_.layer_is_moe(l), dtype, a->layers[l]);
+    if (options_.recompute_layers) {
+      a->layers.resize(2);
+      bool allocated[2] = {false, false};
+      for (int64_t l = 0; l < L; ++l) {
+        const bool moe = config_.layer_is_moe(l);
+        if (!allocated[moe ? 0 : 1]) allocate_layer(context, moe, dtype, a->layers[moe ? 0 : 1]);
+        allocated[moe ? 0 : 1] = true;
+      }
+    } else {
+      a->layers.resize(L);
+      for (int64_t l = 0; l < L; ++l)
+        allocate_layer(context, config_.layer_is_moe(l), dtype, a->layers[l]);
+    }
     allocate_decoder_scratch(context, dtype, a->scratch);
+    if (options_.balanced_routing && E > 0) {
+      const int64_t k = config_.num_experts_per_tok;
+      std::vector<int32_t> ids(static_cast<size_t>(N * k));
+      for (int64_t slot = 0; slot < N * k; ++slot) ids[slot] = static_cast<int32_t>(slot % E);
+      a->scratch.moe.balanced_ids = Buffer(DType::I32, {N, k}, device);
+      backend_.copy(a->scratch.moe.balanced_ids, host_tensor(ids, DType::I32));
+      backend_.synchronize();
+    }
     a->final_norm = Buffer(dtype, {N, H}, device);
     a->final_rstd = Buffer(DType::F32, {N}, device);
     a->dresidual = Buffer(dtype, {N, H}, device);
@@ -253,25 +275,35 @@ StepResult Model::run(const BatchView& batch, bool backward, float loss_scale, f
   const WeightTensors& w = weights_->values();
   const WeightTensors& g = weights_->grads();
 
-  // ---- forward --------------------------------------------------------------------------
-  backend_.embedding_forward(a.input_ids, w.embed, a.residual[0]);
-  for (int64_t l = 0; l < L; ++l)
-    decoder_layer_forward(context, w.layers[l], a.residual[l], a.layers[l], a.scratch,
-                          a.residual[l + 1]);
+  // Layer l's saved activations (shared per layer kind when recomputing).
+  const auto saved = [&](int64_t l) -> LayerActivations& {
+    if (!options_.recompute_layers) return a.layers[l];
+    return a.layers[config_.layer_is_moe(l) ? 0 : 1];
+  };
 
-  // ---- load-balancing aux loss over all MoE layers (Transformers' load_balancing_loss_func:
-  // the router logits of every MoE layer concatenated, so every (layer, token) row counts)
+  // ---- forward --------------------------------------------------------------------------
+  // The load-balancing aux loss covers all MoE layers (Transformers' load_balancing_loss_func:
+  // the router logits of every MoE layer concatenated, so every (layer, token) row counts);
+  // its statistics are gathered right after each layer's forward (recomputing overwrites them).
   int64_t moe_layers = 0;
   for (int64_t l = 0; l < L; ++l) moe_layers += config_.layer_is_moe(l) ? 1 : 0;
-  Tensor aux_dprob;
-  if (config_.output_router_logits && moe_layers > 0) {
+  const bool aux_loss = config_.output_router_logits && moe_layers > 0;
+  if (aux_loss) {
     backend_.fill(a.aux_counts, 0.0f);
     backend_.fill(a.aux_prob_sums, 0.0f);
-    for (int64_t l = 0; l < L; ++l) {
-      if (!config_.layer_is_moe(l)) continue;
-      backend_.router_aux_stats(a.layers[l].moe.probs, a.layers[l].moe.topk_ids, a.aux_counts,
+  }
+  backend_.embedding_forward(a.input_ids, w.embed, a.residual[0]);
+  for (int64_t l = 0; l < L; ++l) {
+    decoder_layer_forward(context, w.layers[l], a.residual[l], saved(l), a.scratch,
+                          a.residual[l + 1]);
+    if (aux_loss && config_.layer_is_moe(l))
+      backend_.router_aux_stats(saved(l).moe.probs, saved(l).moe.topk_ids, a.aux_counts,
                                 a.aux_prob_sums);
-    }
+  }
+
+  // ---- load-balancing aux loss and its gradient w.r.t. the router probabilities
+  Tensor aux_dprob;
+  if (aux_loss) {
     std::vector<float> counts(static_cast<size_t>(E)), prob_sums(static_cast<size_t>(E));
     backend_.copy(host_tensor(counts, DType::F32), a.aux_counts);
     backend_.copy(host_tensor(prob_sums, DType::F32), a.aux_prob_sums);
@@ -319,8 +351,11 @@ StepResult Model::run(const BatchView& batch, bool backward, float loss_scale, f
                               g.final_norm, false);
     for (int64_t l = L - 1; l >= 0; --l) {
       const Tensor layer_aux = config_.layer_is_moe(l) ? aux_dprob : Tensor();
-      decoder_layer_backward(context, w.layers[l], g.layers[l], a.residual[l], a.layers[l],
-                             layer_aux, a.scratch, a.dresidual);
+      if (options_.recompute_layers && l + 1 < L)  // rewrites residual[l + 1] with equal values
+        decoder_layer_forward(context, w.layers[l], a.residual[l], saved(l), a.scratch,
+                              a.residual[l + 1]);
+      decoder_layer_backward(context, w.layers[l], g.layers[l], a.residual[l], saved(l), layer_aux,
+                             a.scratch, a.dresidual);
     }
     backend_.embedding_backward(a.input_ids, a.dresidual, g.embed);
   }

@@ -48,6 +48,14 @@ struct StepResult {
 struct ModelOptions {
   DType param_dtype = DType::F32;  // storage of the weights on the device
   DType grad_dtype = DType::F32;   // storage of the gradients
+  // Activation checkpointing per decoder layer: the forward keeps only each layer's input
+  // (the residual stream) and one layer's worth of activations; the backward recomputes each
+  // layer's forward before its backward (~1/3 more compute, activations ~1 layer instead of L).
+  bool recompute_layers = false;
+  // Benchmarks only: every MoE layer sends token n's choice j to expert (n*k + j) % E (each
+  // expert gets the same number of rows), keeping the router's top-k weights and their
+  // gradient (bench/hf_baseline.py --routing balanced does the same in Transformers).
+  bool balanced_routing = false;
 };
 
 struct SaveOptions {

@@ -82,7 +82,11 @@ void moe_forward(Backend& backend, TokenDispatcher& dispatcher, const ModelConfi
                          config.norm_topk_prob, saved.probs, saved.topk_ids, saved.topk_weights);
   // dispatch
   const MoeRouting routing = saved.routing();
-  dispatcher.dispatch(x, saved.topk_ids, routing, saved.rows);  // (N*k, H)
+  // (ModelOptions::balanced_routing: fixed ids; the weights and their gradient stay the
+  // router's, as in Transformers with its top-k indices replaced)
+  const Tensor dispatch_ids = scratch.balanced_ids.data() != nullptr ? scratch.balanced_ids.tensor()
+                                                                     : saved.topk_ids.tensor();
+  dispatcher.dispatch(x, dispatch_ids, routing, saved.rows);  // (N*k, H)
   // experts
   backend.grouped_gemm(saved.rows, w.experts_gate_up, true, routing.expert_offsets,
                        saved.gate_up);                  // (N*k, 2I)

@@ -69,6 +69,7 @@ struct MoeScratch {
   Buffer drows;           // (N*k, H)
   Buffer dtopk_weights;   // (N, k) fp32
   Buffer drouter_logits;  // (N, E)
+  Buffer balanced_ids;    // (N, k) I32, optional: dispatch by these ids instead of the top-k
 };
 
 void allocate_moe(const ModelConfig& config, int64_t tokens, DType dtype, Device device,

@@ -1,10 +1,19 @@
 // Multi-tensor AdamW and the global gradient norm: one launch each for all parameters.
-// The host uploads a small table of tensor descriptors (pointers, dtypes, element prefix
-// sums); blocks walk the concatenated element range in chunks and find their tensor by a
-// binary search over the prefix sums, so the launch size does not depend on how the
-// parameters are split. Optimizer state may be F32 (default) or BF16 (Transformers keeps
-// AdamW state in the parameter dtype; the benchmark uses that for a like-for-like memory
-// comparison). Math in fp32, torch.optim.AdamW's formula.
+// The host uploads a small table of tensor descriptors (pointers, dtypes, sizes), so the
+// launch size does not depend on how the parameters are split. Optimizer state may be F32
+// (default) or BF16 (Transformers keeps AdamW state in the parameter dtype; the benchmark
+// uses that for a like-for-like memory comparison). Math in fp32, torch.optim.AdamW's formula.
+// Two paths:
+//  - vectorised (the usual case: one storage type per role across the launch, every tensor
+//    a multiple of 8 elements, 16-byte aligned): 4096-element chunks that never cross a
+//    tensor, the chunk's tensor found once by a forward search; 16-byte loads and stores, 8
+//    elements per thread; 64 registers so that 4 blocks of 256 fit per SM (an unroll by 2,
+//    96 registers, measured 40% slower). The update's division is __fdividef (2 ulp): IEEE
+//    division takes a slow path on some values (real-routing gradients made the step 4 ms
+//    slower than balanced ones on an H200; with __fdividef both run at ~3.7 TB/s).
+//  - scalar (any mix of dtypes, odd sizes): elements of the concatenated range in chunks,
+//    the tensor found by a binary search over the element prefix sums.
+// The gradient norm is deterministic: per-block partials summed by the last block.
 #include <vector>
 
 #include "ops/cuda/device_utils.cuh"
@@ -19,7 +28,9 @@ struct TensorSlot {
   void* exp_avg;
   void* exp_avg_sq;
   float* master;
-  int64_t begin;  // prefix sum of element counts
+  int64_t begin;        // prefix sum of element counts (scalar path)
+  int64_t numel;        // elements of this tensor
+  int64_t chunk_begin;  // prefix sum of kVecChunk chunks (vectorised path)
   float weight_decay;
   float decay;  // 1 - lr * weight_decay
   Kind param_kind, grad_kind, avg_kind, avg_sq_kind;
@@ -53,41 +64,139 @@ __device__ __forceinline__ float adamw_element(float g, float p, float& m, float
   return p + h.neg_step_size * m / (sqrtf(v) / h.bias_correction2_sqrt + h.eps);
 }
 
-// Fast path: every tensor bf16 (param, grad, both moments), no master, 8-element aligned
-// tensors: 16-byte loads and stores, 8 elements per thread.
-__global__ void adamw_bf16x8_kernel(const TensorSlot* slots, int count, int64_t total,
-                                    AdamWScalars h) {
-  for (int64_t chunk = blockIdx.x; chunk * kChunk < total; chunk += gridDim.x) {
-    const int64_t start = chunk * kChunk;
-    int slot_index = find_slot(slots, count, start);
-    for (int64_t element = start + threadIdx.x * 8; element < min(total, start + kChunk);
-         element += blockDim.x * 8) {
-      while (slot_index + 1 < count && slots[slot_index + 1].begin <= element) ++slot_index;
-      const TensorSlot& s = slots[slot_index];
-      const int64_t i = element - s.begin;  // multiple of 8: every tensor's size is
-      uint4 pv = *reinterpret_cast<const uint4*>(static_cast<const bf16*>(s.param) + i);
-      const uint4 gv = *reinterpret_cast<const uint4*>(static_cast<const bf16*>(s.grad) + i);
-      uint4 mv = *reinterpret_cast<const uint4*>(static_cast<const bf16*>(s.exp_avg) + i);
-      uint4 vv = *reinterpret_cast<const uint4*>(static_cast<const bf16*>(s.exp_avg_sq) + i);
-      bf16* p8 = reinterpret_cast<bf16*>(&pv);
-      const bf16* g8 = reinterpret_cast<const bf16*>(&gv);
-      bf16* m8 = reinterpret_cast<bf16*>(&mv);
-      bf16* v8 = reinterpret_cast<bf16*>(&vv);
+// ---- vectorised path. A tensor's last chunk may be short; blocks walk chunks in order, so
+// the slot search only moves forward. The grad-norm kernel (few registers) loads kUnroll
+// groups of 8 per thread before summing.
+constexpr int kVecThreads = 256, kUnroll = 2;
+constexpr int64_t kVecChunk = 4096;
+
+struct Vec8 {
+  float v[8];
+};
+__device__ __forceinline__ void load8(const float* p, Vec8& out) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0];
+  const float4 b = reinterpret_cast<const float4*>(p)[1];
+  out.v[0] = a.x, out.v[1] = a.y, out.v[2] = a.z, out.v[3] = a.w;
+  out.v[4] = b.x, out.v[5] = b.y, out.v[6] = b.z, out.v[7] = b.w;
+}
+__device__ __forceinline__ void load8(const bf16* p, Vec8& out) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const bf16* h = reinterpret_cast<const bf16*>(&raw);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) out.v[j] = __bfloat162float(h[j]);
+}
+__device__ __forceinline__ void store8(float* p, const Vec8& in) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(in.v[0], in.v[1], in.v[2], in.v[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(in.v[4], in.v[5], in.v[6], in.v[7]);
+}
+__device__ __forceinline__ void store8(bf16* p, const Vec8& in) {
+  uint4 raw;
+  bf16* h = reinterpret_cast<bf16*>(&raw);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) h[j] = __float2bfloat16_rn(in.v[j]);
+  *reinterpret_cast<uint4*>(p) = raw;
+}
+
+// The slot holding chunk `chunk`, searching forward from `slot` (chunk_begin ascending).
+__device__ __forceinline__ int advance_slot(const TensorSlot* slots, int count, int slot,
+                                            int64_t chunk) {
+  int lo = slot, hi = count;  // slots[lo].chunk_begin <= chunk < slots[hi].chunk_begin
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (slots[mid].chunk_begin <= chunk)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+template <typename ParamT, typename GradT, typename StateT, bool kMaster>
+__global__ void __launch_bounds__(kVecThreads)
+    adamw_vec_kernel(const TensorSlot* __restrict__ slots, int count, int64_t chunks,
+                     AdamWScalars h) {
+  int slot_index = 0;
+  for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
+    slot_index = advance_slot(slots, count, slot_index, chunk);
+    const TensorSlot& s = slots[slot_index];
+    ParamT* param = static_cast<ParamT*>(s.param);
+    const GradT* grad = static_cast<const GradT*>(s.grad);
+    StateT* exp_avg = static_cast<StateT*>(s.exp_avg);
+    StateT* exp_avg_sq = static_cast<StateT*>(s.exp_avg_sq);
+    float* master = s.master;
+    const int64_t n = s.numel;
+    const float decay = s.decay;
+    const bool decays = s.weight_decay != 0.0f;
+    const int64_t chunk_first = (chunk - s.chunk_begin) * kVecChunk;  // offset in the tensor
+#pragma unroll 1
+    for (int64_t i = chunk_first + threadIdx.x * 8; i < min(n, chunk_first + kVecChunk);
+         i += kVecThreads * 8) {
+      Vec8 p, g, m, v;
+      if constexpr (kMaster)
+        load8(master + i, p);
+      else
+        load8(param + i, p);
+      load8(grad + i, g);
+      load8(exp_avg + i, m);
+      load8(exp_avg_sq + i, v);
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        float m = __bfloat162float(m8[j]), v = __bfloat162float(v8[j]);
-        const float p =
-            adamw_element(__bfloat162float(g8[j]) * h.grad_scale, __bfloat162float(p8[j]), m, v,
-                          s.decay, s.weight_decay != 0.0f, h);
-        p8[j] = __float2bfloat16_rn(p);
-        m8[j] = __float2bfloat16_rn(m);
-        v8[j] = __float2bfloat16_rn(v);
+        const float gj = g.v[j] * h.grad_scale;
+        if (decays) p.v[j] = p.v[j] * decay;
+        m.v[j] = m.v[j] + h.lerp_weight * (gj - m.v[j]);
+        v.v[j] = v.v[j] * h.beta2 + h.one_minus_beta2 * gj * gj;
+        const float denom = sqrtf(v.v[j]) / h.bias_correction2_sqrt + h.eps;
+        p.v[j] = p.v[j] + h.neg_step_size * __fdividef(m.v[j], denom);
       }
-      *reinterpret_cast<uint4*>(static_cast<bf16*>(s.param) + i) = pv;
-      *reinterpret_cast<uint4*>(static_cast<bf16*>(s.exp_avg) + i) = mv;
-      *reinterpret_cast<uint4*>(static_cast<bf16*>(s.exp_avg_sq) + i) = vv;
+      store8(exp_avg + i, m);
+      store8(exp_avg_sq + i, v);
+      if constexpr (kMaster) store8(master + i, p);
+      store8(param + i, p);
     }
   }
+}
+
+// Sum of squares of all gradients, deterministic: every block adds its chunks in a fixed
+// order and writes one partial; the last block to finish adds the partials in index order.
+template <typename GradT>
+__global__ void __launch_bounds__(kVecThreads)
+    sum_squares_vec_kernel(const TensorSlot* slots, int count, int64_t chunks, double* partials,
+                           unsigned* done, float* out) {
+  int slot_index = 0;
+  float sum = 0.0f;
+  for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
+    slot_index = advance_slot(slots, count, slot_index, chunk);
+    const TensorSlot& s = slots[slot_index];
+    const int64_t first = (chunk - s.chunk_begin) * kVecChunk;
+    Vec8 g[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = first + (int64_t(u) * kVecThreads + threadIdx.x) * 8;
+      if (i < s.numel)
+        load8(static_cast<const GradT*>(s.grad) + i, g[u]);
+      else
+        for (int j = 0; j < 8; ++j) g[u].v[j] = 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) sum += g[u].v[j] * g[u].v[j];
+  }
+  sum = block_sum(sum);
+  __shared__ bool last;
+  if (threadIdx.x == 0) {
+    partials[blockIdx.x] = sum;
+    __threadfence();
+    last = atomicAdd(done, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  double total = 0.0;  // fixed order: warp-strided partial sums, then the block sum in fp32
+  for (int b = threadIdx.x; b < gridDim.x; b += blockDim.x)
+    total += static_cast<volatile double*>(partials)[b];
+  const float block_total = block_sum(static_cast<float>(total));
+  if (threadIdx.x == 0) *out = block_total;
 }
 
 __global__ void adamw_kernel(const TensorSlot* slots, int count, int64_t total, AdamWScalars h) {
@@ -144,14 +253,35 @@ int grid_for(int64_t total) {
       std::max<int64_t>(1, std::min<int64_t>(ceil_div(total, kChunk), 132 * 8)));
 }
 
+// Blocks for the vectorised kernels: enough to fill every SM several times over, few enough
+// that each walks many chunks (the slot search then amortises).
+int vec_grid_for(int64_t chunks) {
+  int device = 0, sms = 132;
+  if (cudaGetDevice(&device) == cudaSuccess)
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(chunks, int64_t(sms) * 8)));
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Fills chunk_begin; the total number of chunks.
+int64_t number_chunks(std::vector<TensorSlot>& slots) {
+  int64_t chunks = 0;
+  for (TensorSlot& s : slots) {
+    s.chunk_begin = chunks;
+    chunks += ceil_div(s.numel, kVecChunk);
+  }
+  return chunks;
+}
+
 }  // namespace
 
 void launch_grad_norm_squared(std::span<const Tensor> grads, const Tensor& out, Scratch& scratch,
                               cudaStream_t stream) {
   check_f32(out, "grad_norm_squared out");
-  MOETUNE_CUDA_CHECK(cudaMemsetAsync(out.data, 0, sizeof(float), stream));
   std::vector<TensorSlot> slots;
   int64_t total = 0;
+  bool vectorised = true;
   for (const Tensor& g : grads) {
     if (g.numel() == 0) continue;
     check_float(g, "grad_norm_squared grad");
@@ -159,14 +289,57 @@ void launch_grad_norm_squared(std::span<const Tensor> grads, const Tensor& out, 
     s.grad = g.data;
     s.grad_kind = kind_of(g);
     s.begin = total;
+    s.numel = g.numel();
     total += g.numel();
+    vectorised = vectorised && s.numel % 8 == 0 && aligned16(s.grad) &&
+                 s.grad_kind == (slots.empty() ? s.grad_kind : slots.front().grad_kind) &&
+                 s.grad_kind != Kind::F16;
     slots.push_back(s);
   }
-  if (slots.empty()) return;
+  if (slots.empty()) {
+    MOETUNE_CUDA_CHECK(cudaMemsetAsync(out.data, 0, sizeof(float), stream));
+    return;
+  }
+  if (vectorised) {
+    const int64_t chunks = number_chunks(slots);
+    const int grid = vec_grid_for(chunks);
+    auto* partials = static_cast<double*>(scratch.get(sizeof(double) * grid));
+    auto* done = static_cast<unsigned*>(scratch.get(sizeof(unsigned)));
+    MOETUNE_CUDA_CHECK(cudaMemsetAsync(done, 0, sizeof(unsigned), stream));
+    const TensorSlot* device_slots = upload(slots, scratch, stream);
+    if (slots.front().grad_kind == Kind::BF16)
+      sum_squares_vec_kernel<bf16><<<grid, kVecThreads, 0, stream>>>(
+          device_slots, int(slots.size()), chunks, partials, done, out.ptr<float>());
+    else
+      sum_squares_vec_kernel<float><<<grid, kVecThreads, 0, stream>>>(
+          device_slots, int(slots.size()), chunks, partials, done, out.ptr<float>());
+    MOETUNE_CUDA_LAUNCH_CHECK();
+    return;
+  }
+  MOETUNE_CUDA_CHECK(cudaMemsetAsync(out.data, 0, sizeof(float), stream));
   sum_squares_kernel<<<grid_for(total), 256, 0, stream>>>(
       upload(slots, scratch, stream), int(slots.size()), total, out.ptr<float>());
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
+
+namespace {
+template <typename ParamT, typename GradT, typename StateT, bool kMaster>
+void launch_vec(const TensorSlot* slots, int count, int64_t chunks, const AdamWScalars& h,
+                cudaStream_t stream) {
+  adamw_vec_kernel<ParamT, GradT, StateT, kMaster>
+      <<<vec_grid_for(chunks), kVecThreads, 0, stream>>>(slots, count, chunks, h);
+}
+template <typename ParamT, typename GradT>
+void launch_vec_state(Kind state, bool master, const TensorSlot* slots, int count, int64_t chunks,
+                      const AdamWScalars& h, cudaStream_t stream) {
+  if (state == Kind::BF16)
+    master ? launch_vec<ParamT, GradT, bf16, true>(slots, count, chunks, h, stream)
+           : launch_vec<ParamT, GradT, bf16, false>(slots, count, chunks, h, stream);
+  else
+    master ? launch_vec<ParamT, GradT, float, true>(slots, count, chunks, h, stream)
+           : launch_vec<ParamT, GradT, float, false>(slots, count, chunks, h, stream);
+}
+}  // namespace
 
 void launch_adamw(std::span<const AdamWParam> params, const AdamWHyper& hyper, float grad_scale,
                   Scratch& scratch, cudaStream_t stream) {
@@ -191,6 +364,7 @@ void launch_adamw(std::span<const AdamWParam> params, const AdamWHyper& hyper, f
     s.exp_avg_sq = p.exp_avg_sq.data;
     s.master = present(p.master) ? p.master.ptr<float>() : nullptr;
     s.begin = total;
+    s.numel = n;
     s.weight_decay = p.weight_decay;
     s.decay = static_cast<float>(1.0 - hyper.lr * static_cast<double>(p.weight_decay));
     s.param_kind = kind_of(p.param);
@@ -212,23 +386,38 @@ void launch_adamw(std::span<const AdamWParam> params, const AdamWHyper& hyper, f
   h.neg_step_size = static_cast<float>(-(hyper.lr / (1.0 - std::pow(hyper.beta1, step))));
   h.bias_correction2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(hyper.beta2, step)));
   h.grad_scale = grad_scale;
-  bool all_bf16x8 = true;
+  // The vectorised kernel needs one storage type per role (no F16) and 8-element, 16-byte
+  // aligned tensors; anything else takes the scalar kernel.
+  const TensorSlot& first = slots.front();
+  const bool master = first.master != nullptr;
+  bool vectorised = first.avg_kind == first.avg_sq_kind;
   for (const TensorSlot& s : slots) {
-    const int64_t n = (&s == &slots.back() ? total : (&s)[1].begin) - s.begin;
-    all_bf16x8 = all_bf16x8 && !s.master && s.param_kind == Kind::BF16 &&
-                 s.grad_kind == Kind::BF16 && s.avg_kind == Kind::BF16 &&
-                 s.avg_sq_kind == Kind::BF16 && n % 8 == 0 &&
-                 reinterpret_cast<uintptr_t>(s.param) % 16 == 0 &&
-                 reinterpret_cast<uintptr_t>(s.grad) % 16 == 0 &&
-                 reinterpret_cast<uintptr_t>(s.exp_avg) % 16 == 0 &&
-                 reinterpret_cast<uintptr_t>(s.exp_avg_sq) % 16 == 0;
+    vectorised = vectorised && (s.master != nullptr) == master &&
+                 s.param_kind == first.param_kind && s.grad_kind == first.grad_kind &&
+                 s.avg_kind == first.avg_kind && s.avg_sq_kind == first.avg_sq_kind &&
+                 s.param_kind != Kind::F16 && s.grad_kind != Kind::F16 && s.avg_kind != Kind::F16 &&
+                 s.numel % 8 == 0 && aligned16(s.param) && aligned16(s.grad) &&
+                 aligned16(s.exp_avg) && aligned16(s.exp_avg_sq) &&
+                 (!master || aligned16(s.master));
   }
-  if (all_bf16x8)
-    adamw_bf16x8_kernel<<<grid_for(total), 256, 0, stream>>>(upload(slots, scratch, stream),
-                                                             int(slots.size()), total, h);
-  else
-    adamw_kernel<<<grid_for(total), 256, 0, stream>>>(upload(slots, scratch, stream),
-                                                      int(slots.size()), total, h);
+  if (vectorised) {
+    const int64_t chunks = number_chunks(slots);
+    const TensorSlot* device_slots = upload(slots, scratch, stream);
+    const int count = int(slots.size());
+    const Kind state = first.avg_kind;
+    if (first.param_kind == Kind::BF16 && first.grad_kind == Kind::BF16)
+      launch_vec_state<bf16, bf16>(state, master, device_slots, count, chunks, h, stream);
+    else if (first.param_kind == Kind::BF16)
+      launch_vec_state<bf16, float>(state, master, device_slots, count, chunks, h, stream);
+    else if (first.grad_kind == Kind::BF16)
+      launch_vec_state<float, bf16>(state, master, device_slots, count, chunks, h, stream);
+    else
+      launch_vec_state<float, float>(state, master, device_slots, count, chunks, h, stream);
+    MOETUNE_CUDA_LAUNCH_CHECK();
+    return;
+  }
+  adamw_kernel<<<grid_for(total), 256, 0, stream>>>(upload(slots, scratch, stream),
+                                                    int(slots.size()), total, h);
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
 
