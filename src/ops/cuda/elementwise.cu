@@ -52,22 +52,42 @@ __global__ void embedding_forward_kernel(const int32_t* ids, const void* table, 
     store_any(out, ko, n * hidden + c, valid ? load_any(table, kt, int64_t(id) * hidden + c) : 0.0f);
 }
 // Deterministic scatter-add without atomics: the block of the first token with a given id
-// sums the gradient rows of every token with that id (in token order) and adds once.
+// lists (warp 0, ballots in token order) every later token with that id in shared memory,
+// then sums their gradient rows in token order and adds once. O(N) id reads per block.
+constexpr int kMaxRepeats = 2048;
 __global__ void embedding_backward_kernel(const int32_t* ids, int64_t tokens, const void* dout, Kind kd,
                                           void* dtable, Kind kt, int64_t vocab, int64_t hidden) {
   const int64_t n = blockIdx.x;
   const int32_t id = ids[n];
   if (id < 0 || id >= vocab) return;
-  __shared__ int earlier;
-  if (threadIdx.x == 0) earlier = 0;
+  __shared__ int earlier, count;
+  __shared__ int32_t repeats[kMaxRepeats];
+  if (threadIdx.x == 0) earlier = 0, count = 0;
   __syncthreads();
   for (int64_t m = threadIdx.x; m < n; m += blockDim.x)
     if (ids[m] == id) earlier = 1;
   __syncthreads();
   if (earlier) return;
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    int listed = 0;
+    for (int64_t base = n; base < tokens; base += 32) {
+      const int64_t m = base + lane;
+      const bool hit = m < tokens && ids[m] == id;
+      const unsigned mask = __ballot_sync(0xffffffffu, hit);
+      const int at = listed + __popc(mask & ((1u << lane) - 1u));
+      if (hit && at < kMaxRepeats) repeats[at] = static_cast<int32_t>(m);
+      listed += __popc(mask);
+    }
+    if (lane == 0) count = listed;
+  }
+  __syncthreads();
+  const int listed = min(count, kMaxRepeats);
+  const int64_t rest = listed == kMaxRepeats ? int64_t(repeats[kMaxRepeats - 1]) + 1 : tokens;  // past the list
   for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) {
     float sum = 0.0f;
-    for (int64_t m = n; m < tokens; ++m)
+    for (int i = 0; i < listed; ++i) sum += load_any(dout, kd, int64_t(repeats[i]) * hidden + c);
+    for (int64_t m = rest; m < tokens; ++m)  // only when an id repeats more than kMaxRepeats times
       if (ids[m] == id) sum += load_any(dout, kd, m * hidden + c);
     const int64_t at = int64_t(id) * hidden + c;
     store_any(dtable, kt, at, load_any(dtable, kt, at) + sum);
