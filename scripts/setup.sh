@@ -43,6 +43,35 @@ PY
   rm -rf "$wheel_dir"
 fi
 
+# Header-only CUTLASS/CuTe (Hopper grouped GEMM, src/ops/cuda/grouped_gemm_sm90.cu) from the
+# pinned nvidia-cutlass PyPI wheel's include/ folder into .deps/cutlass/include (only where
+# nvcc exists; without it the grouped GEMMs keep the WMMA kernels).
+cutlass_version=4.2.0.0
+cutlass_dir="$root/.deps/cutlass"
+if { command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; } &&
+   [ "$(cat "$cutlass_dir/VERSION" 2>/dev/null)" != "$cutlass_version" ]; then
+  wheel_dir="$(mktemp -d)"
+  if python3 -m pip download -q --no-deps --only-binary=:all: -d "$wheel_dir" "nvidia-cutlass==$cutlass_version"; then
+    rm -rf "$cutlass_dir" && mkdir -p "$cutlass_dir"
+    python3 - "$wheel_dir"/*.whl "$cutlass_dir/include" <<'PY'
+import os, sys, zipfile
+wheel, target = sys.argv[1], sys.argv[2]
+prefix = "cutlass_library/source/include/"
+with zipfile.ZipFile(wheel) as archive:
+    for name in archive.namelist():
+        if name.startswith(prefix) and not name.endswith("/"):
+            path = os.path.join(target, name[len(prefix):])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as out:
+                out.write(archive.read(name))
+PY
+    echo "$cutlass_version" >"$cutlass_dir/VERSION"
+  else
+    echo "setup: warning: could not download nvidia-cutlass; grouped GEMMs keep the WMMA kernels"
+  fi
+  rm -rf "$wheel_dir"
+fi
+
 if [ "${1:-}" = "--python" ]; then
   python3 -m pip install -q -r "$(dirname "$0")/../requirements-tools.txt"
 fi

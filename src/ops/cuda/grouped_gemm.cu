@@ -12,9 +12,15 @@
 // its expert by a warp prefix scan of ceil(rows_e / 128) over the offsets; blocks past the
 // last tile exit. fp32 tensors, and bf16 shapes whose contiguous dims are not multiples of
 // 8, take a simple one-thread-per-output kernel (the parity path).
+// On Hopper, bf16 calls go to the wgmma kernels of grouped_gemm_sm90.cu first; these
+// kernels are the fallback (launch_grouped_gemm_wmma / _weight_grad_wmma).
 #include <mma.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "ops/cuda/device_utils.cuh"
+#include "ops/cuda/grouped_gemm_sm90.h"
 
 namespace moetune::cuda {
 
@@ -290,8 +296,28 @@ void launch_tiled(const GemmArgs& args, dim3 grid, cudaStream_t stream) {
 
 }  // namespace
 
-void launch_grouped_gemm(const Tensor& a, const Tensor& w, bool transpose_w, const Tensor& offsets,
-                         const Tensor& c, cudaStream_t stream) {
+namespace {
+// MOETUNE_GROUPED_GEMM=wmma keeps every call on these kernels (A/B benchmarks, bisecting).
+bool sm90_allowed() {
+  const char* choice = std::getenv("MOETUNE_GROUPED_GEMM");
+  return choice == nullptr || std::strcmp(choice, "wmma") != 0;
+}
+}  // namespace
+
+void launch_grouped_gemm(const Tensor& a, const Tensor& w, bool transpose_w, const Tensor& offsets, const Tensor& c,
+                         cudaStream_t stream) {
+  if (!sm90_allowed() || !launch_grouped_gemm_sm90(a, w, transpose_w, offsets, c, stream))
+    launch_grouped_gemm_wmma(a, w, transpose_w, offsets, c, stream);
+}
+
+void launch_grouped_gemm_weight_grad(const Tensor& dy, const Tensor& x, const Tensor& offsets, const Tensor& dw,
+                                     cudaStream_t stream) {
+  if (!sm90_allowed() || !launch_grouped_gemm_weight_grad_sm90(dy, x, offsets, dw, stream))
+    launch_grouped_gemm_weight_grad_wmma(dy, x, offsets, dw, stream);
+}
+
+void launch_grouped_gemm_wmma(const Tensor& a, const Tensor& w, bool transpose_w, const Tensor& offsets,
+                              const Tensor& c, cudaStream_t stream) {
   check_float(a, "grouped_gemm a");
   check_i32(offsets, "grouped_gemm offsets");
   if (w.rank() != 3 || a.rank() != 2 || c.rank() != 2 || a.dtype != w.dtype || c.dtype != a.dtype)
@@ -336,8 +362,8 @@ void launch_grouped_gemm(const Tensor& a, const Tensor& w, bool transpose_w, con
     launch_tiled<true, false, false>(args, grid, stream);
 }
 
-void launch_grouped_gemm_weight_grad(const Tensor& dy, const Tensor& x, const Tensor& offsets,
-                                     const Tensor& dw, cudaStream_t stream) {
+void launch_grouped_gemm_weight_grad_wmma(const Tensor& dy, const Tensor& x, const Tensor& offsets,
+                                          const Tensor& dw, cudaStream_t stream) {
   check_float(dy, "grouped_gemm_weight_grad dy");
   check_i32(offsets, "grouped_gemm_weight_grad offsets");
   if (dw.rank() != 3 || dy.rank() != 2 || x.rank() != 2 || dy.dtype != x.dtype ||

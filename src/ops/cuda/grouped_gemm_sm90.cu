@@ -1,0 +1,322 @@
+// Hopper grouped GEMMs for the expert phase (bf16 operands, fp32 accumulation) through
+// CUTLASS 3.x "grouped" kernels: TMA loads into 128B-swizzled shared memory, a multistage
+// mbarrier pipeline fed by a producer warp, and two consumer warpgroups issuing wgmma on
+// alternate 128x128x64 tiles ("pingpong": one warpgroup's epilogue overlaps the other's
+// mainloop), on a persistent grid whose tile scheduler walks all experts' tiles on the device.
+//
+// The expert offsets never come to the host: a small kernel (one thread per expert) turns
+// offsets [E+1] into CUTLASS's per-group arrays (problem shape, A/B/C/D pointers, strides)
+// in a stream-ordered scratch buffer, and the GEMM kernel reads them there; it rewrites its
+// TMA descriptors per group on the device (tensormap.replace), so rows past an expert's end
+// read as zeros and stores stop at its last row. Three instantiations:
+//   forward     c[R_e] = a[R_e] @ w[e]^T    A row-major (rows, K), B = w[e] (N, K) k-major
+//   data grad   c[R_e] = a[R_e] @ w[e]      A row-major (rows, K), B = w[e] (K, N) n-major
+//   weight grad dw[e] += dy[R_e]^T @ x[R_e] A = dy^T (P, rows_e) m-major, B = x (rows_e, Q)
+//               n-major, K = rows of e; epilogue D = acc + 1 * C with C = D = dw[e] (bf16,
+//               like the WMMA path); experts without rows get M = 0 (no tiles: dw[e] += 0).
+// Built only with CUTLASS headers (scripts/setup.sh: pinned nvidia-cutlass wheel) and an
+// sm_90a target; otherwise the launchers return false and grouped_gemm.cu's WMMA kernels run.
+#include "ops/cuda/device_utils.cuh"
+#include "ops/cuda/grouped_gemm_sm90.h"
+
+#if defined(MOETUNE_HAS_CUTLASS_SM90)
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/operations.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/group_array_problem_shape.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+
+namespace moetune::cuda {
+
+namespace {
+
+using cute::_0;
+using cute::_1;
+using Element = cutlass::bfloat16_t;
+using ProblemShape =
+    cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;  // (M, N, K) per group
+constexpr int kAlignment = 8;                                      // elements: 16 bytes
+
+// Shared memory the epilogue keeps, which the mainloop's stage count leaves free (a variable
+// template: spelled inline as a sizeof, nvcc's host pass drops a `typename` that gcc needs).
+template <class Epilogue>
+constexpr int kEpilogueSmemBytes = static_cast<int>(sizeof(typename Epilogue::SharedStorage));
+
+// One CUTLASS grouped GEMM type for the given operand layouts (CUTLASS's A is (M, K), B is
+// (N, K); RowMajor A / ColumnMajor B are k-major). Output is always row-major (M, N).
+template <class LayoutA, class LayoutB>
+struct GroupedGemm {
+  using TileShape = cute::Shape<cute::_128, cute::_128, cute::_64>;
+  using ClusterShape = cute::Shape<_1, _1, _1>;
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+  using LayoutC = cutlass::layout::RowMajor;
+
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, Element, LayoutC*, kAlignment,
+      Element, LayoutC*, kAlignment, EpilogueSchedule,
+      cutlass::epilogue::fusion::LinearCombination<Element, float>>::CollectiveOp;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment, Element,
+      LayoutB*, kAlignment, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<kEpilogueSmemBytes<Epilogue>>,
+      KernelSchedule>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  using StrideA = typename Kernel::InternalStrideA;
+  using StrideB = typename Kernel::InternalStrideB;
+  using StrideC = typename Kernel::InternalStrideC;
+  using StrideD = typename Kernel::InternalStrideD;
+};
+
+using ForwardGemm = GroupedGemm<cutlass::layout::RowMajor, cutlass::layout::ColumnMajor>;
+using DataGradGemm = GroupedGemm<cutlass::layout::RowMajor, cutlass::layout::RowMajor>;
+using WeightGradGemm = GroupedGemm<cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
+
+// Where group e's operands start, in elements: a + begin * a_row, b + e * b_expert + begin *
+// b_row, c + e * c_expert + begin * c_row (begin = offsets[e]). Row-grouped GEMMs have
+// M = rows of e and fixed N, K; the K-grouped weight gradient has fixed M, N and K = rows of e.
+struct GroupPlan {
+  const int32_t* offsets;
+  int experts;
+  bool k_grouped;
+  int m, n, k;  // the fixed dims (m for k_grouped, k otherwise)
+  const bf16* a;
+  int64_t a_row;
+  const bf16* b;
+  int64_t b_row, b_expert;
+  bf16* c;
+  int64_t c_row, c_expert;
+};
+
+// The per-group arrays CUTLASS reads, carved out of one scratch buffer.
+template <class G>
+struct GroupArrays {
+  ProblemShape::UnderlyingProblemShape* problems;
+  const Element** a;
+  const Element** b;
+  const Element** c;
+  Element** d;
+  typename G::StrideA* stride_a;
+  typename G::StrideB* stride_b;
+  typename G::StrideC* stride_c;
+  typename G::StrideD* stride_d;
+};
+
+template <class G>
+__global__ void build_groups_kernel(GroupPlan plan, GroupArrays<G> out,
+                                    typename G::StrideA stride_a, typename G::StrideB stride_b,
+                                    typename G::StrideC stride_c) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= plan.experts) return;
+  const int begin = plan.offsets[e], rows = plan.offsets[e + 1] - begin;
+  // Experts without rows get no tiles (M = 0): nothing is read or written for them.
+  if (plan.k_grouped)
+    out.problems[e] = cute::make_shape(rows > 0 ? plan.m : 0, plan.n, rows);
+  else
+    out.problems[e] = cute::make_shape(rows, plan.n, plan.k);
+  const bf16* a = plan.a + int64_t(begin) * plan.a_row;
+  const bf16* b = plan.b + int64_t(e) * plan.b_expert + int64_t(begin) * plan.b_row;
+  bf16* c = plan.c + int64_t(e) * plan.c_expert + int64_t(begin) * plan.c_row;
+  out.a[e] = reinterpret_cast<const Element*>(a);
+  out.b[e] = reinterpret_cast<const Element*>(b);
+  out.c[e] = reinterpret_cast<const Element*>(c);
+  out.d[e] = reinterpret_cast<Element*>(c);
+  out.stride_a[e] = stride_a;
+  out.stride_b[e] = stride_b;
+  out.stride_c[e] = stride_c;
+  out.stride_d[e] = stride_c;
+}
+
+// Bump allocator over one byte range (256-byte aligned pieces).
+struct Carver {
+  char* base;
+  size_t used = 0;
+  template <class T>
+  T* take(size_t count) {
+    T* pointer = reinterpret_cast<T*>(base ? base + used : nullptr);
+    used += (count * sizeof(T) + 255) / 256 * 256;
+    return pointer;
+  }
+};
+
+template <class G>
+GroupArrays<G> carve(Carver& carver, int experts) {
+  GroupArrays<G> arrays{};
+  arrays.problems = carver.take<ProblemShape::UnderlyingProblemShape>(experts);
+  arrays.a = carver.take<const Element*>(experts);
+  arrays.b = carver.take<const Element*>(experts);
+  arrays.c = carver.take<const Element*>(experts);
+  arrays.d = carver.take<Element*>(experts);
+  arrays.stride_a = carver.take<typename G::StrideA>(experts);
+  arrays.stride_b = carver.take<typename G::StrideB>(experts);
+  arrays.stride_c = carver.take<typename G::StrideC>(experts);
+  arrays.stride_d = carver.take<typename G::StrideD>(experts);
+  return arrays;
+}
+
+// sm_90 device (the kernels are built for sm_90a only) and its multiprocessor count.
+bool hopper_device(int& device, int& sms) {
+  int major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return major == 9 && minor == 0;
+}
+
+bool aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
+
+template <class G>
+void run_grouped(const GroupPlan& plan, typename G::StrideA stride_a, typename G::StrideB stride_b,
+                 typename G::StrideC stride_c, float beta, int device, int sms,
+                 cudaStream_t stream) {
+  using Gemm = typename G::Gemm;
+  cutlass::KernelHardwareInfo hw_info;
+  hw_info.device_id = device;
+  hw_info.sm_count = sms;
+
+  // Sizes first (null base), then one buffer for the group arrays and CUTLASS's workspace
+  // (its per-SM TMA descriptors).
+  Carver sizing{nullptr};
+  carve<G>(sizing, plan.experts);
+  typename Gemm::Arguments arguments;
+  auto make_arguments = [&](const GroupArrays<G>& arrays) {
+    typename Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGrouped,
+                                  {plan.experts, arrays.problems, nullptr},
+                                  {arrays.a, arrays.stride_a, arrays.b, arrays.stride_b},
+                                  {{}, arrays.c, arrays.stride_c, arrays.d, arrays.stride_d},
+                                  hw_info};
+    args.epilogue.thread.alpha = 1.0f;
+    args.epilogue.thread.beta = beta;
+    return args;
+  };
+  const size_t workspace_bytes = Gemm::get_workspace_size(make_arguments(GroupArrays<G>{}));
+  Buffer scratch(DType::U8, Shape{static_cast<int64_t>(sizing.used + workspace_bytes + 256)},
+                 Device::CUDA);
+  Carver carver{static_cast<char*>(scratch.data())};
+  const GroupArrays<G> arrays = carve<G>(carver, plan.experts);
+  void* workspace = static_cast<char*>(scratch.data()) + carver.used;
+
+  build_groups_kernel<G><<<static_cast<unsigned>(ceil_div(plan.experts, 128)), 128, 0, stream>>>(
+      plan, arrays, stride_a, stride_b, stride_c);
+  MOETUNE_CUDA_LAUNCH_CHECK();
+
+  arguments = make_arguments(arrays);
+  Gemm gemm;
+  cutlass::Status status = gemm.can_implement(arguments);
+  if (status == cutlass::Status::kSuccess) status = gemm.initialize(arguments, workspace, stream);
+  if (status == cutlass::Status::kSuccess) status = gemm.run(stream);
+  if (status != cutlass::Status::kSuccess)
+    fail("grouped GEMM (sm90): CUTLASS ", cutlassGetStatusString(status));
+  MOETUNE_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+bool launch_grouped_gemm_sm90(const Tensor& a, const Tensor& w, bool transpose_w,
+                              const Tensor& offsets, const Tensor& c, cudaStream_t stream) {
+  if (a.dtype != DType::BF16 || w.dtype != DType::BF16 || c.dtype != DType::BF16 ||
+      offsets.dtype != DType::I32)
+    return false;
+  if (a.rank() != 2 || w.rank() != 3 || c.rank() != 2 || offsets.rank() != 1) return false;
+  const int64_t experts = w.size(0), p = w.size(1), q = w.size(2), rows = a.size(0);
+  const int64_t k = transpose_w ? q : p, n = transpose_w ? p : q;
+  if (a.size(1) != k || c.size(0) != rows || c.size(1) != n || offsets.numel() != experts + 1)
+    return false;
+  if (experts == 0 || rows == 0 || n == 0 || k == 0) return false;
+  if (k % kAlignment || n % kAlignment || !aligned16(a.data) || !aligned16(w.data) ||
+      !aligned16(c.data))
+    return false;
+  if (rows > INT32_MAX || n > INT32_MAX || k > INT32_MAX || experts > INT32_MAX) return false;
+  int device = 0, sms = 0;
+  if (!hopper_device(device, sms)) return false;
+
+  GroupPlan plan{};
+  plan.offsets = offsets.ptr<int32_t>();
+  plan.experts = static_cast<int>(experts);
+  plan.k_grouped = false;
+  plan.n = static_cast<int>(n);
+  plan.k = static_cast<int>(k);
+  plan.a = a.ptr<bf16>();
+  plan.a_row = k;
+  plan.b = w.ptr<bf16>();
+  plan.b_expert = p * q;
+  plan.c = c.ptr<bf16>();
+  plan.c_row = n;
+  // Strides (CUTLASS modes: A (M, K), B (N, K), C (M, N)); the one dynamic entry is the leading
+  // dim.
+  if (transpose_w) {
+    using G = ForwardGemm;
+    run_grouped<G>(plan, typename G::StrideA{k, _1{}, _0{}}, typename G::StrideB{k, _1{}, _0{}},
+                   typename G::StrideC{n, _1{}, _0{}}, 0.0f, device, sms, stream);
+  } else {
+    using G = DataGradGemm;
+    run_grouped<G>(plan, typename G::StrideA{k, _1{}, _0{}}, typename G::StrideB{_1{}, n, _0{}},
+                   typename G::StrideC{n, _1{}, _0{}}, 0.0f, device, sms, stream);
+  }
+  return true;
+}
+
+bool launch_grouped_gemm_weight_grad_sm90(const Tensor& dy, const Tensor& x, const Tensor& offsets,
+                                          const Tensor& dw, cudaStream_t stream) {
+  if (dy.dtype != DType::BF16 || x.dtype != DType::BF16 || dw.dtype != DType::BF16 ||
+      offsets.dtype != DType::I32)
+    return false;
+  if (dy.rank() != 2 || x.rank() != 2 || dw.rank() != 3 || offsets.rank() != 1) return false;
+  const int64_t experts = dw.size(0), p = dw.size(1), q = dw.size(2), rows = dy.size(0);
+  if (dy.size(1) != p || x.size(1) != q || x.size(0) != rows || offsets.numel() != experts + 1)
+    return false;
+  if (experts == 0 || p == 0 || q == 0) return false;
+  if (p % kAlignment || q % kAlignment || !aligned16(dy.data) || !aligned16(x.data) ||
+      !aligned16(dw.data))
+    return false;
+  if (rows > INT32_MAX || p > INT32_MAX || q > INT32_MAX || experts > INT32_MAX) return false;
+  int device = 0, sms = 0;
+  if (!hopper_device(device, sms)) return false;
+  if (rows == 0) return true;  // every expert is empty: dw += 0
+
+  GroupPlan plan{};
+  plan.offsets = offsets.ptr<int32_t>();
+  plan.experts = static_cast<int>(experts);
+  plan.k_grouped = true;
+  plan.m = static_cast<int>(p);
+  plan.n = static_cast<int>(q);
+  plan.a = dy.ptr<bf16>();
+  plan.a_row = p;
+  plan.b = x.ptr<bf16>();
+  plan.b_row = q;
+  plan.c = dw.ptr<bf16>();
+  plan.c_expert = p * q;
+  using G = WeightGradGemm;
+  run_grouped<G>(plan, typename G::StrideA{_1{}, p, _0{}}, typename G::StrideB{_1{}, q, _0{}},
+                 typename G::StrideC{q, _1{}, _0{}}, 1.0f, device, sms, stream);
+  return true;
+}
+
+}  // namespace moetune::cuda
+
+#else  // no CUTLASS or no sm_90a target in this build: the WMMA kernels take every call
+
+namespace moetune::cuda {
+bool launch_grouped_gemm_sm90(const Tensor&, const Tensor&, bool, const Tensor&, const Tensor&,
+                              cudaStream_t) {
+  return false;
+}
+bool launch_grouped_gemm_weight_grad_sm90(const Tensor&, const Tensor&, const Tensor&,
+                                          const Tensor&, cudaStream_t) {
+  return false;
+}
+}  // namespace moetune::cuda
+
+#endif
