@@ -514,8 +514,8 @@ Store::Reply Store::request(uint8_t op, const std::vector<std::string>& fields,
   auto lost = [&](const char* what) {
     ::close(fd_);
     fd_ = -1;
-    fail("rank ", rank_, " lost the rendezvous store at ", where(), " (", what,
-         "): rank 0, which serves it, has probably died");
+    throw PeerFailure(detail::concat("rank ", rank_, " lost the rendezvous store at ", where(),
+                                     " (", what, "): rank 0, which serves it, has probably died"));
   };
   if (!send_all(fd_, encode({op, fields}))) lost("send failed");
   const auto deadline = after_seconds(reply_timeout_s);
