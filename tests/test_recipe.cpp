@@ -156,3 +156,24 @@ TEST(Recipe, DemoRecipeLoads) {
 
 }  // namespace
 }  // namespace moetune
+
+namespace moetune {
+// training.recompute turns on per-layer activation checkpointing and round-trips.
+TEST(RecipeRecompute, ParsesAndRejectsNonBoolean) {
+  testing::TempDir dir;
+  auto write = [&](const std::string& value) {
+    std::ofstream(dir / "r.yaml") << "model: {config: c.json}\n"
+                                     "data: {train: t.jsonl}\n"
+                                     "training: {max_steps: 1, global_batch_sequences: 1, "
+                                     "micro_batch: 1, recompute: "
+                                  << value << "}\n";
+  };
+  std::ofstream(dir / "c.json") << "{}";
+  std::ofstream(dir / "tokenizer.json") << "{}";
+  std::ofstream(dir / "t.jsonl") << "{\"text\": \"a\"}\n";
+  write("true");
+  EXPECT_TRUE(load_recipe(dir / "r.yaml", {}).training.recompute);
+  write("sometimes");
+  EXPECT_THROW(load_recipe(dir / "r.yaml", {}), Error);
+}
+}  // namespace moetune

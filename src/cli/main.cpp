@@ -13,7 +13,8 @@ namespace moetune::cli {
 namespace {
 constexpr Command kCommands[] = {
     {"version", run_version, "print the version and the backends this build has"},
-    {"forward-backward", run_forward_backward, "one forward+backward (+AdamW step) on a batch file"},
+    {"forward-backward", run_forward_backward,
+     "one forward+backward (+AdamW step) on a batch file"},
     {"init", run_init, "write a randomly initialised model folder from a config.json"},
     {"inspect", run_inspect, "describe a model folder and the memory to train it"},
     {"data", run_data, "preview a recipe's dataset: rendered examples, loss masks, token stats"},
@@ -30,7 +31,8 @@ constexpr Command kCommands[] = {
 
 void print_usage() {
   std::printf("moetune: fine-tune Hugging Face models (MoE first), natively in C++/CUDA\n\n");
-  std::printf("usage: moetune <command> [options]   (moetune <command> --help for its options)\n\n");
+  std::printf(
+      "usage: moetune <command> [options]   (moetune <command> --help for its options)\n\n");
   std::printf("commands:\n");
   for (const auto& command : kCommands) std::printf("  %-18s %s\n", command.name, command.summary);
 }

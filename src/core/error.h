@@ -41,8 +41,8 @@ template <typename... Args>
 
 }  // namespace moetune
 
-#define MOETUNE_CHECK(cond, ...)                                                      \
-  do {                                                                                \
-    if (!(cond))                                                                      \
+#define MOETUNE_CHECK(cond, ...)                                                             \
+  do {                                                                                       \
+    if (!(cond))                                                                             \
       ::moetune::fail(__FILE__, ":", __LINE__, ": check failed: " #cond " ", ##__VA_ARGS__); \
   } while (0)

@@ -23,7 +23,7 @@ namespace {
 constexpr std::array<std::string_view, 8> kSections = {
     "model", "data", "training", "optimizer", "scheduler", "checkpoint", "logging", "parallel"};
 constexpr std::array<std::string_view, 4> kModelKeys = {"path", "config", "tokenizer", "dtype"};
-constexpr std::array<std::string_view, 10> kTrainingKeys = {"max_steps",
+constexpr std::array<std::string_view, 11> kTrainingKeys = {"max_steps",
                                                             "epochs",
                                                             "global_batch_sequences",
                                                             "global_batch_tokens",
@@ -32,7 +32,8 @@ constexpr std::array<std::string_view, 10> kTrainingKeys = {"max_steps",
                                                             "seed",
                                                             "eval_every",
                                                             "eval_batches",
-                                                            "max_bad_steps"};
+                                                            "max_bad_steps",
+                                                            "recompute"};
 constexpr std::array<std::string_view, 7> kOptimizerKeys = {
     "lr", "betas", "eps", "weight_decay", "no_decay", "grad_clip", "master_weights"};
 constexpr std::array<std::string_view, 5> kSchedulerKeys = {"type", "warmup_steps", "warmup_ratio",
@@ -269,6 +270,7 @@ Recipe parse_recipe(const YAML::Node& input, const fs::path& base_dir, const fs:
   check_range(t.eval_batches, int64_t{0}, int64_t{1} << 30, "training.eval_batches");
   t.max_bad_steps = get_int(training, "max_bad_steps", "training", t.max_bad_steps);
   check_range(t.max_bad_steps, int64_t{1}, int64_t{1} << 30, "training.max_bad_steps");
+  t.recompute = get_bool(training, "recompute", "training", t.recompute);
 
   // ---- data (its own schema) ----
   const YAML::Node data = root["data"];
@@ -401,6 +403,7 @@ std::string resolved_recipe_yaml(const Recipe& recipe) {
   out << YAML::Key << "eval_every" << YAML::Value << t.eval_every;
   out << YAML::Key << "eval_batches" << YAML::Value << t.eval_batches;
   out << YAML::Key << "max_bad_steps" << YAML::Value << t.max_bad_steps;
+  out << YAML::Key << "recompute" << YAML::Value << t.recompute;
   out << YAML::EndMap;
 
   const auto& o = recipe.optimizer;

@@ -20,6 +20,8 @@
 //     eval_every: 0              # [0: only at the end] optimizer steps between evals
 //     eval_batches: 8            # micro-batches per eval (0: the whole held-out split)
 //     max_bad_steps: 5           # stop after this many non-finite steps in a row
+//     recompute: false           # activation checkpointing per decoder layer (less memory,
+//                                # one more forward per layer)
 //   optimizer:
 //     lr: 1e-4
 //     betas: [0.9, 0.999]
@@ -79,6 +81,7 @@ struct TrainingRecipe {
   int64_t eval_every = 0;
   int64_t eval_batches = 8;
   int64_t max_bad_steps = 5;
+  bool recompute = false;
 
   // Rows per optimizer step (from global_batch_sequences or global_batch_tokens).
   int64_t global_batch_rows() const;

@@ -243,6 +243,7 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
   ModelOptions model_options;
   model_options.param_dtype = recipe.model.dtype;
   model_options.grad_dtype = DType::F32;
+  model_options.recompute_layers = t.recompute;
   std::unique_ptr<Model> model =
       recipe.model.path ? Model::from_hf_folder(*recipe.model.path, *backend, model_options)
                         : Model::random_init(load_model_config(*recipe.model.config), t.seed,
