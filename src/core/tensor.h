@@ -50,7 +50,9 @@ struct Tensor {
   bool defined() const { return data != nullptr || numel() == 0; }
 
   template <typename T>
-  T* ptr() const { return static_cast<T*>(data); }
+  T* ptr() const {
+    return static_cast<T*>(data);
+  }
 
   // Same bytes, another shape with the same number of elements.
   Tensor view(Shape new_shape) const;
@@ -79,7 +81,9 @@ class Buffer {
   int64_t numel() const { return tensor_.numel(); }
   size_t bytes() const { return tensor_.bytes(); }
   template <typename T>
-  T* ptr() const { return tensor_.ptr<T>(); }
+  T* ptr() const {
+    return tensor_.ptr<T>();
+  }
 
  private:
   struct Deleter {

@@ -45,15 +45,15 @@ struct AdamWParam {
 // Arguments of the fused LM head + cross-entropy (forward and, if grad_scale != 0, backward
 // in the same pass; the [N, V] logits never need to exist).
 struct LinearCrossEntropyArgs {
-  Tensor hidden;      // (N, H)  final-norm output
-  Tensor weight;      // (V, H)  lm_head (or the tied embedding)
-  Tensor labels;      // (N) I32, already shifted; -100 = not trained
-  Tensor loss_sum;    // (1) fp32, accumulate: sum of -log p(label) over trained tokens
-  Tensor correct;     // (1) fp32, accumulate: trained tokens whose argmax == label (optional)
+  Tensor hidden;            // (N, H)  final-norm output
+  Tensor weight;            // (V, H)  lm_head (or the tied embedding)
+  Tensor labels;            // (N) I32, already shifted; -100 = not trained
+  Tensor loss_sum;          // (1) fp32, accumulate: sum of -log p(label) over trained tokens
+  Tensor correct;           // (1) fp32, accumulate: trained tokens whose argmax == label (optional)
   float grad_scale = 0.0f;  // d(total loss)/d(loss_sum); 0 = forward only
-  Tensor grad_hidden;  // (N, H) overwritten (when grad_scale != 0)
-  Tensor grad_weight;  // (V, H) accumulate (when grad_scale != 0)
-  Tensor logits;       // (N, V) fp32, optional: written when defined (parity tests)
+  Tensor grad_hidden;       // (N, H) overwritten (when grad_scale != 0)
+  Tensor grad_weight;       // (V, H) accumulate (when grad_scale != 0)
+  Tensor logits;            // (N, V) fp32, optional: written when defined (parity tests)
 };
 
 class Backend {
@@ -90,8 +90,9 @@ class Backend {
   virtual void rmsnorm_forward(const Tensor& x, const Tensor& weight, float eps, const Tensor& out,
                                const Tensor& rstd) = 0;
   // Fused residual add + norm: residual += delta; out = rmsnorm(residual).
-  virtual void add_rmsnorm_forward(const Tensor& residual, const Tensor& delta, const Tensor& weight,
-                                   float eps, const Tensor& out, const Tensor& rstd) = 0;
+  virtual void add_rmsnorm_forward(const Tensor& residual, const Tensor& delta,
+                                   const Tensor& weight, float eps, const Tensor& out,
+                                   const Tensor& rstd) = 0;
   // dx = (or +=, with accumulate_dx) d/dx;  dweight += d/dweight
   virtual void rmsnorm_backward(const Tensor& dout, const Tensor& x, const Tensor& weight,
                                 const Tensor& rstd, const Tensor& dx, const Tensor& dweight,
@@ -118,7 +119,8 @@ class Backend {
 
   // ---- SwiGLU: gate_up (M, 2I) = [gate | up] columns -> out (M, I) = silu(gate) * up ----
   virtual void swiglu_forward(const Tensor& gate_up, const Tensor& out) = 0;
-  virtual void swiglu_backward(const Tensor& dout, const Tensor& gate_up, const Tensor& dgate_up) = 0;
+  virtual void swiglu_backward(const Tensor& dout, const Tensor& gate_up,
+                               const Tensor& dgate_up) = 0;
 
   // ---- MoE: route ----------------------------------------------------------------------
   // logits (N, E) -> probs (N, E) fp32 softmax (saved); topk_ids (N, k) I32 (descending
@@ -144,7 +146,8 @@ class Backend {
                                   const Tensor& expert_offsets, const Tensor& sorted_slots,
                                   const Tensor& slot_rows) = 0;
   // out (N*k, H): row r = x[sorted_slots[r] / k];  backward: dx (N, H) += (accumulate)
-  virtual void moe_gather(const Tensor& x, const Tensor& sorted_slots, int top_k, const Tensor& out) = 0;
+  virtual void moe_gather(const Tensor& x, const Tensor& sorted_slots, int top_k,
+                          const Tensor& out) = 0;
   virtual void moe_gather_backward(const Tensor& dout, const Tensor& sorted_slots, int top_k,
                                    const Tensor& dx) = 0;
   // out (N, H) = sum_j weights[n, j] * y[slot_rows[n*k + j]]   (y (N*k, H) expert-sorted)

@@ -304,20 +304,20 @@ bool sm90_allowed() {
 }
 }  // namespace
 
-void launch_grouped_gemm(const Tensor& a, const Tensor& w, bool transpose_w, const Tensor& offsets, const Tensor& c,
-                         cudaStream_t stream) {
+void launch_grouped_gemm(const Tensor& a, const Tensor& w, bool transpose_w, const Tensor& offsets,
+                         const Tensor& c, cudaStream_t stream) {
   if (!sm90_allowed() || !launch_grouped_gemm_sm90(a, w, transpose_w, offsets, c, stream))
     launch_grouped_gemm_wmma(a, w, transpose_w, offsets, c, stream);
 }
 
-void launch_grouped_gemm_weight_grad(const Tensor& dy, const Tensor& x, const Tensor& offsets, const Tensor& dw,
-                                     cudaStream_t stream) {
+void launch_grouped_gemm_weight_grad(const Tensor& dy, const Tensor& x, const Tensor& offsets,
+                                     const Tensor& dw, cudaStream_t stream) {
   if (!sm90_allowed() || !launch_grouped_gemm_weight_grad_sm90(dy, x, offsets, dw, stream))
     launch_grouped_gemm_weight_grad_wmma(dy, x, offsets, dw, stream);
 }
 
-void launch_grouped_gemm_wmma(const Tensor& a, const Tensor& w, bool transpose_w, const Tensor& offsets,
-                              const Tensor& c, cudaStream_t stream) {
+void launch_grouped_gemm_wmma(const Tensor& a, const Tensor& w, bool transpose_w,
+                              const Tensor& offsets, const Tensor& c, cudaStream_t stream) {
   check_float(a, "grouped_gemm a");
   check_i32(offsets, "grouped_gemm offsets");
   if (w.rank() != 3 || a.rank() != 2 || c.rank() != 2 || a.dtype != w.dtype || c.dtype != a.dtype)
