@@ -5,6 +5,8 @@
 // follows the parameter dtype), so memory is compared like for like. Timing: warm-up steps,
 // then the median wall time of --steps synchronised steps; one extra profiled step brackets
 // every op with CUDA events for the per-phase times. tflops uses DESIGN.md's formula.
+// --optimizer-in-backward: AdamW per gradient group inside the gradient-ready hook and
+// per-group gradient storage (GradientStorage::PerGroup), as training.optimizer_in_backward.
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
@@ -55,7 +57,7 @@ int run_bench(int argc, char** argv) {
   app.name("moetune bench");
   std::string config_path, routing = "real", device = "cuda";
   int64_t layers = 0, seq = 4096, micro_batch = 1, steps = 5, warmup = 2;
-  bool recompute = false;
+  bool recompute = false, optimizer_in_backward = false;
   app.add_option("--config", config_path, "HF config.json of the model shape")->required();
   app.add_option("--layers", layers, "keep the first N decoder layers (default: all)");
   app.add_option("--seq", seq, "tokens per row");
@@ -63,6 +65,8 @@ int run_bench(int argc, char** argv) {
   app.add_option("--steps", steps, "timed steps (median reported)");
   app.add_option("--warmup", warmup, "untimed steps first");
   app.add_flag("--recompute", recompute, "activation checkpointing per layer");
+  app.add_flag("--optimizer-in-backward", optimizer_in_backward,
+               "AdamW per gradient group during the backward, gradients held per group");
   app.add_option("--routing", routing, "real (the random-init router) or balanced")
       ->check(CLI::IsMember({"real", "balanced"}));
   app.add_option("--device", device, "cuda or cuda:N");
@@ -90,6 +94,7 @@ int run_bench(int argc, char** argv) {
   options.grad_dtype = DType::BF16;
   options.recompute_layers = recompute;
   options.balanced_routing = routing == "balanced";
+  if (optimizer_in_backward) options.grad_storage = GradientStorage::PerGroup;
   auto model = Model::uninitialized(config, *backend, options);
   uint64_t seed = 1;
   for (const Parameter& parameter : model->parameters()) {
@@ -131,11 +136,19 @@ int run_bench(int argc, char** argv) {
 
   AdamWHyper hyper;
   hyper.lr = 1e-5;
+  if (optimizer_in_backward)
+    model->set_gradient_ready_hook([&](size_t index) {
+      const GradientGroup& group = model->gradient_groups()[index];
+      for (size_t i = group.begin; i < group.end; ++i) adamw[i].grad = model->parameters()[i].grad;
+      backend->adamw_update(std::span<const AdamWParam>(adamw).subspan(group.begin,
+                                                                        group.end - group.begin),
+                            hyper, 1.0f);
+    });
   double last_loss = 0;
   auto train_step = [&]() {
     model->zero_grads();
     const StepResult result = model->forward_backward(batch, loss_scale);
-    backend->adamw_update(adamw, hyper, 1.0f);
+    if (!optimizer_in_backward) backend->adamw_update(adamw, hyper, 1.0f);
     ++hyper.step;
     backend->synchronize();
     last_loss = result.trained_tokens ? result.loss_sum / double(result.trained_tokens) : 0.0;
@@ -161,7 +174,8 @@ int run_bench(int argc, char** argv) {
   // The memory plan's prediction for this run: weights, grads, activations and scratch from
   // plan_memory, AdamW state in the parameter dtype (not the plan's fp32 state), plus the
   // backend's LM-head logits chunk (at most ~640 MB, cuda_backend.cpp).
-  MemoryPlanOptions plan_options{DType::BF16, DType::BF16, micro_batch, seq, recompute};
+  MemoryPlanOptions plan_options{DType::BF16, DType::BF16, micro_batch, seq, recompute,
+                                 optimizer_in_backward};
   const MemoryPlan plan = plan_memory(config, plan_options);
   const int64_t logits_row = config.vocab_size * 2;
   const int64_t logits_chunk =
@@ -177,7 +191,8 @@ int run_bench(int argc, char** argv) {
   std::printf(
       "{\"engine\": \"moetune\", \"gpu\": \"%s\", \"layers\": %lld, \"seq\": %lld, "
       "\"micro_batch\": %lld, "
-      "\"routing\": \"%s\", \"recompute\": %s, \"tokens_per_step\": %lld, \"tps\": %.1f, "
+      "\"routing\": \"%s\", \"recompute\": %s, \"optimizer_in_backward\": %s, "
+      "\"tokens_per_step\": %lld, \"tps\": %.1f, "
       "\"tflops\": %.1f, "
       "\"peak_gib\": %.2f, \"plan_gib\": %.2f, \"step_s\": %.4f, \"loss\": %.4f, \"phases_s\": "
       "{\"attention\": %.4f, "
@@ -185,7 +200,8 @@ int run_bench(int argc, char** argv) {
       "\"dense_gemm\": %.4f, "
       "\"other_ops\": %.4f, \"host_gaps\": %.4f}, \"profiled_step_s\": %.4f}\n",
       cuda::device_name(), (long long)config.num_hidden_layers, (long long)seq,
-      (long long)micro_batch, routing.c_str(), recompute ? "true" : "false", (long long)tokens, tps,
+      (long long)micro_batch, routing.c_str(), recompute ? "true" : "false",
+      optimizer_in_backward ? "true" : "false", (long long)tokens, tps,
       tflops, double(memory.peak_reserved) / double(1ull << 30), plan_bytes / double(1ull << 30),
       step_s, last_loss, seconds(cuda::Phase::Attention), seconds(cuda::Phase::RouterDispatch),
       seconds(cuda::Phase::Experts), seconds(cuda::Phase::Loss), seconds(cuda::Phase::Optimizer),

@@ -100,7 +100,7 @@ void moe_forward(Backend& backend, TokenDispatcher& dispatcher, const ModelConfi
 void moe_backward(Backend& backend, TokenDispatcher& dispatcher, const ModelConfig& config,
                   const LayerWeights& w, const LayerWeights& g, const Tensor& x,
                   const MoeSaved& saved, const Tensor& aux_dprob, const Tensor& dout,
-                  MoeScratch& scratch, const Tensor& dx) {
+                  MoeScratch& scratch, const Tensor& dx, bool accumulate_grads) {
   const MoeRouting routing = saved.routing();
   // combine
   dispatcher.combine_backward(dout, saved.expert_out, saved.topk_weights, routing,
@@ -109,12 +109,12 @@ void moe_backward(Backend& backend, TokenDispatcher& dispatcher, const ModelConf
   backend.grouped_gemm(scratch.dexpert_out, w.experts_down, false, routing.expert_offsets,
                        scratch.dhidden);  // (N*k, I)
   backend.grouped_gemm_weight_grad(scratch.dexpert_out, saved.hidden, routing.expert_offsets,
-                                   g.experts_down);                           // (E, H, I)
+                                   g.experts_down, accumulate_grads);         // (E, H, I)
   backend.swiglu_backward(scratch.dhidden, saved.gate_up, scratch.dgate_up);  // (N*k, 2I)
   backend.grouped_gemm(scratch.dgate_up, w.experts_gate_up, false, routing.expert_offsets,
                        scratch.drows);  // (N*k, H)
   backend.grouped_gemm_weight_grad(scratch.dgate_up, saved.rows, routing.expert_offsets,
-                                   g.experts_gate_up);  // (E, 2I, H)
+                                   g.experts_gate_up, accumulate_grads);  // (E, 2I, H)
   // dispatch
   backend.fill(dx, 0.0f);
   dispatcher.dispatch_backward(scratch.drows, routing, dx);
@@ -122,7 +122,8 @@ void moe_backward(Backend& backend, TokenDispatcher& dispatcher, const ModelConf
   backend.router_backward(scratch.dtopk_weights, saved.probs, saved.topk_ids, config.norm_topk_prob,
                           aux_dprob, scratch.drouter_logits);
   backend.gemm(scratch.drouter_logits, false, w.router, false, dx, 1, 1);  // (N, H)
-  backend.gemm(scratch.drouter_logits, true, x, false, g.router, 1, 1);    // (E, H)
+  backend.gemm(scratch.drouter_logits, true, x, false, g.router, 1,
+               accumulate_grads ? 1.0f : 0.0f);  // (E, H)
 }
 
 }  // namespace moetune
