@@ -175,6 +175,46 @@ TEST(ModelStep, AccumulatingMicroBatchesEqualsOneBatch) {
         << accumulated[i].name;
 }
 
+// The gradient-ready hook: every group reported once, in backward order (head, last layer ..
+// first, embedding), and each group's gradients are final (equal to the end-of-step values)
+// when it is reported; the groups cover every parameter exactly once.
+TEST(ModelStep, GradientReadyHookReportsFinalGroupsInBackwardOrder) {
+  auto backend = make_cpu_backend();
+  const ModelConfig config = tiny_moe_config(true);
+  auto model = Model::random_init(config, 9, *backend);
+  const auto& groups = model->gradient_groups();
+  ASSERT_EQ(groups.size(), static_cast<size_t>(config.num_hidden_layers + 2));
+  EXPECT_EQ(groups.front().name, "head");
+  EXPECT_EQ(groups[1].name, "layer." + std::to_string(config.num_hidden_layers - 1));
+  EXPECT_EQ(groups.back().name, "embedding");
+  std::vector<int> covered(model->parameters().size(), 0);
+  for (const auto& group : groups)
+    for (size_t i = group.begin; i < group.end; ++i) ++covered[i];
+  EXPECT_TRUE(std::all_of(covered.begin(), covered.end(), [](int c) { return c == 1; }));
+
+  const Tokens tokens = make_tokens(2 * 6, 23, config.vocab_size);
+  const BatchView batch{2, 6, tokens.ids, tokens.labels, {}, {}};
+  std::vector<size_t> order;
+  std::vector<std::vector<float>> at_hook(model->parameters().size());
+  model->set_gradient_ready_hook([&](size_t index) {
+    order.push_back(index);
+    for (size_t i = groups[index].begin; i < groups[index].end; ++i) {
+      const Tensor grad = model->parameters()[i].grad;
+      at_hook[i].assign(grad.ptr<float>(), grad.ptr<float>() + grad.numel());
+    }
+  });
+  model->zero_grads();
+  model->forward_backward(batch, 0.05f);
+  ASSERT_EQ(order.size(), groups.size());
+  for (size_t i = 0; i < order.size(); ++i) EXPECT_EQ(order[i], i);
+  for (size_t i = 0; i < at_hook.size(); ++i) {
+    const Tensor grad = model->parameters()[i].grad;
+    ASSERT_EQ(at_hook[i].size(), static_cast<size_t>(grad.numel()));
+    EXPECT_TRUE(std::equal(at_hook[i].begin(), at_hook[i].end(), grad.ptr<float>()))
+        << model->parameters()[i].name;
+  }
+}
+
 TEST(ModelStep, BadBatchesAreRejected) {
   auto backend = make_cpu_backend();
   const ModelConfig config = tiny_moe_config(false);

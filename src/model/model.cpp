@@ -62,6 +62,36 @@ Model::Model(const ModelConfig& config, Backend& backend, ModelOptions options)
   backend.copy(inv_freq_, Tensor(const_cast<float*>(inv_freq.data()), DType::F32,
                                  {static_cast<int64_t>(inv_freq.size())}));
   backend.synchronize();
+
+  // Gradient groups in backward order: head, layer L-1 .. 0, embedding. The parameters are
+  // allocated as embed, layer 0 .. L-1, final norm, lm_head (weights.cpp), so each group is
+  // a contiguous range.
+  const std::vector<Parameter>& params = weights_->parameters();
+  const int64_t L = config_.num_hidden_layers;
+  std::vector<GradientGroup> layers(static_cast<size_t>(L));
+  GradientGroup head{"head", params.size(), params.size()};
+  GradientGroup embedding{"embedding", 0, 0};
+  for (size_t i = 0; i < params.size(); ++i) {
+    const std::string& name = params[i].name;
+    GradientGroup* group = nullptr;
+    if (name.starts_with("model.layers.")) {
+      const int64_t layer = std::stoll(name.substr(13));
+      MOETUNE_CHECK(layer >= 0 && layer < L, "parameter of an unknown layer: " + name);
+      group = &layers[static_cast<size_t>(layer)];
+      if (group->name.empty()) *group = GradientGroup{"layer." + std::to_string(layer), i, i};
+    } else if (name == "model.embed_tokens.weight") {
+      group = &embedding;
+      group->begin = i;
+    } else {
+      group = &head;
+      if (head.begin == params.size()) head.begin = i;
+    }
+    MOETUNE_CHECK(group->end == i, "parameters of a gradient group are not contiguous: " + name);
+    group->end = i + 1;
+  }
+  gradient_groups_.push_back(head);
+  for (int64_t l = L - 1; l >= 0; --l) gradient_groups_.push_back(layers[static_cast<size_t>(l)]);
+  gradient_groups_.push_back(embedding);
 }
 
 Model::~Model() = default;
@@ -374,6 +404,7 @@ StepResult Model::run(const BatchView& batch, bool backward, float loss_scale, f
     if (loss_scale == 0.0f) backend_.fill(dnormed, 0.0f);
     backend_.rmsnorm_backward(dnormed, a.residual[L], w.final_norm, a.final_rstd, a.dresidual,
                               g.final_norm, false);
+    if (gradient_ready_hook_) gradient_ready_hook_(0);  // head
     for (int64_t l = L - 1; l >= 0; --l) {
       const Tensor layer_aux = config_.layer_is_moe(l) ? aux_dprob : Tensor();
       if (options_.recompute_layers && l + 1 < L)  // rewrites residual[l + 1] with equal values
@@ -381,8 +412,10 @@ StepResult Model::run(const BatchView& batch, bool backward, float loss_scale, f
                               a.residual[l + 1]);
       decoder_layer_backward(context, w.layers[l], g.layers[l], a.residual[l], saved(l), layer_aux,
                              a.scratch, a.dresidual);
+      if (gradient_ready_hook_) gradient_ready_hook_(static_cast<size_t>(L - l));  // layer.l
     }
     backend_.embedding_backward(a.input_ids, a.dresidual, g.embed);
+    if (gradient_ready_hook_) gradient_ready_hook_(static_cast<size_t>(L + 1));  // embedding
   }
 
   float loss_sum = 0, correct = 0;

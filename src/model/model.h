@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -71,6 +72,14 @@ struct ModelOptions {
   dist::Communicator* expert_comm = nullptr;
 };
 
+// Parameters whose gradients become final together during the backward: the head (final
+// norm and an untied lm_head), then each decoder layer from the last to the first, then the
+// embedding (which also holds a tied lm_head's gradient). `begin`/`end` index parameters().
+struct GradientGroup {
+  std::string name;  // "head", "layer.N", "embedding"
+  size_t begin = 0, end = 0;
+};
+
 struct SaveOptions {
   DType dtype = DType::F32;                // F32, BF16 or F16 on disk
   int64_t max_shard_bytes = 5LL << 30;     // larger checkpoints are sharded
@@ -107,6 +116,15 @@ class Model {
   StepResult evaluate(const BatchView& batch, const Tensor& logits = Tensor());
 
   void zero_grads();
+
+  // The gradient groups in the order the backward finishes them.
+  const std::vector<GradientGroup>& gradient_groups() const { return gradient_groups_; }
+  // Called by forward_backward on the host right after the device work that finishes group
+  // `index` of gradient_groups() has been enqueued on the backend's stream (it may still be
+  // running): gradient reduce-scatters or optimizer updates can start there, per group,
+  // instead of after the whole backward. Empty function = none.
+  using GradientReadyHook = std::function<void(size_t index)>;
+  void set_gradient_ready_hook(GradientReadyHook hook) { gradient_ready_hook_ = std::move(hook); }
   std::span<Parameter> parameters() { return weights_->parameters(); }
   std::span<const Parameter> parameters() const { return weights_->parameters(); }
   const ModelWeights& weights() const { return *weights_; }
@@ -147,6 +165,8 @@ class Model {
   std::unique_ptr<ModelWeights> weights_;
   Buffer inv_freq_;  // (D/2) fp32 on the device
   std::unique_ptr<ModelActivations> activations_;
+  std::vector<GradientGroup> gradient_groups_;
+  GradientReadyHook gradient_ready_hook_;
 };
 
 // Parameters of the whole model and active per token (top-k of the experts), from a config.

@@ -35,7 +35,8 @@ ModelWeights::ModelWeights(const ModelConfig& config, DType value_dtype, DType g
     value = storage_.back().tensor();
     storage_.emplace_back(grad_dtype, shape, device);
     grad = storage_.back().tensor();
-    parameters_.push_back(Parameter{name, value, grad, !is_norm_or_bias(name)});
+    parameters_.push_back(Parameter{name, value, grad, !is_norm_or_bias(name),
+                                    name.find(".mlp.experts.") != std::string::npos});
   };
 
   add("model.embed_tokens.weight", {V, H}, values_.embed, grads_.embed);

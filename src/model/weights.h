@@ -25,6 +25,10 @@ struct Parameter {
   Tensor value;
   Tensor grad;
   bool decay = true;  // false for norms and biases by default; the optimizer decides
+  // Expert weights ((E_local, ...) when experts are split by expert parallelism): their
+  // gradients are reduced over the replicas of this rank's expert shard (the expert-DP
+  // group), every other parameter's over all ranks.
+  bool expert = false;
 };
 
 struct LayerWeights {

@@ -68,6 +68,9 @@ class Backend {
   virtual void copy(const Tensor& dst, const Tensor& src) = 0;
   virtual void fill(const Tensor& dst, float value) = 0;
   virtual void synchronize() = 0;
+  // The stream the ops run on (a cudaStream_t as void*; nullptr on the CPU): collectives
+  // that must be ordered with the ops (dist::Communicator calls) are enqueued on it.
+  virtual void* stream() const { return nullptr; }
 
   // ---- dense math ----------------------------------------------------------------------
   // c = alpha * op(a) @ op(b) + beta * c, 2-D, fp32 accumulation; op(x) = x or x^T.

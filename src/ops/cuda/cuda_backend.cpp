@@ -167,6 +167,7 @@ class CudaBackend final : public Backend {
   }
 
   void synchronize() override { MOETUNE_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+  void* stream() const override { return stream_; }
 
   // ---- dense math --------------------------------------------------------------------------
   void gemm(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b, const Tensor& c,
