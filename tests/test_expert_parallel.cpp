@@ -12,8 +12,8 @@
 
 #include <fstream>
 #include <functional>
-#include <numeric>
 #include <nlohmann/json.hpp>
+#include <numeric>
 
 #include "core/error.h"
 #include "dist/communicator.h"
@@ -79,8 +79,8 @@ void expect(bool condition, const std::string& what) {
 // Fails (in the child) unless expert parallelism matched the reference within 1e-5.
 void expect_match(const ExpertParallelCheck& check, int rank) {
   expect(check.max_error() <= 1e-5,
-         "rank " + std::to_string(rank) + ": loss " + std::to_string(check.loss_error) +
-             ", aux " + std::to_string(check.aux_error) + ", expert grads " +
+         "rank " + std::to_string(rank) + ": loss " + std::to_string(check.loss_error) + ", aux " +
+             std::to_string(check.aux_error) + ", expert grads " +
              std::to_string(check.expert_grad_error) + ", other grads " +
              std::to_string(check.other_grad_error) + " (worst " + check.worst_tensor + ")");
   expect(check.local_expert_grad_sum > 0 || rank > 0, "no expert gradient on rank 0");
@@ -119,16 +119,26 @@ TEST(ExpertParallel, ExpertsWithoutRowsAndARankWithNone) {
 }
 
 nlohmann::json tiny_moe_config(int experts) {
-  return {{"model_type", "qwen3_moe"},     {"vocab_size", 96},
-          {"hidden_size", 32},             {"intermediate_size", 40},
-          {"moe_intermediate_size", 16},   {"num_hidden_layers", 3},
-          {"num_attention_heads", 4},      {"num_key_value_heads", 2},
-          {"head_dim", 8},                 {"num_experts", experts},
-          {"num_experts_per_tok", 2},      {"norm_topk_prob", true},
-          {"decoder_sparse_step", 1},      {"mlp_only_layers", nlohmann::json::array({1})},
-          {"output_router_logits", true},  {"router_aux_loss_coef", 0.01},
-          {"rms_norm_eps", 1e-6},          {"rope_theta", 10000.0},
-          {"max_position_embeddings", 64}, {"tie_word_embeddings", false},
+  return {{"model_type", "qwen3_moe"},
+          {"vocab_size", 96},
+          {"hidden_size", 32},
+          {"intermediate_size", 40},
+          {"moe_intermediate_size", 16},
+          {"num_hidden_layers", 3},
+          {"num_attention_heads", 4},
+          {"num_key_value_heads", 2},
+          {"head_dim", 8},
+          {"num_experts", experts},
+          {"num_experts_per_tok", 2},
+          {"norm_topk_prob", true},
+          {"decoder_sparse_step", 1},
+          {"mlp_only_layers", nlohmann::json::array({1})},
+          {"output_router_logits", true},
+          {"router_aux_loss_coef", 0.01},
+          {"rms_norm_eps", 1e-6},
+          {"rope_theta", 10000.0},
+          {"max_position_embeddings", 64},
+          {"tie_word_embeddings", false},
           {"initializer_range", 0.2}};
 }
 
@@ -143,7 +153,8 @@ TEST(ExpertParallel, FourRanksEightExpertsWithRecompute) {
     };
     ModelOptions options;
     options.recompute_layers = true;
-    const ExpertParallelCheck check = check_expert_parallel(*backend, comm, make, 2, 6, 77, options);
+    const ExpertParallelCheck check =
+        check_expert_parallel(*backend, comm, make, 2, 6, 77, options);
     expect_match(check, rank);
   });
 }
@@ -225,7 +236,8 @@ TEST(ExpertParallel, SaveAndLoadRoundTrip) {
     auto backend = make_cpu_backend();
     auto original = Model::from_hf_folder(fixture("qwen3_moe_aux"), *backend);
     auto reloaded = Model::from_hf_folder(out, *backend);
-    const auto left = original->hf_tensors_to_host(false), right = reloaded->hf_tensors_to_host(false);
+    const auto left = original->hf_tensors_to_host(false),
+               right = reloaded->hf_tensors_to_host(false);
     ASSERT_EQ(left.size(), right.size());
     for (size_t i = 0; i < left.size(); ++i) {
       EXPECT_EQ(left[i].name, right[i].name);

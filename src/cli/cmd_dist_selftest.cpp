@@ -155,13 +155,23 @@ void check_nccl(const dist::ProcessInfo& info, dist::Store& store, int expert_pa
 void check_expert_parallel_model(Backend& backend, dist::Communicator& expert, int global_rank,
                                  double tolerance) {
   const int ep = expert.size();
-  const nlohmann::json json = {
-      {"model_type", "qwen3_moe"},   {"vocab_size", 128},          {"hidden_size", 64},
-      {"intermediate_size", 96},     {"moe_intermediate_size", 32}, {"num_hidden_layers", 3},
-      {"num_attention_heads", 4},    {"num_key_value_heads", 2},   {"head_dim", 16},
-      {"num_experts", 4 * ep},       {"num_experts_per_tok", 2},   {"norm_topk_prob", true},
-      {"mlp_only_layers", {1}},      {"output_router_logits", true},
-      {"router_aux_loss_coef", 0.01}, {"rope_theta", 10000.0},     {"initializer_range", 0.1}};
+  const nlohmann::json json = {{"model_type", "qwen3_moe"},
+                               {"vocab_size", 128},
+                               {"hidden_size", 64},
+                               {"intermediate_size", 96},
+                               {"moe_intermediate_size", 32},
+                               {"num_hidden_layers", 3},
+                               {"num_attention_heads", 4},
+                               {"num_key_value_heads", 2},
+                               {"head_dim", 16},
+                               {"num_experts", 4 * ep},
+                               {"num_experts_per_tok", 2},
+                               {"norm_topk_prob", true},
+                               {"mlp_only_layers", {1}},
+                               {"output_router_logits", true},
+                               {"router_aux_loss_coef", 0.01},
+                               {"rope_theta", 10000.0},
+                               {"initializer_range", 0.1}};
   const ModelConfig config = parse_model_config(json, "dist-selftest");
   auto make = [&](const ModelOptions& options) {
     return Model::random_init(config, 2024, backend, options);

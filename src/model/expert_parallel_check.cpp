@@ -46,7 +46,9 @@ double relative(const float* actual, const float* expected, size_t count) {
   return diff / scale;
 }
 
-bool is_expert_tensor(const std::string& hf_name) { return hf_name.find(".experts.") != std::string::npos; }
+bool is_expert_tensor(const std::string& hf_name) {
+  return hf_name.find(".experts.") != std::string::npos;
+}
 
 }  // namespace
 

@@ -20,11 +20,11 @@
 namespace moetune {
 
 struct ExpertParallelCheck {
-  double loss_error = 0;         // relative, summed loss
-  double aux_error = 0;          // relative, this rank's micro-batch
-  double expert_grad_error = 0;  // max over this rank's expert tensors (relative per tensor)
-  double other_grad_error = 0;   // max over the other tensors (summed over ranks)
-  std::string worst_tensor;      // the tensor with the largest error
+  double loss_error = 0;             // relative, summed loss
+  double aux_error = 0;              // relative, this rank's micro-batch
+  double expert_grad_error = 0;      // max over this rank's expert tensors (relative per tensor)
+  double other_grad_error = 0;       // max over the other tensors (summed over ranks)
+  std::string worst_tensor;          // the tensor with the largest error
   double local_expert_grad_sum = 0;  // sum of |grad| over this rank's experts
   double max_error() const;
 };

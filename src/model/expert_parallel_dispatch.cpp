@@ -30,8 +30,8 @@ class ExpertParallelDispatcher final : public TokenDispatcher {
         local_experts_(config.num_experts / comm.size()),
         top_k_(static_cast<int>(config.num_experts_per_tok)) {
     if (ep_ < 1 || num_experts_ < 1 || num_experts_ % ep_ != 0)
-      fail("expert parallelism: ", ep_, " ranks do not divide the ", num_experts_,
-           " experts of ", config.model_type);
+      fail("expert parallelism: ", ep_, " ranks do not divide the ", num_experts_, " experts of ",
+           config.model_type);
     const int64_t counts = static_cast<int64_t>(ep_) * local_experts_;
     counts_send_ = Buffer(DType::I32, {counts}, backend.device());
     counts_recv_ = Buffer(DType::I32, {counts}, backend.device());
@@ -55,16 +55,16 @@ class ExpertParallelDispatcher final : public TokenDispatcher {
   }
 
   Tensor expert_output(MoeSaved& saved, MoeScratch& scratch) override {
-    ensure_rows(scratch.expert_result, saved.rows.dtype(), saved.expert_rows,
-                saved.rows.shape()[1], backend_.device());
+    ensure_rows(scratch.expert_result, saved.rows.dtype(), saved.expert_rows, saved.rows.shape()[1],
+                backend_.device());
     return first_rows(scratch.expert_result, saved.expert_rows);
   }
 
   void combine(MoeSaved& saved, MoeScratch& scratch, const Tensor& out) override {
     const int64_t M = saved.expert_rows;
     const Tensor results = first_rows(scratch.exchanged, M);  // (M, H) in received order
-    if (M > 0) backend_.moe_gather(first_rows(scratch.expert_result, M), saved.plan.ungroup, 1,
-                                   results);
+    if (M > 0)
+      backend_.moe_gather(first_rows(scratch.expert_result, M), saved.plan.ungroup, 1, results);
     comm_.all_to_all_v(results, saved.plan.recv_rows, saved.expert_out, saved.plan.send_rows,
                        stream());  // back home: (N*k, H) sorted
     backend_.moe_combine(saved.expert_out, saved.topk_weights, saved.slot_rows, out);

@@ -97,8 +97,7 @@ std::unique_ptr<Model> Model::from_hf_folder(const std::filesystem::path& folder
            " has shape ", info.shape.str(), " but config.json implies ", tensor.shape.str());
   }
   // Read what this rank holds (with expert parallelism, not the other ranks' experts).
-  for (const HfTensor& tensor :
-       tensors_held(cfg, model->first_expert_, model->local_experts_)) {
+  for (const HfTensor& tensor : tensors_held(cfg, model->first_expert_, model->local_experts_)) {
     const Parameter* parameter = model->weights_->find(tensor.parameter);
     MOETUNE_CHECK(parameter, "no parameter ", tensor.parameter);
     Buffer host(DType::F32, tensor.shape);

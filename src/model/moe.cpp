@@ -114,8 +114,8 @@ void moe_forward(Backend& backend, TokenDispatcher& dispatcher, const ModelConfi
   if (M > 0) {
     const Tensor gate_up = first_rows(saved.gate_up, M), hidden = first_rows(saved.hidden, M);
     backend.grouped_gemm(first_rows(saved.rows, M), w.experts_gate_up, true, offsets,
-                         gate_up);                 // (M, 2I)
-    backend.swiglu_forward(gate_up, hidden);       // (M, I)
+                         gate_up);                                            // (M, 2I)
+    backend.swiglu_forward(gate_up, hidden);                                  // (M, I)
     backend.grouped_gemm(hidden, w.experts_down, true, offsets, expert_out);  // (M, H)
   }
   // combine
@@ -139,12 +139,13 @@ void moe_backward(Backend& backend, TokenDispatcher& dispatcher, const ModelConf
   if (M > 0) {
     const Tensor offsets = saved.rows_offsets();
     const Tensor dexpert_out = first_rows(scratch.dexpert_out, M);
-    const Tensor dhidden = first_rows(scratch.dhidden, M), dgate_up = first_rows(scratch.dgate_up, M);
+    const Tensor dhidden = first_rows(scratch.dhidden, M),
+                 dgate_up = first_rows(scratch.dgate_up, M);
     const Tensor hidden = first_rows(saved.hidden, M), gate_up = first_rows(saved.gate_up, M);
     backend.grouped_gemm(dexpert_out, w.experts_down, false, offsets, dhidden);  // (M, I)
     backend.grouped_gemm_weight_grad(dexpert_out, hidden, offsets,
-                                     g.experts_down);           // (E_local, H, I)
-    backend.swiglu_backward(dhidden, gate_up, dgate_up);        // (M, 2I)
+                                     g.experts_down);     // (E_local, H, I)
+    backend.swiglu_backward(dhidden, gate_up, dgate_up);  // (M, 2I)
     backend.grouped_gemm(dgate_up, w.experts_gate_up, false, offsets,
                          first_rows(scratch.drows, M));  // (M, H)
     backend.grouped_gemm_weight_grad(dgate_up, first_rows(saved.rows, M), offsets,

@@ -38,12 +38,12 @@ struct ExchangePlan {
 };
 
 struct MoeSaved {
-  Buffer probs;           // (N, E) fp32 softmax
-  Buffer topk_ids;        // (N, k) I32
-  Buffer topk_weights;    // (N, k) fp32
-  Buffer expert_offsets;  // (E + 1) I32 over all experts
-  Buffer sorted_slots;    // (N*k) I32: slot held by each expert-sorted row
-  Buffer slot_rows;       // (N*k) I32: row of each slot
+  Buffer probs;             // (N, E) fp32 softmax
+  Buffer topk_ids;          // (N, k) I32
+  Buffer topk_weights;      // (N, k) fp32
+  Buffer expert_offsets;    // (E + 1) I32 over all experts
+  Buffer sorted_slots;      // (N*k) I32: slot held by each expert-sorted row
+  Buffer slot_rows;         // (N*k) I32: row of each slot
   int64_t expert_rows = 0;  // M: rows this rank's experts process
   Buffer rows;              // (M, H) inputs of this rank's experts, sorted by expert
   Buffer gate_up;           // (M, 2I)
@@ -89,8 +89,7 @@ class TokenDispatcher {
   // out (N, H) = weighted sum of each token's expert outputs (weights saved.topk_weights).
   virtual void combine(MoeSaved& saved, MoeScratch& scratch, const Tensor& out) = 0;
   // From dout (N, H): scratch.dexpert_out (M, H) (sized here) and scratch.dtopk_weights.
-  virtual void combine_backward(const Tensor& dout, const MoeSaved& saved,
-                                MoeScratch& scratch) = 0;
+  virtual void combine_backward(const Tensor& dout, const MoeSaved& saved, MoeScratch& scratch) = 0;
   // dx (N, H) += gradient of dispatch given scratch.drows (M, H).
   virtual void dispatch_backward(const MoeSaved& saved, MoeScratch& scratch, const Tensor& dx) = 0;
 };
