@@ -3,7 +3,11 @@
 // from every rank), the CPU store communicator (all_reduce, reduce_scatter, all_gather,
 // all_to_all_v, EP/DP group splits) and, with --nccl in a CUDA build, the same collectives
 // through NCCL on this rank's GPU (device tensors, group splits, a 16 MB all_reduce). Every result
-// is checked against its closed form. Run it under the same launcher as training (srun / mpirun /
+// is checked against its closed form. With --expert-parallel N (N > 1) it also runs a tiny
+// random MoE model with its experts split over each EP group, every rank on its own
+// micro-batch, against a one-rank reference each rank computes locally
+// (check_expert_parallel): on the CPU through the store, and with --nccl on this rank's GPU
+// through NCCL. Run it under the same launcher as training (srun / mpirun /
 // torchrun --no-python / moetune launch).
 //
 // Fault injection for the launcher's tests: MOETUNE_SELFTEST_FAIL_RANK=r and
@@ -23,6 +27,8 @@
 #include "dist/bootstrap.h"
 #include "dist/communicator.h"
 #include "dist/store.h"
+#include "io/model_config.h"
+#include "model/expert_parallel_check.h"
 #include "ops/backend.h"
 
 namespace moetune::cli {
@@ -144,6 +150,46 @@ void check_nccl(const dist::ProcessInfo& info, dist::Store& store, int expert_pa
     check(host[i] == n * (n - 1) / 2.0f + n * (i % 7), "NCCL all_reduce gave a wrong sum");
 }
 
+// A tiny random Qwen3-MoE (4 experts per EP rank, top-2, aux loss, one dense layer) run
+// expert-parallel over `expert`, against one rank with accumulation. Prints the errors.
+void check_expert_parallel_model(Backend& backend, dist::Communicator& expert, int global_rank,
+                                 double tolerance) {
+  const int ep = expert.size();
+  const nlohmann::json json = {{"model_type", "qwen3_moe"},
+                               {"vocab_size", 128},
+                               {"hidden_size", 64},
+                               {"intermediate_size", 96},
+                               {"moe_intermediate_size", 32},
+                               {"num_hidden_layers", 3},
+                               {"num_attention_heads", 4},
+                               {"num_key_value_heads", 2},
+                               {"head_dim", 16},
+                               {"num_experts", 4 * ep},
+                               {"num_experts_per_tok", 2},
+                               {"norm_topk_prob", true},
+                               {"mlp_only_layers", {1}},
+                               {"output_router_logits", true},
+                               {"router_aux_loss_coef", 0.01},
+                               {"rope_theta", 10000.0},
+                               {"initializer_range", 0.1}};
+  const ModelConfig config = parse_model_config(json, "dist-selftest");
+  auto make = [&](const ModelOptions& options) {
+    return Model::random_init(config, 2024, backend, options);
+  };
+  const ExpertParallelCheck result = check_expert_parallel(backend, expert, make, 2, 32, 99);
+  std::printf(
+      "dist-selftest: rank %d: expert parallel ep=%d on %s: relative errors loss %.2e, aux %.2e, "
+      "expert grads %.2e, other grads %.2e (worst %s): %s\n",
+      global_rank, ep, backend.name().c_str(), result.loss_error, result.aux_error,
+      result.expert_grad_error, result.other_grad_error, result.worst_tensor.c_str(),
+      result.max_error() <= tolerance ? "PASS" : "FAIL");
+  std::fflush(stdout);
+  check(result.max_error() <= tolerance,
+        "expert parallel forward/backward differs from one rank by " +
+            std::to_string(result.max_error()) + " (tolerance " + std::to_string(tolerance) +
+            ") on " + backend.name());
+}
+
 }  // namespace
 
 int run_dist_selftest(int argc, char** argv) {
@@ -158,7 +204,9 @@ int run_dist_selftest(int argc, char** argv) {
     } else if (arg == "-h" || arg == "--help") {
       std::printf(
           "usage: moetune dist-selftest [--expert-parallel N] [--nccl]\n"
-          "Checks bootstrap, the rendezvous store and the collectives across ranks.\n");
+          "Checks bootstrap, the rendezvous store and the collectives across ranks;\n"
+          "with --expert-parallel N > 1 also an expert-parallel forward/backward of a tiny\n"
+          "MoE model against one rank (CPU, and with --nccl on the GPUs).\n");
       return 0;
     } else {
       fail("unknown argument '", arg, "' (moetune dist-selftest --help)");
@@ -194,7 +242,19 @@ int run_dist_selftest(int argc, char** argv) {
             groups.expert_dp->rank() == groups.layout.dp_rank(info.rank),
         "group sizes or ranks differ from the layout");
 
-  if (nccl) check_nccl(info, store, expert_parallel);
+  if (expert_parallel > 1) {
+    auto cpu = make_cpu_backend();
+    check_expert_parallel_model(*cpu, *groups.expert, info.rank, 1e-5);
+  }
+  if (nccl) {
+    check_nccl(info, store, expert_parallel);
+    if (expert_parallel > 1) {
+      auto backend = make_backend("cuda:" + std::to_string(dist::cuda_device_for(info)));
+      auto nccl_groups =
+          dist::make_parallel_groups(dist::make_nccl_communicator(info, store), expert_parallel);
+      check_expert_parallel_model(*backend, *nccl_groups.expert, info.rank, 1e-4);
+    }
+  }
   store.barrier("selftest-end");
   std::printf("dist-selftest: %s: ok (store, collectives, ep=%d%s)\n", info.describe().c_str(),
               expert_parallel, nccl ? ", nccl" : "");
