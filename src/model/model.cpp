@@ -70,7 +70,7 @@ Model::Model(const ModelConfig& config, Backend& backend, ModelOptions options)
       group->begin = i;
     } else {
       group = &head;
-      if (head.begin == params.size()) head.begin = i;
+      if (head.begin == params.size()) head.begin = head.end = i;
     }
     MOETUNE_CHECK(group->end == i, "parameters of a gradient group are not contiguous: " + name);
     group->end = i + 1;
