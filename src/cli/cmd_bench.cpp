@@ -118,9 +118,27 @@ int run_bench(int argc, char** argv) {
       cuda::fill_normal(parameter.value, static_cast<float>(config.initializer_range), seed++);
   }
   // AdamW state in the parameter dtype (bf16), as torch.optim.AdamW keeps it for bf16 params.
+  // Several ranks: the same bf16 state, sharded by the data-parallel optimizer (never
+  // allocated whole, so peak memory is the sharded one); the gradient reductions start from
+  // the backward's gradient-ready hook.
+  std::unique_ptr<DataParallelAdamW> dp_optimizer;
+  if (parallel) {
+    AdamWConfig adamw_config;
+    adamw_config.lr = 1e-5;
+    adamw_config.weight_decay = 0.01;
+    DataParallelOptions dp_options;
+    dp_options.zero_stage = static_cast<int>(zero_stage);
+    dp_options.state_dtype = DType::BF16;
+    dp_options.master_weights = false;
+    dp_optimizer = std::make_unique<DataParallelAdamW>(
+        model->parameters(), model->gradient_groups(), *backend, adamw_config,
+        *parallel->groups.world, *parallel->groups.expert_dp, dp_options);
+    model->set_gradient_ready_hook([&](size_t group) { dp_optimizer->reduce_group(group); });
+  }
   std::vector<Buffer> state;
   std::vector<AdamWParam> adamw;
   for (const Parameter& parameter : model->parameters()) {
+    if (dp_optimizer) break;
     state.emplace_back(parameter.value.dtype, parameter.value.shape, Device::CUDA);
     state.emplace_back(parameter.value.dtype, parameter.value.shape, Device::CUDA);
     AdamWParam entry;
@@ -135,28 +153,10 @@ int run_bench(int argc, char** argv) {
     backend->fill(entry.exp_avg, 0.0f);
     backend->fill(entry.exp_avg_sq, 0.0f);
   }
-  // Several ranks: the same bf16 state, sharded by the data-parallel optimizer; the
-  // gradient reductions start from the backward's gradient-ready hook.
-  std::unique_ptr<DataParallelAdamW> dp_optimizer;
-  if (parallel) {
-    state.clear();
-    adamw.clear();
-    AdamWConfig adamw_config;
-    adamw_config.lr = 1e-5;
-    adamw_config.weight_decay = 0.01;
-    DataParallelOptions dp_options;
-    dp_options.zero_stage = static_cast<int>(zero_stage);
-    dp_options.state_dtype = DType::BF16;
-    dp_options.master_weights = false;
-    dp_optimizer = std::make_unique<DataParallelAdamW>(
-        model->parameters(), model->gradient_groups(), *backend, adamw_config,
-        *parallel->groups.world, *parallel->groups.expert_dp, dp_options);
-    model->set_gradient_ready_hook([&](size_t group) { dp_optimizer->reduce_group(group); });
-  }
 
   const int64_t tokens = micro_batch * seq;
   std::vector<int32_t> ids(static_cast<size_t>(tokens));
-  std::mt19937 rng(1234);
+  std::mt19937 rng(1234 + (parallel ? parallel->rank() : 0));  // each rank its own tokens
   std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(config.vocab_size - 1));
   for (auto& id : ids) id = token(rng);
   BatchView batch;

@@ -86,11 +86,11 @@ fs::path write_training_checkpoint(const fs::path& checkpoints_dir,
   fs::remove_all(temporary);
   fs::create_directories(temporary);
 
+  if (contents.add_parts) contents.add_parts(temporary);
   write_tensors(temporary / "model.safetensors", contents.model, backend);
   if (const char* hook = std::getenv("MOETUNE_TEST_ABORT_IN_CHECKPOINT")) {
     if (std::to_string(contents.step) == hook) std::abort();  // a kill in the middle of the write
   }
-  if (contents.add_parts) contents.add_parts(temporary);
   if (!contents.optimizer.empty() || !contents.add_parts)
     write_tensors(temporary / "optimizer.safetensors", contents.optimizer, backend);
   write_file_atomic(temporary / kStateFile, contents.trainer_state.dump(1) + "\n");

@@ -34,9 +34,9 @@ struct CheckpointContents {
   std::vector<CheckpointTensor> model;
   std::vector<CheckpointTensor> optimizer;
   nlohmann::json trainer_state;
-  // Several ranks (dist_checkpoint.h): called on rank 0 with the temporary folder once the
-  // model is written, while the other ranks write their rank-R/ parts into it; the folder
-  // is renamed to step-N only after this returns. An empty `optimizer` writes no
+  // Several ranks (dist_checkpoint.h): called on rank 0 with the temporary folder as soon
+  // as it exists (before the model is written), while the other ranks write their rank-R/
+  // parts into it; the folder is renamed to step-N only after this returns. An empty `optimizer` writes no
   // optimizer.safetensors (the state is in the ranks' parts).
   std::function<void(const std::filesystem::path& temporary)> add_parts;
 };

@@ -87,7 +87,8 @@ void write_optimizer_shards(const fs::path& folder, int rank, int ep_rank,
   nlohmann::json params = nlohmann::json::object();
   for (const OptimizerShard& shard : shards) {
     params[shard.parameter] = {shard.begin, shard.end, shard.numel, shard.expert};
-    for (const auto& [name, tensor] : shard.tensors) tensors.push_back({name, tensor});
+    for (const auto& [name, tensor] : shard.tensors)
+      if (tensor.numel() > 0) tensors.push_back({name, tensor});  // an empty range: no tensor
   }
   write_checkpoint_tensors(directory / "optimizer.safetensors", tensors, backend);
   const nlohmann::json meta = {{"rank", rank}, {"ep_rank", ep_rank}, {"params", params}};

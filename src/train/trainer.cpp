@@ -517,13 +517,14 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
     } else {
       write_rank_part(checkpoint_temporary_path(checkpoints_dir, step));
     }
-    if (parallel) parallel->barrier("checkpoint-done");
+    // No barrier after: the other ranks go on and wait in the next collective while rank 0
+    // writes the model (which can take longer than the store's timeout for a large model).
   };
   // The HF folder. TODO(ep): with expert_parallel > 1 each rank of the first replica
-  // (dp_rank 0) writes its expert slice through save_hf_folder; until then rank 0 alone.
+  // (dp_rank 0) writes its expert slice through save_hf_folder; until then rank 0 alone
+  // (the others go on to the next collective, no barrier: see save_checkpoint).
   auto export_hf_folder = [&](const fs::path& folder) {
     if (main_rank) export_hf(*model, recipe, folder);
-    if (parallel) parallel->barrier("hf-export");
   };
   auto run_eval = [&] {
     if (!eval_loader) return;
