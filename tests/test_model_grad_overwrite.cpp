@@ -169,32 +169,29 @@ TEST(GradOverwriteOps, AccumulateFalseOverwritesWithoutReading) {
   // rmsnorm_backward: dweight overwritten equals zero + accumulated
   std::vector<float> x = testing::random_floats(8, 1), dout = testing::random_floats(8, 2);
   std::vector<float> weight = {1.0f, 0.5f, -1.0f, 2.0f}, rstd(2), out(8), dx(8);
-  backend->rmsnorm_forward(Tensor(x.data(), DType::F32, {2, 4}),
-                           Tensor(weight.data(), DType::F32, {4}), 1e-6f,
-                           Tensor(out.data(), DType::F32, {2, 4}),
-                           Tensor(rstd.data(), DType::F32, {2}));
+  backend->rmsnorm_forward(
+      Tensor(x.data(), DType::F32, {2, 4}), Tensor(weight.data(), DType::F32, {4}), 1e-6f,
+      Tensor(out.data(), DType::F32, {2, 4}), Tensor(rstd.data(), DType::F32, {2}));
   std::vector<float> dweight_zeroed(4, 0.0f), dweight_garbage(4, nan);
   for (auto* dweight : {&dweight_zeroed, &dweight_garbage})
-    backend->rmsnorm_backward(Tensor(dout.data(), DType::F32, {2, 4}),
-                              Tensor(x.data(), DType::F32, {2, 4}),
-                              Tensor(weight.data(), DType::F32, {4}),
-                              Tensor(rstd.data(), DType::F32, {2}),
-                              Tensor(dx.data(), DType::F32, {2, 4}),
-                              Tensor(dweight->data(), DType::F32, {4}), false,
-                              dweight == &dweight_zeroed);
+    backend->rmsnorm_backward(
+        Tensor(dout.data(), DType::F32, {2, 4}), Tensor(x.data(), DType::F32, {2, 4}),
+        Tensor(weight.data(), DType::F32, {4}), Tensor(rstd.data(), DType::F32, {2}),
+        Tensor(dx.data(), DType::F32, {2, 4}), Tensor(dweight->data(), DType::F32, {4}), false,
+        dweight == &dweight_zeroed);
   EXPECT_EQ(dweight_garbage, dweight_zeroed);
 
   // grouped_gemm_weight_grad: experts 0 and 2 have no rows and end at zero.
   const int64_t P = 3, Q = 2, rows = 4;
-  std::vector<float> gdy = testing::random_floats(rows * P, 3), gx = testing::random_floats(rows * Q, 4);
+  std::vector<float> gdy = testing::random_floats(rows * P, 3),
+                     gx = testing::random_floats(rows * Q, 4);
   std::vector<int32_t> offsets = {0, 0, 4, 4};
   std::vector<float> dw_zeroed(3 * P * Q, 0.0f), dw_garbage(3 * P * Q, nan);
   for (auto* dw : {&dw_zeroed, &dw_garbage})
     backend->grouped_gemm_weight_grad(Tensor(gdy.data(), DType::F32, {rows, P}),
                                       Tensor(gx.data(), DType::F32, {rows, Q}),
                                       Tensor(offsets.data(), DType::I32, {4}),
-                                      Tensor(dw->data(), DType::F32, {3, P, Q}),
-                                      dw == &dw_zeroed);
+                                      Tensor(dw->data(), DType::F32, {3, P, Q}), dw == &dw_zeroed);
   EXPECT_EQ(dw_garbage, dw_zeroed);
   for (int64_t i = 0; i < P * Q; ++i) {
     EXPECT_EQ(dw_garbage[i], 0.0f);

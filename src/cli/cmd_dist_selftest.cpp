@@ -1,9 +1,14 @@
 // `moetune dist-selftest [--expert-parallel N] [--nccl]`: checks a multi-process setup end
 // to end: bootstrap from the launcher's environment, the rendezvous store (barrier, values
 // from every rank), the CPU store communicator (all_reduce, reduce_scatter, all_gather,
-// all_to_all_v, EP/DP group splits) and, with --nccl in a CUDA build, an NCCL all_reduce on
-// this rank's GPU. Every result is checked against its closed form. Run it under the same
-// launcher as training (srun / mpirun / torchrun --no-python / moetune launch).
+// all_to_all_v, EP/DP group splits) and, with --nccl in a CUDA build, the same collectives
+// through NCCL on this rank's GPU (device tensors, group splits, a 16 MB all_reduce). Every result
+// is checked against its closed form. With --expert-parallel N (N > 1) it also runs a tiny
+// random MoE model with its experts split over each EP group, every rank on its own
+// micro-batch, against a one-rank reference each rank computes locally
+// (check_expert_parallel): on the CPU through the store, and with --nccl on this rank's GPU
+// through NCCL. Run it under the same launcher as training (srun / mpirun /
+// torchrun --no-python / moetune launch).
 //
 // Fault injection for the launcher's tests: MOETUNE_SELFTEST_FAIL_RANK=r and
 // MOETUNE_SELFTEST_FAIL=exit|kill|hang|no-show|exit-early make rank r exit with status 3,
@@ -22,6 +27,8 @@
 #include "dist/bootstrap.h"
 #include "dist/communicator.h"
 #include "dist/store.h"
+#include "io/model_config.h"
+#include "model/expert_parallel_check.h"
 #include "ops/backend.h"
 
 namespace moetune::cli {
@@ -47,26 +54,57 @@ void maybe_fail(const dist::ProcessInfo& info, const char* stage) {
     while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
 }
 
-// The store communicator's collectives on small float buffers, against closed forms.
-void check_collectives(dist::Communicator& comm, const std::string& group) {
+// Host vectors staged where the communicator works: on the backend's device (NCCL) or left
+// on the host (store communicator, backend == nullptr).
+class Staging {
+ public:
+  explicit Staging(Backend* backend) : backend_(backend) {}
+  dist::StreamHandle stream() const { return backend_ ? backend_->stream() : nullptr; }
+  Tensor put(std::vector<float>& host, Shape shape) {
+    const Tensor host_tensor(host.data(), DType::F32, shape);
+    if (!backend_) return host_tensor;
+    buffers_.emplace_back(DType::F32, shape, backend_->device());
+    backend_->copy(buffers_.back(), host_tensor);
+    return buffers_.back().tensor();
+  }
+  // Copies a staged tensor back into `host` (a no-op on the host).
+  void get(std::vector<float>& host, const Tensor& staged) {
+    if (!backend_) return;
+    backend_->copy(Tensor(host.data(), DType::F32, staged.shape), staged);
+    backend_->synchronize();
+  }
+
+ private:
+  Backend* backend_;
+  std::vector<Buffer> buffers_;
+};
+
+// Every collective on small float buffers, against closed forms.
+void check_collectives(dist::Communicator& comm, const std::string& group,
+                       Backend* backend = nullptr) {
+  Staging staging(backend);
+  const dist::StreamHandle stream = staging.stream();
   const int n = comm.size(), r = comm.rank();
   const std::string where = " (group " + group + ", rank " + std::to_string(r) + ")";
   // all_reduce: element i of rank r is r + i; the sum is n(n-1)/2 + n i.
   std::vector<float> values(5);
   for (int i = 0; i < 5; ++i) values[i] = static_cast<float>(r + i);
-  Tensor tensor(values.data(), DType::F32, {5});
-  comm.all_reduce_sum(tensor, tensor, nullptr);
+  const Tensor tensor = staging.put(values, {5});
+  comm.all_reduce_sum(tensor, tensor, stream);
+  staging.get(values, tensor);
   for (int i = 0; i < 5; ++i) check(values[i] == n * (n - 1) / 2.0f + n * i, "all_reduce" + where);
   // reduce_scatter of (n, 2): chunk c of rank r holds 10 r + c; the sum over r of chunk r.
   std::vector<float> full(2 * n), mine(2);
   for (int c = 0; c < n; ++c) full[2 * c] = full[2 * c + 1] = static_cast<float>(10 * r + c);
-  comm.reduce_scatter_sum(Tensor(full.data(), DType::F32, {n, 2}),
-                          Tensor(mine.data(), DType::F32, {1, 2}), nullptr);
+  const Tensor mine_tensor = staging.put(mine, {1, 2});
+  comm.reduce_scatter_sum(staging.put(full, {n, 2}), mine_tensor, stream);
+  staging.get(mine, mine_tensor);
   check(mine[0] == 10.0f * n * (n - 1) / 2 + n * r && mine[1] == mine[0], "reduce_scatter" + where);
   // all_gather: rank r contributes r.
-  float own = static_cast<float>(r);
-  std::vector<float> gathered(n);
-  comm.all_gather(Tensor(&own, DType::F32, {1}), Tensor(gathered.data(), DType::F32, {n}), nullptr);
+  std::vector<float> own{static_cast<float>(r)}, gathered(n);
+  const Tensor gathered_tensor = staging.put(gathered, {n});
+  comm.all_gather(staging.put(own, {1}), gathered_tensor, stream);
+  staging.get(gathered, gathered_tensor);
   for (int p = 0; p < n; ++p) check(gathered[p] == p, "all_gather" + where);
   // all_to_all_v: rank r sends (r + p) % 3 rows to peer p, each row (3) = {r, p, row}.
   std::vector<int64_t> send_rows(n), recv_rows(n);
@@ -77,38 +115,79 @@ void check_collectives(dist::Communicator& comm, const std::string& group) {
       send.insert(send.end(), {float(r), float(p), float(row)});
   int64_t send_total = static_cast<int64_t>(send.size()) / 3;
   send.resize(3 * (send_total + 1));  // never empty
-  comm.all_to_all_v(Tensor(send.data(), DType::F32, {send_total + 1, 3}), send_rows,
-                    Tensor(recv.data(), DType::F32, {3 * n, 3}), recv_rows, nullptr);
+  const Tensor recv_tensor = staging.put(recv, {3 * n, 3});
+  comm.all_to_all_v(staging.put(send, {send_total + 1, 3}), send_rows, recv_tensor, recv_rows,
+                    stream);
+  staging.get(recv, recv_tensor);
   size_t position = 0;
   for (int p = 0; p < n; ++p)
     for (int row = 0; row < recv_rows[p]; ++row, position += 3)
       check(recv[position] == p && recv[position + 1] == r && recv[position + 2] == row,
             "all_to_all_v" + where);
-  comm.barrier(nullptr);
+  comm.barrier(stream);
 }
 
-// NCCL on this rank's GPU: all_reduce and all_gather of exact small integers.
-void check_nccl(const dist::ProcessInfo& info, dist::Store& store) {
-  auto comm = dist::make_nccl_communicator(info, store);
+// NCCL on this rank's GPU: every collective on device tensors, in the world and in the EP
+// and expert-DP groups split from it (ncclCommSplit), plus a large all_reduce.
+void check_nccl(const dist::ProcessInfo& info, dist::Store& store, int expert_parallel) {
   auto backend = make_backend("cuda:" + std::to_string(dist::cuda_device_for(info)));
-  const int n = comm->size(), r = comm->rank();
-  constexpr int kCount = 4096;
-  std::vector<float> host(kCount), gathered(static_cast<size_t>(kCount) * n);
+  auto groups =
+      dist::make_parallel_groups(dist::make_nccl_communicator(info, store), expert_parallel);
+  check_collectives(*groups.world, "nccl world", backend.get());
+  check_collectives(*groups.expert, "nccl expert", backend.get());
+  check_collectives(*groups.expert_dp, "nccl expert_dp", backend.get());
+  dist::Communicator& comm = *groups.world;
+  const int n = comm.size(), r = comm.rank();
+  constexpr int kCount = 1 << 22;  // 16 MB: the ring/tree path, not only the small-message one
+  std::vector<float> host(kCount);
   for (int i = 0; i < kCount; ++i) host[i] = static_cast<float>(r + i % 7);
   Buffer values(DType::F32, {kCount}, Device::CUDA);
-  Buffer all(DType::F32, {n, kCount}, Device::CUDA);
   backend->copy(values, Tensor(host.data(), DType::F32, {kCount}));
-  backend->synchronize();
-  comm->all_gather(values, all, nullptr);
-  comm->all_reduce_sum(values, values, nullptr);
-  comm->barrier(nullptr);
+  comm.all_reduce_sum(values, values, backend->stream());
   backend->copy(Tensor(host.data(), DType::F32, {kCount}), values);
-  backend->copy(Tensor(gathered.data(), DType::F32, {n, kCount}), all);
   backend->synchronize();
   for (int i = 0; i < kCount; ++i)
     check(host[i] == n * (n - 1) / 2.0f + n * (i % 7), "NCCL all_reduce gave a wrong sum");
-  for (int p = 0; p < n; ++p)
-    check(gathered[static_cast<size_t>(p) * kCount + 5] == p + 5, "NCCL all_gather misplaced data");
+}
+
+// A tiny random Qwen3-MoE (4 experts per EP rank, top-2, aux loss, one dense layer) run
+// expert-parallel over `expert`, against one rank with accumulation. Prints the errors.
+void check_expert_parallel_model(Backend& backend, dist::Communicator& expert, int global_rank,
+                                 double tolerance) {
+  const int ep = expert.size();
+  const nlohmann::json json = {{"model_type", "qwen3_moe"},
+                               {"vocab_size", 128},
+                               {"hidden_size", 64},
+                               {"intermediate_size", 96},
+                               {"moe_intermediate_size", 32},
+                               {"num_hidden_layers", 3},
+                               {"num_attention_heads", 4},
+                               {"num_key_value_heads", 2},
+                               {"head_dim", 16},
+                               {"num_experts", 4 * ep},
+                               {"num_experts_per_tok", 2},
+                               {"norm_topk_prob", true},
+                               {"mlp_only_layers", {1}},
+                               {"output_router_logits", true},
+                               {"router_aux_loss_coef", 0.01},
+                               {"rope_theta", 10000.0},
+                               {"initializer_range", 0.1}};
+  const ModelConfig config = parse_model_config(json, "dist-selftest");
+  auto make = [&](const ModelOptions& options) {
+    return Model::random_init(config, 2024, backend, options);
+  };
+  const ExpertParallelCheck result = check_expert_parallel(backend, expert, make, 2, 32, 99);
+  std::printf(
+      "dist-selftest: rank %d: expert parallel ep=%d on %s: relative errors loss %.2e, aux %.2e, "
+      "expert grads %.2e, other grads %.2e (worst %s): %s\n",
+      global_rank, ep, backend.name().c_str(), result.loss_error, result.aux_error,
+      result.expert_grad_error, result.other_grad_error, result.worst_tensor.c_str(),
+      result.max_error() <= tolerance ? "PASS" : "FAIL");
+  std::fflush(stdout);
+  check(result.max_error() <= tolerance,
+        "expert parallel forward/backward differs from one rank by " +
+            std::to_string(result.max_error()) + " (tolerance " + std::to_string(tolerance) +
+            ") on " + backend.name());
 }
 
 }  // namespace
@@ -125,7 +204,9 @@ int run_dist_selftest(int argc, char** argv) {
     } else if (arg == "-h" || arg == "--help") {
       std::printf(
           "usage: moetune dist-selftest [--expert-parallel N] [--nccl]\n"
-          "Checks bootstrap, the rendezvous store and the collectives across ranks.\n");
+          "Checks bootstrap, the rendezvous store and the collectives across ranks;\n"
+          "with --expert-parallel N > 1 also an expert-parallel forward/backward of a tiny\n"
+          "MoE model against one rank (CPU, and with --nccl on the GPUs).\n");
       return 0;
     } else {
       fail("unknown argument '", arg, "' (moetune dist-selftest --help)");
@@ -161,7 +242,19 @@ int run_dist_selftest(int argc, char** argv) {
             groups.expert_dp->rank() == groups.layout.dp_rank(info.rank),
         "group sizes or ranks differ from the layout");
 
-  if (nccl) check_nccl(info, store);
+  if (expert_parallel > 1) {
+    auto cpu = make_cpu_backend();
+    check_expert_parallel_model(*cpu, *groups.expert, info.rank, 1e-5);
+  }
+  if (nccl) {
+    check_nccl(info, store, expert_parallel);
+    if (expert_parallel > 1) {
+      auto backend = make_backend("cuda:" + std::to_string(dist::cuda_device_for(info)));
+      auto nccl_groups =
+          dist::make_parallel_groups(dist::make_nccl_communicator(info, store), expert_parallel);
+      check_expert_parallel_model(*backend, *nccl_groups.expert, info.rank, 1e-4);
+    }
+  }
   store.barrier("selftest-end");
   std::printf("dist-selftest: %s: ok (store, collectives, ep=%d%s)\n", info.describe().c_str(),
               expert_parallel, nccl ? ", nccl" : "");

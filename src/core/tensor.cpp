@@ -39,8 +39,8 @@ Tensor Tensor::view(Shape new_shape) const {
 }
 
 Tensor Tensor::slice_rows(int64_t begin, int64_t end) const {
-  MOETUNE_CHECK(rank() >= 1 && 0 <= begin && begin <= end && end <= shape[0], "slice_rows ",
-                begin, ":", end, " of ", shape.str());
+  MOETUNE_CHECK(rank() >= 1 && 0 <= begin && begin <= end && end <= shape[0], "slice_rows ", begin,
+                ":", end, " of ", shape.str());
   Shape new_shape = shape;
   new_shape[0] = end - begin;
   size_t row_bytes = shape[0] ? bytes() / static_cast<size_t>(shape[0]) : 0;

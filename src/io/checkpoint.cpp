@@ -19,13 +19,14 @@ namespace {
 
 std::string in_quotes(const std::string& text) { return "'" + text + "'"; }
 
+}  // namespace
+
 std::string shard_file_name(size_t index, size_t count) {
   char name[64];
   std::snprintf(name, sizeof(name), "model-%05zu-of-%05zu.safetensors", index + 1, count);
   return name;
 }
 
-// model.safetensors, its index, or model-00001-of-00004.safetensors.
 bool is_weight_file_name(const std::string& name) {
   if (name == kSafetensorsName || name == kSafetensorsIndexName) return true;
   const std::string_view pattern = "model-#####-of-#####.safetensors";
@@ -36,8 +37,6 @@ bool is_weight_file_name(const std::string& name) {
       return false;
   return true;
 }
-
-}  // namespace
 
 // ---- reading ----------------------------------------------------------------------------------
 

@@ -60,6 +60,11 @@ class CheckpointReader {
 inline constexpr const char* kSafetensorsName = "model.safetensors";
 inline constexpr const char* kSafetensorsIndexName = "model.safetensors.index.json";
 
+// "model-00002-of-00004.safetensors" for index 1 of 4 shards.
+std::string shard_file_name(size_t index, size_t count);
+// model.safetensors, its index, or model-00001-of-00004.safetensors.
+bool is_weight_file_name(const std::string& name);
+
 // Parses a size like "5GB" (10^9), "500MB", "2GiB" (2^30), "100KiB", "1.5GB" or "123"
 // (bytes), as Transformers' max_shard_size does; lower case and a space before the unit are
 // fine. Errors name the text.

@@ -98,8 +98,8 @@ void attention_backward(Backend& backend, const ModelConfig& config, const Layer
   auto rows = [N](const Buffer& buffer) { return buffer.tensor().slice_rows(0, N); };
 
   // o_proj
-  const Tensor d_attn = rows(scratch.dout);               // (N, Hq*D)
-  backend.gemm(dout, false, w.o, false, d_attn);          // dy W
+  const Tensor d_attn = rows(scratch.dout);                  // (N, Hq*D)
+  backend.gemm(dout, false, w.o, false, d_attn);             // dy W
   backend.gemm(dout, true, saved.out, false, g.o, 1, beta);  // dW += dy^T x
   if (g.o_bias.defined()) backend.bias_backward(dout, g.o_bias, acc);
 

@@ -10,7 +10,8 @@ std::string layer_name(int64_t layer, const std::string& suffix) {
 }
 }  // namespace
 
-std::vector<HfTensor> hf_checkpoint_tensors(const ModelConfig& config) {
+std::vector<HfTensor> hf_checkpoint_tensors(const ModelConfig& config, int64_t first_expert,
+                                            int64_t expert_count) {
   const int64_t H = config.hidden_size, V = config.vocab_size, D = config.head_dim;
   const int64_t q_width = config.num_attention_heads * D;
   const int64_t kv_width = config.num_key_value_heads * D;
@@ -40,14 +41,17 @@ std::vector<HfTensor> hf_checkpoint_tensors(const ModelConfig& config) {
       const std::string gate_up = layer_name(i, "mlp.experts.gate_up_proj");
       const std::string down = layer_name(i, "mlp.experts.down_proj");
       const std::string block = mixtral ? "block_sparse_moe." : "mlp.";
-      for (int64_t e = 0; e < E; ++e) {
+      const int64_t first = expert_count < 0 ? 0 : first_expert;
+      const int64_t count = expert_count < 0 ? E : expert_count;
+      for (int64_t e = first; e < first + count; ++e) {
+        const int64_t local = e - first;  // index inside this rank's expert parameters
         const std::string expert = layer_name(i, block + "experts." + std::to_string(e) + ".");
         const std::string gate_name = expert + (mixtral ? "w1.weight" : "gate_proj.weight");
         const std::string up_name = expert + (mixtral ? "w3.weight" : "up_proj.weight");
         const std::string down_name = expert + (mixtral ? "w2.weight" : "down_proj.weight");
-        tensors.push_back(HfTensor{gate_name, {I, H}, gate_up, e * 2 * I * H});
-        tensors.push_back(HfTensor{up_name, {I, H}, gate_up, e * 2 * I * H + I * H});
-        tensors.push_back(HfTensor{down_name, {H, I}, down, e * H * I});
+        tensors.push_back(HfTensor{gate_name, {I, H}, gate_up, local * 2 * I * H, true});
+        tensors.push_back(HfTensor{up_name, {I, H}, gate_up, local * 2 * I * H + I * H, true});
+        tensors.push_back(HfTensor{down_name, {H, I}, down, local * H * I, true});
       }
       tensors.push_back(HfTensor{
           layer_name(i, block + "gate.weight"), {E, H}, layer_name(i, "mlp.gate.weight"), 0});

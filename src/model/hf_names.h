@@ -23,10 +23,15 @@ struct HfTensor {
   Shape shape;            // its shape on disk
   std::string parameter;  // the engine parameter holding it
   int64_t offset = 0;     // first element inside that parameter
+  bool expert = false;    // one expert's weight (a piece of experts_gate_up / experts_down)
 };
 
 // Every tensor of the model's HF checkpoint, in Transformers' state-dict order.
 // lm_head.weight is absent when the embeddings are tied.
-std::vector<HfTensor> hf_checkpoint_tensors(const ModelConfig& config);
+// With expert parallelism (expert_count >= 0): only experts [first_expert, first_expert +
+// expert_count) are listed (under their global names), at offsets inside the local
+// parameters (E_local, ...).
+std::vector<HfTensor> hf_checkpoint_tensors(const ModelConfig& config, int64_t first_expert = 0,
+                                            int64_t expert_count = -1);
 
 }  // namespace moetune

@@ -15,7 +15,9 @@
 #include <cmath>
 #include <random>
 
+#include "dist/communicator.h"
 #include "model/decoder.h"
+#include "model/expert_parallel_dispatch.h"
 
 namespace moetune {
 
@@ -41,8 +43,20 @@ Model::Model(const ModelConfig& config, Backend& backend, ModelOptions options)
   if (config_.head_dim <= 0 && config_.num_attention_heads > 0)
     config_.head_dim = config_.hidden_size / config_.num_attention_heads;
   if (config_.family == ModelFamily::Mixtral) config_.norm_topk_prob = true;  // always renormalises
+  local_experts_ = config_.num_experts;
+  if (options.expert_comm && options.expert_comm->size() > 1) {
+    const int ep = options.expert_comm->size();
+    if (config_.num_experts <= 0)
+      fail("expert parallelism over ", ep, " ranks needs a MoE model; ", config_.model_type,
+           " has no experts");
+    if (config_.num_experts % ep != 0)
+      fail("expert parallelism: ", ep, " ranks do not divide the ", config_.num_experts,
+           " experts of ", config_.model_type, " (num_experts in config.json)");
+    local_experts_ = config_.num_experts / ep;
+    first_expert_ = options.expert_comm->rank() * local_experts_;
+  }
   weights_ = std::make_unique<ModelWeights>(config_, options.param_dtype, options.grad_dtype,
-                                            backend.device(),
+                                            backend.device(), local_experts_,
                                             options.grad_storage == GradientStorage::Persistent);
   const std::vector<float> inv_freq = rope_inv_freq(config_);
   inv_freq_ = Buffer(DType::F32, {static_cast<int64_t>(inv_freq.size())}, backend.device());
@@ -71,7 +85,7 @@ Model::Model(const ModelConfig& config, Backend& backend, ModelOptions options)
       group->begin = i;
     } else {
       group = &head;
-      if (head.begin == params.size()) head.begin = i;
+      if (head.begin == params.size()) head.begin = head.end = i;
     }
     MOETUNE_CHECK(group->end == i, "parameters of a gradient group are not contiguous: " + name);
     group->end = i + 1;
@@ -120,11 +134,19 @@ std::unique_ptr<Model> Model::random_init(const ModelConfig& config, uint64_t se
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.0f, static_cast<float>(config.initializer_range));
   for (const Parameter& parameter : model->parameters()) {
-    std::vector<float> values(static_cast<size_t>(parameter.value.numel()));
+    // With expert parallelism, draw every expert's values (the same numbers as one process)
+    // and keep this rank's.
+    const int64_t numel = parameter.value.numel();
+    const bool sharded = parameter.expert && model->local_experts_ < config.num_experts;
+    const int64_t per_expert = sharded ? numel / model->local_experts_ : 0;
+    std::vector<float> values(
+        static_cast<size_t>(sharded ? per_expert * config.num_experts : numel));
     const bool is_norm = parameter.name.ends_with("norm.weight");
     const bool is_bias = parameter.name.ends_with(".bias");
     for (float& value : values) value = is_norm ? 1.0f : is_bias ? 0.0f : normal(rng);
-    backend.copy(parameter.value, Tensor(values.data(), DType::F32, parameter.value.shape));
+    const float* local = values.data() + (sharded ? model->first_expert_ * per_expert : 0);
+    backend.copy(parameter.value,
+                 Tensor(const_cast<float*>(local), DType::F32, parameter.value.shape));
     backend.synchronize();
   }
   model->zero_grads();
@@ -250,8 +272,9 @@ StepResult Model::run(const BatchView& batch, bool backward, float loss_scale, f
   validate_batch(batch, config_);
   const bool per_group = options_.grad_storage == GradientStorage::PerGroup;
   if (backward && per_group && !overwrite_grads_)
-    fail("per-group gradient storage (optimizer in the backward) takes one micro-batch per "
-         "optimizer step: call zero_grads() before every forward_backward");
+    fail(
+        "per-group gradient storage (optimizer in the backward) takes one micro-batch per "
+        "optimizer step: call zero_grads() before every forward_backward");
   const int64_t B = batch.batch, T = batch.seq, N = B * T, H = config_.hidden_size;
   const int64_t L = config_.num_hidden_layers, E = config_.num_experts;
   const DType dtype = options_.param_dtype;
@@ -269,8 +292,11 @@ StepResult Model::run(const BatchView& batch, bool backward, float loss_scale, f
     a->input_ids = Buffer(DType::I32, {N}, device);
     a->labels = Buffer(DType::I32, {N}, device);
     a->positions = Buffer(DType::I32, {N}, device);
-    a->dispatcher = make_local_dispatcher(backend_, std::max<int64_t>(E, 1),
-                                          std::max<int64_t>(config_.num_experts_per_tok, 1));
+    if (local_experts_ < E)
+      a->dispatcher = make_expert_parallel_dispatcher(backend_, *options_.expert_comm, config_);
+    else
+      a->dispatcher = make_local_dispatcher(backend_, std::max<int64_t>(E, 1),
+                                            std::max<int64_t>(config_.num_experts_per_tok, 1));
     AttentionInputs shape_inputs{B, T, Tensor(), Tensor(), Tensor()};
     DecoderContext context{backend_, config_, shape_inputs, *a->dispatcher};
     for (int64_t l = 0; l <= L; ++l) a->residual.emplace_back(dtype, Shape{N, H}, device);
@@ -403,7 +429,7 @@ StepResult Model::run(const BatchView& batch, bool backward, float loss_scale, f
   loss_args.logits = logits;
   const Tensor dnormed = a.scratch.dnormed;
   if (backward) {
-    bind_group_grads(0);  // head
+    bind_group_grads(0);                                                            // head
     if (config_.tie_word_embeddings) bind_group_grads(static_cast<size_t>(L + 1));  // embedding
   }
   if (backward && loss_scale != 0.0f) {

@@ -29,6 +29,10 @@
 
 namespace moetune {
 
+namespace dist {
+class Communicator;
+}
+
 // One micro-batch on the host: B rows of T tokens, flattened row-major.
 struct BatchView {
   int64_t batch = 0, seq = 0;
@@ -72,6 +76,15 @@ struct ModelOptions {
   // gradient (bench/hf_baseline.py --routing balanced does the same in Transformers).
   bool balanced_routing = false;
   GradientStorage grad_storage = GradientStorage::Persistent;
+  // Expert parallelism: the group of ranks the experts are split over (null or size 1: all
+  // experts here). With ep ranks (ep divides num_experts), EP rank r holds experts
+  // [r*E/ep, (r+1)*E/ep) as experts_gate_up (E/ep, 2I, H) and experts_down (E/ep, H, I);
+  // everything else (the router too) is whole on every rank. Every rank of the group must
+  // call forward_backward / evaluate together (same layers, any micro-batch of its own);
+  // expert gradients are this rank's tokens' and its peers' for its experts, the others
+  // only this rank's tokens' (reduce them over data parallel ranks as usual). Must outlive
+  // the model.
+  dist::Communicator* expert_comm = nullptr;
 };
 
 // Parameters whose gradients become final together during the backward: the head (final
@@ -138,8 +151,15 @@ class Model {
   const ModelWeights& weights() const { return *weights_; }
 
   // Writes config.json, model.safetensors (or shards + index) and the tokenizer files.
+  // With expert parallelism, call it on every rank of ONE expert-parallel group (e.g. the
+  // first data-parallel replica's; the other replicas hold the same values and must not
+  // write): each rank writes the shard file(s) of its own experts, EP rank 0 also the other
+  // tensors, config.json, the tokenizer files and the index naming every tensor, so the
+  // folder is one standard HF checkpoint. Returns when every rank of the group has written
+  // (a barrier on the group).
   void save_hf_folder(const std::filesystem::path& folder, const SaveOptions& options) const;
-  // Copies every on-disk tensor's value (or gradient) to host fp32, under its HF name.
+  // Copies every on-disk tensor's value (or gradient) to host fp32, under its HF name
+  // (with expert parallelism: only this rank's experts, under their global names).
   struct NamedHostTensor {
     std::string name;
     Shape shape;
@@ -148,6 +168,9 @@ class Model {
   std::vector<NamedHostTensor> hf_tensors_to_host(bool gradients) const;
 
   int64_t num_parameters(bool active_per_token) const;
+  // Experts held here: [first_expert(), first_expert() + local_experts()).
+  int64_t first_expert() const { return first_expert_; }
+  int64_t local_experts() const { return local_experts_; }
 
  private:
   Model(const ModelConfig& config, Backend& backend, ModelOptions options);
@@ -158,16 +181,19 @@ class Model {
   void release_group_grads(size_t index);
   // Calls the hook for group `index`, then releases its per-group gradients.
   void finish_group(size_t index);
+  void write_config_and_tokenizer(const std::filesystem::path& folder, const SaveOptions& options,
+                                  const std::string& dtype_string) const;
 
   ModelConfig config_;
   Backend& backend_;
   ModelOptions options_;
+  int64_t first_expert_ = 0, local_experts_ = 0;
   std::unique_ptr<ModelWeights> weights_;
   Buffer inv_freq_;  // (D/2) fp32 on the device
   std::unique_ptr<ModelActivations> activations_;
   std::vector<GradientGroup> gradient_groups_;
   GradientReadyHook gradient_ready_hook_;
-  bool overwrite_grads_ = true;  // set by zero_grads(), cleared by a backward
+  bool overwrite_grads_ = true;                   // set by zero_grads(), cleared by a backward
   std::vector<std::vector<Buffer>> group_grads_;  // PerGroup: each group's live gradients
 };
 

@@ -1,7 +1,25 @@
 // Sparse MoE block forward and backward, and the local token dispatcher (see moe.h).
 #include "model/moe.h"
 
+#include <algorithm>
+
 namespace moetune {
+
+Tensor first_rows(const Buffer& buffer, int64_t rows) {
+  Tensor view = buffer.tensor();
+  MOETUNE_CHECK(view.rank() >= 1 && rows <= view.size(0), "first_rows: ", rows,
+                " rows of a buffer of ", view.shape.str());
+  view.shape = buffer.shape();
+  view.shape.dims[0] = rows;
+  return view;
+}
+
+void ensure_rows(Buffer& buffer, DType dtype, int64_t rows, int64_t width, Device device) {
+  const Shape shape{std::max<int64_t>(rows, 1), width};
+  if (buffer.data() != nullptr && buffer.dtype() == dtype && buffer.shape() == shape) return;
+  buffer = Buffer();  // free first: the caching allocator can hand the memory back at once
+  buffer = Buffer(dtype, shape, device);
+}
 
 namespace {
 class LocalDispatcher final : public TokenDispatcher {
@@ -11,25 +29,22 @@ class LocalDispatcher final : public TokenDispatcher {
         num_experts_(static_cast<int>(num_experts)),
         top_k_(static_cast<int>(top_k)) {}
 
-  void dispatch(const Tensor& x, const Tensor& topk_ids, const MoeRouting& routing,
-                const Tensor& rows) override {
-    backend_.moe_sort_by_expert(topk_ids, num_experts_, routing.expert_offsets,
-                                routing.sorted_slots, routing.slot_rows);
-    backend_.moe_gather(x, routing.sorted_slots, top_k_, rows);
+  void dispatch(const Tensor& x, const Tensor& topk_ids, MoeSaved& saved, MoeScratch&) override {
+    backend_.moe_sort_by_expert(topk_ids, num_experts_, saved.expert_offsets, saved.sorted_slots,
+                                saved.slot_rows);
+    saved.expert_rows = topk_ids.numel();  // N*k, the size allocate_moe gave saved.rows
+    backend_.moe_gather(x, saved.sorted_slots, top_k_, saved.rows);
   }
-  void dispatch_backward(const Tensor& drows, const MoeRouting& routing,
-                         const Tensor& dx) override {
-    backend_.moe_gather_backward(drows, routing.sorted_slots, top_k_, dx);
+  Tensor expert_output(MoeSaved& saved, MoeScratch&) override { return saved.expert_out; }
+  void combine(MoeSaved& saved, MoeScratch&, const Tensor& out) override {
+    backend_.moe_combine(saved.expert_out, saved.topk_weights, saved.slot_rows, out);
   }
-  void combine(const Tensor& expert_out, const Tensor& weights, const MoeRouting& routing,
-               const Tensor& out) override {
-    backend_.moe_combine(expert_out, weights, routing.slot_rows, out);
+  void combine_backward(const Tensor& dout, const MoeSaved& saved, MoeScratch& scratch) override {
+    backend_.moe_combine_backward(dout, saved.expert_out, saved.topk_weights, saved.slot_rows,
+                                  scratch.dexpert_out, scratch.dtopk_weights);
   }
-  void combine_backward(const Tensor& dout, const Tensor& expert_out, const Tensor& weights,
-                        const MoeRouting& routing, const Tensor& dexpert_out,
-                        const Tensor& dweights) override {
-    backend_.moe_combine_backward(dout, expert_out, weights, routing.slot_rows, dexpert_out,
-                                  dweights);
+  void dispatch_backward(const MoeSaved& saved, MoeScratch& scratch, const Tensor& dx) override {
+    backend_.moe_gather_backward(scratch.drows, saved.sorted_slots, top_k_, dx);
   }
 
  private:
@@ -54,6 +69,7 @@ void allocate_moe(const ModelConfig& config, int64_t tokens, DType dtype, Device
   saved.expert_offsets = Buffer(DType::I32, {E + 1}, device);
   saved.sorted_slots = Buffer(DType::I32, {slots}, device);
   saved.slot_rows = Buffer(DType::I32, {slots}, device);
+  saved.expert_rows = slots;
   saved.rows = Buffer(dtype, {slots, H}, device);
   saved.gate_up = Buffer(dtype, {slots, 2 * I}, device);
   saved.hidden = Buffer(dtype, {slots, I}, device);
@@ -76,48 +92,71 @@ void allocate_moe_scratch(const ModelConfig& config, int64_t tokens, DType dtype
 void moe_forward(Backend& backend, TokenDispatcher& dispatcher, const ModelConfig& config,
                  const LayerWeights& w, const Tensor& x, MoeSaved& saved, MoeScratch& scratch,
                  const Tensor& out) {
+  const int64_t I = config.moe_intermediate_size;
+  const DType dtype = x.dtype;
+  const Device device = backend.device();
   // route
   backend.gemm(x, false, w.router, true, scratch.router_logits);  // (N, E)
   backend.router_forward(scratch.router_logits, static_cast<int>(config.num_experts_per_tok),
                          config.norm_topk_prob, saved.probs, saved.topk_ids, saved.topk_weights);
   // dispatch
-  const MoeRouting routing = saved.routing();
   // (ModelOptions::balanced_routing: fixed ids; the weights and their gradient stay the
   // router's, as in Transformers with its top-k indices replaced)
   const Tensor dispatch_ids = scratch.balanced_ids.data() != nullptr ? scratch.balanced_ids.tensor()
                                                                      : saved.topk_ids.tensor();
-  dispatcher.dispatch(x, dispatch_ids, routing, saved.rows);  // (N*k, H)
-  // experts
-  backend.grouped_gemm(saved.rows, w.experts_gate_up, true, routing.expert_offsets,
-                       saved.gate_up);                  // (N*k, 2I)
-  backend.swiglu_forward(saved.gate_up, saved.hidden);  // (N*k, I)
-  backend.grouped_gemm(saved.hidden, w.experts_down, true, routing.expert_offsets,
-                       saved.expert_out);  // (N*k, H)
+  dispatcher.dispatch(x, dispatch_ids, saved, scratch);  // (M, H)
+  const int64_t M = saved.expert_rows;
+  ensure_rows(saved.gate_up, dtype, M, 2 * I, device);
+  ensure_rows(saved.hidden, dtype, M, I, device);
+  // experts (none of this rank's experts may have rows: M = 0 with expert parallelism)
+  const Tensor offsets = saved.rows_offsets();
+  const Tensor expert_out = dispatcher.expert_output(saved, scratch);  // (M, H)
+  if (M > 0) {
+    const Tensor gate_up = first_rows(saved.gate_up, M), hidden = first_rows(saved.hidden, M);
+    backend.grouped_gemm(first_rows(saved.rows, M), w.experts_gate_up, true, offsets,
+                         gate_up);                                            // (M, 2I)
+    backend.swiglu_forward(gate_up, hidden);                                  // (M, I)
+    backend.grouped_gemm(hidden, w.experts_down, true, offsets, expert_out);  // (M, H)
+  }
   // combine
-  dispatcher.combine(saved.expert_out, saved.topk_weights, routing, out);  // (N, H)
+  dispatcher.combine(saved, scratch, out);  // (N, H)
 }
 
 void moe_backward(Backend& backend, TokenDispatcher& dispatcher, const ModelConfig& config,
                   const LayerWeights& w, const LayerWeights& g, const Tensor& x,
                   const MoeSaved& saved, const Tensor& aux_dprob, const Tensor& dout,
                   MoeScratch& scratch, const Tensor& dx, bool accumulate_grads) {
-  const MoeRouting routing = saved.routing();
+  const int64_t H = config.hidden_size, I = config.moe_intermediate_size;
+  const int64_t M = saved.expert_rows;
+  const DType dtype = x.dtype;
+  const Device device = backend.device();
   // combine
-  dispatcher.combine_backward(dout, saved.expert_out, saved.topk_weights, routing,
-                              scratch.dexpert_out, scratch.dtopk_weights);
+  dispatcher.combine_backward(dout, saved, scratch);  // dexpert_out (M, H), dtopk_weights
   // experts: down then SwiGLU then gate_up
-  backend.grouped_gemm(scratch.dexpert_out, w.experts_down, false, routing.expert_offsets,
-                       scratch.dhidden);  // (N*k, I)
-  backend.grouped_gemm_weight_grad(scratch.dexpert_out, saved.hidden, routing.expert_offsets,
-                                   g.experts_down, accumulate_grads);         // (E, H, I)
-  backend.swiglu_backward(scratch.dhidden, saved.gate_up, scratch.dgate_up);  // (N*k, 2I)
-  backend.grouped_gemm(scratch.dgate_up, w.experts_gate_up, false, routing.expert_offsets,
-                       scratch.drows);  // (N*k, H)
-  backend.grouped_gemm_weight_grad(scratch.dgate_up, saved.rows, routing.expert_offsets,
-                                   g.experts_gate_up, accumulate_grads);  // (E, 2I, H)
+  ensure_rows(scratch.dhidden, dtype, M, I, device);
+  ensure_rows(scratch.dgate_up, dtype, M, 2 * I, device);
+  ensure_rows(scratch.drows, dtype, M, H, device);
+  if (M > 0) {
+    const Tensor offsets = saved.rows_offsets();
+    const Tensor dexpert_out = first_rows(scratch.dexpert_out, M);
+    const Tensor dhidden = first_rows(scratch.dhidden, M),
+                 dgate_up = first_rows(scratch.dgate_up, M);
+    const Tensor hidden = first_rows(saved.hidden, M), gate_up = first_rows(saved.gate_up, M);
+    backend.grouped_gemm(dexpert_out, w.experts_down, false, offsets, dhidden);  // (M, I)
+    backend.grouped_gemm_weight_grad(dexpert_out, hidden, offsets,
+                                     g.experts_down, accumulate_grads);  // (E_local, H, I)
+    backend.swiglu_backward(dhidden, gate_up, dgate_up);  // (M, 2I)
+    backend.grouped_gemm(dgate_up, w.experts_gate_up, false, offsets,
+                         first_rows(scratch.drows, M));  // (M, H)
+    backend.grouped_gemm_weight_grad(dgate_up, first_rows(saved.rows, M), offsets,
+                                     g.experts_gate_up, accumulate_grads);  // (E_local, 2I, H)
+  } else if (!accumulate_grads) {  // no rows here: overwriting means zero expert gradients
+    backend.fill(g.experts_down, 0.0f);
+    backend.fill(g.experts_gate_up, 0.0f);
+  }
   // dispatch
   backend.fill(dx, 0.0f);
-  dispatcher.dispatch_backward(scratch.drows, routing, dx);
+  dispatcher.dispatch_backward(saved, scratch, dx);
   // route: the weights' gradient plus the aux loss' gradient through the softmax
   backend.router_backward(scratch.dtopk_weights, saved.probs, saved.topk_ids, config.norm_topk_prob,
                           aux_dprob, scratch.drouter_logits);

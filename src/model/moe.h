@@ -1,15 +1,23 @@
 // Sparse MoE block as a pipeline of stages:
 //   route    router logits = x W_r^T (N, E) -> fp32 softmax, top-k, (renormalised) weights
-//   dispatch counting sort of the N*k (token, choice) slots by expert, gather rows
-//   experts  grouped GEMM gate_up (E, 2I, H) -> SwiGLU -> grouped GEMM down (E, H, I)
+//   dispatch counting sort of the N*k (token, choice) slots by expert, rows brought to the
+//            experts: M rows sorted by (this rank's) expert
+//   experts  grouped GEMM gate_up (E_local, 2I, H) -> SwiGLU -> grouped GEMM down (E_local, H, I)
 //   combine  out[n] = sum_j weight[n, j] * expert_out[row of (n, j)]
-// Dispatch and combine sit behind TokenDispatcher so that expert parallelism (all-to-all
-// across GPUs) can replace the local implementation without touching routing or experts.
+// Dispatch and combine sit behind TokenDispatcher: the local one (all experts here, M = N*k)
+// or the expert-parallel one (model/expert_parallel_dispatch.h: rows travel to the rank of
+// their expert by all-to-all, M varies per step and layer). Routing and the expert GEMMs
+// are the same code for both.
+// Buffers of M rows (rows, gate_up, hidden and the backward's) are sized by the dispatcher
+// on each call; with the local dispatcher they keep their (N*k) size and are never
+// reallocated. They hold at least one row, so that no tensor has a null pointer; views of
+// exactly M rows are what the ops see.
 // The load-balancing aux loss is computed over all MoE layers at once (model.cpp); each
 // layer's backward receives its gradient w.r.t. the router probabilities (aux_dprob).
 #pragma once
 
 #include <memory>
+#include <vector>
 
 #include "core/tensor.h"
 #include "io/model_config.h"
@@ -18,65 +26,84 @@
 
 namespace moetune {
 
-// Where each (token, choice) slot went: expert-sorted rows.
-struct MoeRouting {
-  Tensor expert_offsets;  // (E + 1) I32
-  Tensor sorted_slots;    // (N*k) I32: slot held by each row
-  Tensor slot_rows;       // (N*k) I32: row of each slot
+// What the expert-parallel dispatcher remembers of one layer's exchange (see
+// expert_parallel_dispatch.h); unused by the local dispatcher.
+struct ExchangePlan {
+  std::vector<int64_t> send_rows;  // (ep) rows this rank sends to each peer
+  std::vector<int64_t> recv_rows;  // (ep) rows it receives from each peer
+  Buffer indices;                  // I32: local_offsets (E_local + 1), regroup (M), ungroup (M)
+  Tensor local_offsets;            // rows of local expert e: [offsets[e], offsets[e + 1])
+  Tensor regroup;                  // (M): received row of each expert-sorted row
+  Tensor ungroup;                  // (M): expert-sorted row of each received row (inverse)
 };
+
+struct MoeSaved {
+  Buffer probs;             // (N, E) fp32 softmax
+  Buffer topk_ids;          // (N, k) I32
+  Buffer topk_weights;      // (N, k) fp32
+  Buffer expert_offsets;    // (E + 1) I32 over all experts
+  Buffer sorted_slots;      // (N*k) I32: slot held by each expert-sorted row
+  Buffer slot_rows;         // (N*k) I32: row of each slot
+  int64_t expert_rows = 0;  // M: rows this rank's experts process
+  Buffer rows;              // (M, H) inputs of this rank's experts, sorted by expert
+  Buffer gate_up;           // (M, 2I)
+  Buffer hidden;            // (M, I)
+  Buffer expert_out;        // (N*k, H) expert outputs of this rank's slots, expert-sorted
+  ExchangePlan plan;        // expert parallel only
+  // Offsets (E_local + 1) of the experts' rows in `rows`.
+  Tensor rows_offsets() const {
+    return plan.local_offsets.defined() ? plan.local_offsets : expert_offsets.tensor();
+  }
+};
+struct MoeScratch {
+  Buffer router_logits;   // (N, E)
+  Buffer dexpert_out;     // (M, H)
+  Buffer dhidden;         // (M, I)
+  Buffer dgate_up;        // (M, 2I)
+  Buffer drows;           // (M, H)
+  Buffer dtopk_weights;   // (N, k) fp32
+  Buffer drouter_logits;  // (N, E)
+  Buffer balanced_ids;    // (N, k) I32, optional: dispatch by these ids instead of the top-k
+  // expert parallel only
+  Buffer sorted_rows;    // (N*k, H) this rank's slots, expert-sorted (sent / received back)
+  Buffer exchanged;      // (M, H) rows as received, grouped by source rank
+  Buffer expert_result;  // (M, H) the experts' output before it goes back
+};
+
+// The first `rows` rows of a buffer of at least that many.
+Tensor first_rows(const Buffer& buffer, int64_t rows);
+// (Re)allocates buffer as (max(rows, 1), width) unless it already has that shape.
+void ensure_rows(Buffer& buffer, DType dtype, int64_t rows, int64_t width, Device device);
 
 class TokenDispatcher {
  public:
   virtual ~TokenDispatcher() = default;
-  // Plans the permutation from topk_ids (N, k) and gathers x (N, H) into rows (N*k, H).
-  virtual void dispatch(const Tensor& x, const Tensor& topk_ids, const MoeRouting& routing,
-                        const Tensor& rows) = 0;
-  // dx (N, H) += gradient of dispatch given drows (N*k, H).
-  virtual void dispatch_backward(const Tensor& drows, const MoeRouting& routing,
-                                 const Tensor& dx) = 0;
-  // out (N, H) = weighted sum of each token's expert outputs (N*k, H).
-  virtual void combine(const Tensor& expert_out, const Tensor& weights, const MoeRouting& routing,
-                       const Tensor& out) = 0;
-  virtual void combine_backward(const Tensor& dout, const Tensor& expert_out, const Tensor& weights,
-                                const MoeRouting& routing, const Tensor& dexpert_out,
-                                const Tensor& dweights) = 0;
+  // Sorts the N*k slots of topk_ids (N, k) by expert (saved.expert_offsets, sorted_slots,
+  // slot_rows) and brings each slot's row of x (N, H) to its expert: sets
+  // saved.expert_rows = M, sizes and fills saved.rows (M, H) in the order of
+  // saved.rows_offsets().
+  virtual void dispatch(const Tensor& x, const Tensor& topk_ids, MoeSaved& saved,
+                        MoeScratch& scratch) = 0;
+  // Where the experts write their output (M, H) for combine().
+  virtual Tensor expert_output(MoeSaved& saved, MoeScratch& scratch) = 0;
+  // out (N, H) = weighted sum of each token's expert outputs (weights saved.topk_weights).
+  virtual void combine(MoeSaved& saved, MoeScratch& scratch, const Tensor& out) = 0;
+  // From dout (N, H): scratch.dexpert_out (M, H) (sized here) and scratch.dtopk_weights.
+  virtual void combine_backward(const Tensor& dout, const MoeSaved& saved, MoeScratch& scratch) = 0;
+  // dx (N, H) += gradient of dispatch given scratch.drows (M, H).
+  virtual void dispatch_backward(const MoeSaved& saved, MoeScratch& scratch, const Tensor& dx) = 0;
 };
 
 // All experts on this device.
 std::unique_ptr<TokenDispatcher> make_local_dispatcher(Backend& backend, int64_t num_experts,
                                                        int64_t top_k);
 
-struct MoeSaved {
-  Buffer probs;           // (N, E) fp32 softmax
-  Buffer topk_ids;        // (N, k) I32
-  Buffer topk_weights;    // (N, k) fp32
-  Buffer expert_offsets;  // (E + 1) I32
-  Buffer sorted_slots;    // (N*k) I32
-  Buffer slot_rows;       // (N*k) I32
-  Buffer rows;            // (N*k, H) gathered inputs
-  Buffer gate_up;         // (N*k, 2I)
-  Buffer hidden;          // (N*k, I)
-  Buffer expert_out;      // (N*k, H)
-  MoeRouting routing() const {
-    return {expert_offsets.tensor(), sorted_slots.tensor(), slot_rows.tensor()};
-  }
-};
-struct MoeScratch {
-  Buffer router_logits;   // (N, E)
-  Buffer dexpert_out;     // (N*k, H)
-  Buffer dhidden;         // (N*k, I)
-  Buffer dgate_up;        // (N*k, 2I)
-  Buffer drows;           // (N*k, H)
-  Buffer dtopk_weights;   // (N, k) fp32
-  Buffer drouter_logits;  // (N, E)
-  Buffer balanced_ids;    // (N, k) I32, optional: dispatch by these ids instead of the top-k
-};
-
 void allocate_moe(const ModelConfig& config, int64_t tokens, DType dtype, Device device,
                   MoeSaved& saved);
 void allocate_moe_scratch(const ModelConfig& config, int64_t tokens, DType dtype, Device device,
                           MoeScratch& scratch);
 
+// w.experts_* hold this rank's experts (all of them without expert parallelism).
 void moe_forward(Backend& backend, TokenDispatcher& dispatcher, const ModelConfig& config,
                  const LayerWeights& w, const Tensor& x, MoeSaved& saved, MoeScratch& scratch,
                  const Tensor& out);

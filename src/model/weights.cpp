@@ -20,7 +20,7 @@ bool is_norm_or_bias(const std::string& name) {
 }
 
 ModelWeights::ModelWeights(const ModelConfig& config, DType value_dtype, DType grad_dtype,
-                           Device device, bool allocate_grads) {
+                           Device device, int64_t local_experts, bool allocate_grads) {
   const int64_t H = config.hidden_size, V = config.vocab_size, D = config.head_dim;
   const int64_t q_width = config.num_attention_heads * D;
   const int64_t kv_width = config.num_key_value_heads * D;
@@ -68,9 +68,10 @@ ModelWeights::ModelWeights(const ModelConfig& config, DType value_dtype, DType g
     if (w.moe) {
       const int64_t I = config.moe_intermediate_size;
       add(layer_name(i, "mlp.gate.weight"), {E, H}, w.router, g.router);
-      add(layer_name(i, "mlp.experts.gate_up_proj"), {E, 2 * I, H}, w.experts_gate_up,
+      const int64_t El = local_experts < 0 ? E : local_experts;
+      add(layer_name(i, "mlp.experts.gate_up_proj"), {El, 2 * I, H}, w.experts_gate_up,
           g.experts_gate_up);
-      add(layer_name(i, "mlp.experts.down_proj"), {E, H, I}, w.experts_down, g.experts_down);
+      add(layer_name(i, "mlp.experts.down_proj"), {El, H, I}, w.experts_down, g.experts_down);
     } else {
       const int64_t I = config.intermediate_size;
       add(layer_name(i, "mlp.gate_up_proj.weight"), {2 * I, H}, w.mlp_gate_up, g.mlp_gate_up);

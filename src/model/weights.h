@@ -4,7 +4,8 @@
 //   embed (V, H); per layer: input_norm (H), q (Hq*D, H), k and v (Hkv*D, H), o (H, Hq*D),
 //   optional biases, q_norm/k_norm (D) with qk_norm, post_norm (H); a dense MLP as
 //   gate_up (2I, H) [gate rows then up rows] and down (H, I); a MoE block as router (E, H),
-//   experts_gate_up (E, 2I, H) and experts_down (E, H, I); final_norm (H); lm_head (V, H)
+//   experts_gate_up (E, 2I, H) and experts_down (E, H, I) (E = this rank's experts with
+//   expert parallelism); final_norm (H); lm_head (V, H)
 //   (the embedding itself when tied: same value and same gradient, listed once).
 // Parameter names are Transformers v5's in-memory names (model.named_parameters()), except
 // the fused dense MLP ("mlp.gate_up_proj.weight"), which Transformers keeps as two Linears.
@@ -55,10 +56,11 @@ struct WeightTensors {
 class ModelWeights {
  public:
   // Allocates (zero-filled) values in value_dtype and gradients in grad_dtype on `device`.
-  // Without allocate_grads the gradients are unbound (shape and dtype, no data) until
-  // bind_grad gives them memory (per-group gradient storage, model.h).
+  // local_experts: experts held here (expert parallelism; < 0 = all num_experts). Without
+  // allocate_grads the gradients are unbound (shape and dtype, no data) until bind_grad gives
+  // them memory (per-group gradient storage, model.h).
   ModelWeights(const ModelConfig& config, DType value_dtype, DType grad_dtype, Device device,
-               bool allocate_grads = true);
+               int64_t local_experts = -1, bool allocate_grads = true);
   ModelWeights(const ModelWeights&) = delete;
   ModelWeights& operator=(const ModelWeights&) = delete;
 

@@ -1,11 +1,11 @@
 // CPU fused LM head + cross-entropy. Tokens are processed in chunks of kChunkRows rows:
 // one GEMM makes the chunk's logits (rows, V), the loss and the logit gradient are
 // computed in place, and two more GEMMs push the gradient into grad_hidden (overwritten)
-// and grad_weight (accumulated, or overwritten with accumulate_grad_weight false). So the full (N, V) logits exist only when the caller
-// asks for them (args.logits, for parity tests).
-// Per trained token: loss = logsumexp(logits) - logits[label]; correct when the first
-// maximum is the label; dlogits = (softmax - onehot(label)) * grad_scale. Label -100
-// contributes nothing (its dlogits row is zero).
+// and grad_weight (accumulated, or overwritten with accumulate_grad_weight false). So the full (N,
+// V) logits exist only when the caller asks for them (args.logits, for parity tests). Per trained
+// token: loss = logsumexp(logits) - logits[label]; correct when the first maximum is the label;
+// dlogits = (softmax - onehot(label)) * grad_scale. Label -100 contributes nothing (its dlogits row
+// is zero).
 #include <cblas.h>
 
 #include <algorithm>

@@ -117,7 +117,8 @@ void CpuBackend::rmsnorm_backward(const Tensor& dout, const Tensor& x, const Ten
     }
   }
   for (int64_t j = 0; j < width; ++j)
-    dweight_data[j] = static_cast<float>(dweight_sums[j]) + (accumulate_dweight ? dweight_data[j] : 0.0f);
+    dweight_data[j] =
+        static_cast<float>(dweight_sums[j]) + (accumulate_dweight ? dweight_data[j] : 0.0f);
 }
 
 namespace {

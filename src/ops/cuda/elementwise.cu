@@ -160,8 +160,8 @@ __global__ void rmsnorm_backward_kernel(const scalar_t* dout, const scalar_t* x,
     dweight_partial[blockIdx.x * d + c] = dw_local[c];
 }
 
-__global__ void sum_partials_kernel(const float* partial, int blocks, void* out, Kind ko,
-                                    int64_t d, bool accumulate) {
+__global__ void sum_partials_kernel(const float* partial, int blocks, void* out, Kind ko, int64_t d,
+                                    bool accumulate) {
   const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (c >= d) return;
   float sum = 0.0f;
@@ -280,9 +280,8 @@ void launch_bias_backward(const Tensor& dy, const Tensor& dbias, bool accumulate
   const int64_t d = dbias.numel();
   if (d == 0 || dy.numel() % d != 0)
     fail("bias_backward: dbias ", dbias.shape.str(), " does not fit ", dy.shape.str());
-  bias_backward_kernel<<<ceil_div(d, 256), 256, 0, stream>>>(dy.data, kind_of(dy), dbias.data,
-                                                             kind_of(dbias), dy.numel() / d, d,
-                                                             accumulate);
+  bias_backward_kernel<<<ceil_div(d, 256), 256, 0, stream>>>(
+      dy.data, kind_of(dy), dbias.data, kind_of(dbias), dy.numel() / d, d, accumulate);
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
 
@@ -363,9 +362,8 @@ void launch_rmsnorm_backward(const Tensor& dout, const Tensor& x, const Tensor& 
         dx.ptr<scalar_t>(), accumulate_dx, partial, rows, d);
   });
   MOETUNE_CUDA_LAUNCH_CHECK();
-  sum_partials_kernel<<<ceil_div(d, 256), 256, 0, stream>>>(partial, blocks, dweight.data,
-                                                            kind_of(dweight), d,
-                                                            accumulate_dweight);
+  sum_partials_kernel<<<ceil_div(d, 256), 256, 0, stream>>>(
+      partial, blocks, dweight.data, kind_of(dweight), d, accumulate_dweight);
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
 

@@ -21,7 +21,6 @@
 #include <mma.h>
 
 #include <algorithm>
-
 #include <cstdlib>
 #include <cstring>
 
@@ -343,12 +342,13 @@ void launch_grouped_gemm(const Tensor& a, const Tensor& w, bool transpose_w, con
 
 void launch_grouped_gemm_weight_grad(const Tensor& dy, const Tensor& x, const Tensor& offsets,
                                      const Tensor& dw, bool accumulate, cudaStream_t stream) {
-  if (sm90_allowed() && launch_grouped_gemm_weight_grad_sm90(dy, x, offsets, dw, stream,
-                                                             accumulate)) {
+  if (sm90_allowed() &&
+      launch_grouped_gemm_weight_grad_sm90(dy, x, offsets, dw, stream, accumulate)) {
     // The sm90 kernel has no tiles for experts without rows: overwriting zeroes them here.
     if (!accumulate) {
       const int64_t experts = dw.size(0), expert_size = dw.size(1) * dw.size(2);
-      const unsigned chunks = static_cast<unsigned>(std::min<int64_t>(ceil_div(expert_size, 1024), 64));
+      const unsigned chunks =
+          static_cast<unsigned>(std::min<int64_t>(ceil_div(expert_size, 1024), 64));
       zero_empty_experts_kernel<<<dim3(chunks, static_cast<unsigned>(experts)), 256, 0, stream>>>(
           offsets.ptr<int32_t>(), dw.ptr<bf16>(), expert_size);
       MOETUNE_CUDA_LAUNCH_CHECK();
