@@ -16,8 +16,10 @@ MemoryPlan plan_memory(const ModelConfig& config, const MemoryPlanOptions& optio
   plan.grads = parameters * static_cast<int64_t>(dtype_size(options.grad_dtype));
   if (options.per_group_grads) {
     // The groups of Model::gradient_groups(): head (final norm + untied lm_head), each layer,
-    // the embedding. One group lives at a time (its buffers return to the allocator after its
-    // update), plus a tied embedding's gradient from the loss to the end of the backward.
+    // the embedding. One group lives at a time in an arena of the largest group's size (it
+    // returns to the allocator after the group's update and the next group reuses it), plus a
+    // tied embedding's arena from the loss to the end of the backward (256-byte alignment of
+    // each tensor not counted).
     const int64_t H = config.hidden_size, V = config.vocab_size;
     const int64_t embed = V * H;
     const int64_t head = H + (config.tie_word_embeddings ? 0 : V * H);

@@ -12,6 +12,7 @@
 // (one small host read).
 #include "model/model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 
@@ -94,18 +95,40 @@ Model::Model(const ModelConfig& config, Backend& backend, ModelOptions options)
   for (int64_t l = L - 1; l >= 0; --l) gradient_groups_.push_back(layers[static_cast<size_t>(l)]);
   gradient_groups_.push_back(embedding);
   group_grads_.resize(gradient_groups_.size());
+  // Per-group storage: every group's gradients are carved from one arena of the largest
+  // group's size, so that each group reuses the block the previous one returned (the caching
+  // allocator keeps blocks per size: groups of different sizes would each keep their own).
+  // A tied embedding's gradient lives through the whole backward: it gets its own size.
+  for (size_t g = 0; g < gradient_groups_.size(); ++g)
+    if (!tied_embedding_group(g)) group_arena_bytes_ = std::max(group_arena_bytes_, group_bytes(g));
+}
+
+size_t Model::group_bytes(size_t index) const {
+  const GradientGroup& group = gradient_groups_[index];
+  size_t bytes = 0;
+  for (size_t i = group.begin; i < group.end; ++i)
+    bytes += (weights_->parameters()[i].grad.bytes() + kGradAlignment - 1) / kGradAlignment *
+             kGradAlignment;
+  return bytes;
+}
+
+bool Model::tied_embedding_group(size_t index) const {
+  return config_.tie_word_embeddings && index + 1 == gradient_groups_.size();
 }
 
 void Model::bind_group_grads(size_t index) {
   if (options_.grad_storage != GradientStorage::PerGroup) return;
   release_group_grads(index);
   const GradientGroup& group = gradient_groups_[index];
-  std::vector<Buffer>& buffers = group_grads_[index];
+  // Uninitialised: the backward overwrites every gradient (zero_grads() semantics).
+  const size_t bytes = tied_embedding_group(index) ? group_bytes(index) : group_arena_bytes_;
+  group_grads_[index] =
+      Buffer::uninitialized(DType::U8, {static_cast<int64_t>(bytes)}, backend_.device());
+  char* next = static_cast<char*>(group_grads_[index].data());
   for (size_t i = group.begin; i < group.end; ++i) {
-    const Tensor& grad = weights_->parameters()[i].grad;
-    // Uninitialised: the backward overwrites every gradient (zero_grads() semantics).
-    buffers.push_back(Buffer::uninitialized(grad.dtype, grad.shape, grad.device));
-    weights_->bind_grad(i, buffers.back().data());
+    weights_->bind_grad(i, next);
+    const size_t bytes = weights_->parameters()[i].grad.bytes();
+    next += (bytes + kGradAlignment - 1) / kGradAlignment * kGradAlignment;
   }
 }
 
@@ -113,7 +136,7 @@ void Model::release_group_grads(size_t index) {
   if (options_.grad_storage != GradientStorage::PerGroup) return;
   const GradientGroup& group = gradient_groups_[index];
   for (size_t i = group.begin; i < group.end; ++i) weights_->bind_grad(i, nullptr);
-  group_grads_[index].clear();  // back to the allocator's cache, reused by the next group
+  group_grads_[index] = Buffer();  // back to the allocator's cache, reused by the next group
 }
 
 void Model::finish_group(size_t index) {
