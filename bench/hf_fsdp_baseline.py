@@ -82,7 +82,7 @@ def main():
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (at least 1 is run)")
     parser.add_argument("--routing", choices=["real", "balanced"], default="real")
     parser.add_argument("--recompute", action="store_true", help="gradient checkpointing")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: smoke test only (gloo)")
