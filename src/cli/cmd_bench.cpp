@@ -107,8 +107,7 @@ int run_bench(int argc, char** argv) {
   options.grad_dtype = DType::BF16;
   options.recompute_layers = recompute;
   options.balanced_routing = routing == "balanced";
-  // TODO(ep): once ModelOptions::expert_comm lands:
-  //   if (parallel) options.expert_comm = parallel->groups.expert.get();
+  if (parallel) options.expert_comm = parallel->groups.expert.get();  // size 1: all experts
   auto model = Model::uninitialized(config, *backend, options);
   uint64_t seed = 1;
   for (const Parameter& parameter : model->parameters()) {
