@@ -244,9 +244,9 @@ class CudaBackend final : public Backend {
                           const Tensor& dv) override {
     PhaseScope scope(this, Phase::Attention);
     BufferScratch scratch;
-    if (dout.shape == q.shape && dout.dtype == q.dtype &&
-        out.shape == q.shape && dq.shape == q.shape && dq.dtype == q.dtype && dk.shape == k.shape &&
-        dk.dtype == k.dtype && dv.shape == v.shape && dv.dtype == v.dtype && v.shape == k.shape &&
+    if (dout.shape == q.shape && dout.dtype == q.dtype && out.shape == q.shape &&
+        dq.shape == q.shape && dq.dtype == q.dtype && dk.shape == k.shape && dk.dtype == k.dtype &&
+        dv.shape == v.shape && dv.dtype == v.dtype && v.shape == k.shape &&
         lse.dtype == DType::F32 && lse.numel() == q.size(0) * q.size(1) * q.size(2) &&
         attention_->backward(dout, q, k, v, out, lse, scale, doc_offsets, dq, dk, dv,
                              BufferScratch::workspace, &scratch))
@@ -324,6 +324,16 @@ class CudaBackend final : public Backend {
   void grouped_gemm_weight_grad(const Tensor& dy, const Tensor& x, const Tensor& offsets,
                                 const Tensor& dw) override {
     PhaseScope scope(this, Phase::Experts);
+    if (dw.dtype == DType::F32 && dy.dtype != DType::F32) {
+      // fp32 gradients of bf16 experts (the trainer's bf16 weights): the kernels take one
+      // dtype, so this micro-batch's dw is formed (fp32 accumulation) in a zeroed scratch of
+      // the inputs' dtype and added to the fp32 gradient.
+      Buffer partial(dy.dtype, dw.shape, Device::CUDA);
+      MOETUNE_CUDA_CHECK(cudaMemsetAsync(partial.data(), 0, partial.bytes(), stream_));
+      cuda::launch_grouped_gemm_weight_grad(dy, x, offsets, partial, stream_);
+      cuda::launch_add(dw, dw, partial, stream_);
+      return;
+    }
     cuda::launch_grouped_gemm_weight_grad(dy, x, offsets, dw, stream_);
   }
 
