@@ -5,6 +5,10 @@
 // follows the parameter dtype), so memory is compared like for like. Timing: warm-up steps,
 // then the median wall time of --steps synchronised steps; one extra profiled step brackets
 // every op with CUDA events for the per-phase times. tflops uses DESIGN.md's formula.
+// Several GPUs (started by `moetune launch`, torchrun, mpirun or srun): every rank builds the
+// model (--expert-parallel N splits the experts), a step adds the gradient reduction and the
+// sharded optimizer of DataParallelAdamW (--zero-stage, AdamW state still in bf16, sharded),
+// and rank 0 prints one line with "gpus", tps per GPU and the largest peak memory of any rank.
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
@@ -19,6 +23,8 @@
 #include "model/memory_plan.h"
 #include "model/model.h"
 #include "ops/backend.h"
+#include "train/parallel_context.h"
+#include "train/sharded_adamw.h"
 
 #if MOETUNE_HAS_CUDA
 #include "ops/cuda/cuda_profile.h"
@@ -56,6 +62,7 @@ int run_bench(int argc, char** argv) {
   std::string config_path, routing = "real", device = "cuda";
   int64_t layers = 0, seq = 4096, micro_batch = 1, steps = 5, warmup = 2;
   bool recompute = false;
+  int64_t expert_parallel = 1, zero_stage = 1;
   app.add_option("--config", config_path, "HF config.json of the model shape")->required();
   app.add_option("--layers", layers, "keep the first N decoder layers (default: all)");
   app.add_option("--seq", seq, "tokens per row");
@@ -65,7 +72,13 @@ int run_bench(int argc, char** argv) {
   app.add_flag("--recompute", recompute, "activation checkpointing per layer");
   app.add_option("--routing", routing, "real (the random-init router) or balanced")
       ->check(CLI::IsMember({"real", "balanced"}));
-  app.add_option("--device", device, "cuda or cuda:N");
+  app.add_option("--device", device, "cuda or cuda:N (several ranks: cuda, the local rank's GPU)");
+  app.add_option("--expert-parallel", expert_parallel,
+                 "several GPUs: ranks the experts are split over (divides the world)");
+  app.add_option("--zero-stage", zero_stage,
+                 "several GPUs: 0 (replicated AdamW state), 1 (sharded state), 2 (and "
+                 "reduce-scattered gradients)")
+      ->check(CLI::Range(0, 2));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& error) {
@@ -84,12 +97,18 @@ int run_bench(int argc, char** argv) {
   }
   if (config.head_dim <= 0) config.head_dim = config.hidden_size / config.num_attention_heads;
 
-  auto backend = make_backend(device);
+  const std::unique_ptr<ParallelContext> parallel =
+      start_parallel(device, expert_parallel, 0, config.num_experts,
+                     LayoutKeys{"--expert-parallel", "--data-parallel", "--device"});
+  const int world = parallel ? parallel->world() : 1;
+  auto backend = make_backend(parallel ? parallel->device : device);
   ModelOptions options;
   options.param_dtype = DType::BF16;
   options.grad_dtype = DType::BF16;
   options.recompute_layers = recompute;
   options.balanced_routing = routing == "balanced";
+  // TODO(ep): once ModelOptions::expert_comm lands:
+  //   if (parallel) options.expert_comm = parallel->groups.expert.get();
   auto model = Model::uninitialized(config, *backend, options);
   uint64_t seed = 1;
   for (const Parameter& parameter : model->parameters()) {
@@ -99,9 +118,27 @@ int run_bench(int argc, char** argv) {
       cuda::fill_normal(parameter.value, static_cast<float>(config.initializer_range), seed++);
   }
   // AdamW state in the parameter dtype (bf16), as torch.optim.AdamW keeps it for bf16 params.
+  // Several ranks: the same bf16 state, sharded by the data-parallel optimizer (never
+  // allocated whole, so peak memory is the sharded one); the gradient reductions start from
+  // the backward's gradient-ready hook.
+  std::unique_ptr<DataParallelAdamW> dp_optimizer;
+  if (parallel) {
+    AdamWConfig adamw_config;
+    adamw_config.lr = 1e-5;
+    adamw_config.weight_decay = 0.01;
+    DataParallelOptions dp_options;
+    dp_options.zero_stage = static_cast<int>(zero_stage);
+    dp_options.state_dtype = DType::BF16;
+    dp_options.master_weights = false;
+    dp_optimizer = std::make_unique<DataParallelAdamW>(
+        model->parameters(), model->gradient_groups(), *backend, adamw_config,
+        *parallel->groups.world, *parallel->groups.expert_dp, dp_options);
+    model->set_gradient_ready_hook([&](size_t group) { dp_optimizer->reduce_group(group); });
+  }
   std::vector<Buffer> state;
   std::vector<AdamWParam> adamw;
   for (const Parameter& parameter : model->parameters()) {
+    if (dp_optimizer) break;
     state.emplace_back(parameter.value.dtype, parameter.value.shape, Device::CUDA);
     state.emplace_back(parameter.value.dtype, parameter.value.shape, Device::CUDA);
     AdamWParam entry;
@@ -119,7 +156,7 @@ int run_bench(int argc, char** argv) {
 
   const int64_t tokens = micro_batch * seq;
   std::vector<int32_t> ids(static_cast<size_t>(tokens));
-  std::mt19937 rng(1234);
+  std::mt19937 rng(1234 + (parallel ? parallel->rank() : 0));  // each rank its own tokens
   std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(config.vocab_size - 1));
   for (auto& id : ids) id = token(rng);
   BatchView batch;
@@ -135,7 +172,11 @@ int run_bench(int argc, char** argv) {
   auto train_step = [&]() {
     model->zero_grads();
     const StepResult result = model->forward_backward(batch, loss_scale);
-    backend->adamw_update(adamw, hyper, 1.0f);
+    if (dp_optimizer) {
+      dp_optimizer->step(hyper.lr, 1.0f);
+    } else {
+      backend->adamw_update(adamw, hyper, 1.0f);
+    }
     ++hyper.step;
     backend->synchronize();
     last_loss = result.trained_tokens ? result.loss_sum / double(result.trained_tokens) : 0.0;
@@ -167,15 +208,34 @@ int run_bench(int argc, char** argv) {
   const int64_t logits_chunk =
       std::max<int64_t>(1, std::min<int64_t>(tokens, (int64_t(640) << 20) / logits_row)) *
       logits_row;
-  const double plan_bytes = double(plan.weights + plan.grads + 2 * plan.weights + plan.activations +
-                                   plan.scratch + logits_chunk);
-  const double tps = double(tokens) / step_s;
+  // AdamW state (2 x weights in bf16) is split over the ranks from zero stage 1, and stage 2
+  // adds the reduced gradient shard.
+  const int64_t shards = parallel && zero_stage >= 1 ? world : 1;
+  const int64_t grad_shard = parallel && zero_stage == 2 ? plan.grads / world : 0;
+  const double plan_bytes = double(plan.weights + plan.grads + 2 * plan.weights / shards +
+                                   grad_shard + plan.activations + plan.scratch + logits_chunk);
+  // Several ranks: every rank's step time and peak (rank 0 reports the slowest and the
+  // largest); all ranks take part in the sum, only rank 0 prints.
+  double step_s_all = step_s, peak_bytes = double(memory.peak_reserved);
+  if (parallel) {
+    std::vector<double> per_rank(2 * static_cast<size_t>(world), 0.0);
+    per_rank[2 * parallel->rank()] = step_s;
+    per_rank[2 * parallel->rank() + 1] = peak_bytes;
+    all_reduce_host(*parallel->groups.world, *backend, per_rank);
+    for (int r = 0; r < world; ++r) {
+      step_s_all = std::max(step_s_all, per_rank[2 * r]);
+      peak_bytes = std::max(peak_bytes, per_rank[2 * r + 1]);
+    }
+    if (parallel->rank() != 0) return 0;
+  }
+  const double tps = double(tokens) / step_s_all;  // per GPU: each rank trains `tokens`
   const double tflops = tps * flops_per_token(config, seq) / 1e12;
   const auto seconds = [&](cuda::Phase phase) { return phases.seconds[static_cast<int>(phase)]; };
   double measured = 0;
   for (double s : phases.seconds) measured += s;
   std::printf(
-      "{\"engine\": \"moetune\", \"gpu\": \"%s\", \"layers\": %lld, \"seq\": %lld, "
+      "{\"engine\": \"moetune\", \"gpu\": \"%s\", \"gpus\": %d, \"expert_parallel\": %lld, "
+      "\"zero_stage\": %lld, \"layers\": %lld, \"seq\": %lld, "
       "\"micro_batch\": %lld, "
       "\"routing\": \"%s\", \"recompute\": %s, \"tokens_per_step\": %lld, \"tps\": %.1f, "
       "\"tflops\": %.1f, "
@@ -184,10 +244,11 @@ int run_bench(int argc, char** argv) {
       "\"router_dispatch\": %.4f, \"experts\": %.4f, \"loss\": %.4f, \"optimizer\": %.4f, "
       "\"dense_gemm\": %.4f, "
       "\"other_ops\": %.4f, \"host_gaps\": %.4f}, \"profiled_step_s\": %.4f}\n",
-      cuda::device_name(), (long long)config.num_hidden_layers, (long long)seq,
+      cuda::device_name(), world, (long long)(parallel ? expert_parallel : 1),
+      (long long)(parallel ? zero_stage : 0), (long long)config.num_hidden_layers, (long long)seq,
       (long long)micro_batch, routing.c_str(), recompute ? "true" : "false", (long long)tokens, tps,
-      tflops, double(memory.peak_reserved) / double(1ull << 30), plan_bytes / double(1ull << 30),
-      step_s, last_loss, seconds(cuda::Phase::Attention), seconds(cuda::Phase::RouterDispatch),
+      tflops, peak_bytes / double(1ull << 30), plan_bytes / double(1ull << 30), step_s_all,
+      last_loss, seconds(cuda::Phase::Attention), seconds(cuda::Phase::RouterDispatch),
       seconds(cuda::Phase::Experts), seconds(cuda::Phase::Loss), seconds(cuda::Phase::Optimizer),
       seconds(cuda::Phase::DenseGemm), seconds(cuda::Phase::OtherOps),
       std::max(0.0, profiled_s - measured), profiled_s);

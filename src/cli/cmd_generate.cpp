@@ -1,9 +1,10 @@
 // `moetune generate --model DIR --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T]
-//  [--top-p P] [--seed S] [--device cpu]`: loads an HF folder and continues the prompt with
-// the KV-cache generator (model/generate.h). --chat wraps the prompt as a user message with
-// the tokenizer's chat template and add_generation_prompt. Stops at the eos token(s) of
-// generation_config.json (else config.json, else the tokenizer's eos_token). Prints only the
-// generated text (special tokens skipped) on stdout.
+//  [--top-p P] [--seed S] [--device cpu|cuda[:N]] [--dtype fp32|bf16]`: loads an HF folder and
+// continues the prompt with the KV-cache generator (model/generate.h) on the chosen device
+// (weights in bf16 on cuda unless --dtype fp32; the CPU computes in fp32). --chat wraps the prompt
+// as a user message with the tokenizer's chat template and add_generation_prompt. Stops at the eos
+// token(s) of generation_config.json (else config.json, else the tokenizer's eos_token). Prints
+// only the generated text (special tokens skipped) on stdout.
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <filesystem>
@@ -47,8 +48,8 @@ std::vector<int32_t> stop_ids(const fs::path& dir, const Tokenizer& tokenizer) {
 }  // namespace
 
 int run_generate(int argc, char** argv) {
-  CLI::App app{"generate text with a model (KV cache, CPU)", "moetune generate"};
-  std::string model_dir, prompt, device = "cpu";
+  CLI::App app{"generate text with a model (KV cache)", "moetune generate"};
+  std::string model_dir, prompt, device = "cpu", dtype_name_arg;
   bool chat = false;
   GenerationOptions options;
   app.add_option("--model", model_dir,
@@ -61,18 +62,26 @@ int run_generate(int argc, char** argv) {
   app.add_option("--temperature", options.temperature, "0: greedy")->check(CLI::NonNegativeNumber);
   app.add_option("--top-p", options.top_p, "nucleus sampling mass")->check(CLI::Range(0.0, 1.0));
   app.add_option("--seed", options.seed, "sampling seed");
-  app.add_option("--device", device, "cpu (GPU generation is not implemented yet)");
+  app.add_option("--device", device, "cpu, cuda or cuda:N");
+  app.add_option("--dtype", dtype_name_arg,
+                 "weights and activations: fp32 or bf16 (default: "
+                 "bf16 on cuda, fp32 on cpu)")
+      ->check(CLI::IsMember({"fp32", "bf16"}));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& error) {
     return app.exit(error);
   }
-  if (device != "cpu") fail("--device ", device, ": generation runs on the CPU only for now");
-
   const fs::path dir = model_dir;
-  auto backend = make_backend("cpu");
+  auto backend = make_backend(device);
+  const bool on_cpu = backend->device() == Device::CPU;
+  if (dtype_name_arg.empty()) dtype_name_arg = on_cpu ? "fp32" : "bf16";
+  if (on_cpu && dtype_name_arg != "fp32") fail("--dtype ", dtype_name_arg, ": the CPU runs fp32");
+  ModelOptions model_options;
+  model_options.param_dtype = model_options.grad_dtype =
+      dtype_name_arg == "bf16" ? DType::BF16 : DType::F32;
   const Tokenizer tokenizer = Tokenizer::from_folder(dir);
-  auto model = Model::from_hf_folder(dir, *backend, {});
+  auto model = Model::from_hf_folder(dir, *backend, model_options);
 
   std::vector<int32_t> ids;
   if (chat) {

@@ -9,7 +9,9 @@
 
 #include "cli/commands.h"
 #include "core/error.h"
+#include "io/model_config.h"
 #include "ops/backend.h"
+#include "train/parallel_context.h"
 #include "train/recipe.h"
 #include "train/trainer.h"
 
@@ -87,7 +89,19 @@ int run_train(int argc, char** argv) {
   options.resume_from = resume_from;
   options.resume_latest = resume_latest;
   options.stop_after_steps = stop_after;
-  const auto backend = make_backend(recipe.parallel.device);
+  // Started by a launcher with several processes: join the others first (the rank's GPU
+  // follows from its local rank).
+  int64_t num_experts = 0;
+  {
+    const fs::path config =
+        recipe.model.path ? *recipe.model.path / "config.json" : *recipe.model.config;
+    num_experts = load_model_config(config).num_experts;
+  }
+  const std::unique_ptr<ParallelContext> parallel =
+      start_parallel(recipe.parallel.device, recipe.parallel.expert_parallel,
+                     recipe.parallel.data_parallel, num_experts);
+  options.parallel = parallel.get();
+  const auto backend = make_backend(parallel ? parallel->device : recipe.parallel.device);
   train(recipe, options, *backend);
   return 0;
 }

@@ -5,7 +5,8 @@
 //              attention of each new query over cache[0 .. its position] (causal, GQA);
 //              x += o_proj; h = rmsnorm(x); x += MLP(h) or MoE(h)
 //   logits (V) = lm_head(rmsnorm(x[last]))
-// MoE runs token by token over its top-k experts (slices of the fused expert weights).
+// MoE runs as in training: route, sort the n*k (token, expert) slots by expert on the device,
+// gather, two grouped GEMMs around SwiGLU, weighted combine.
 #include "model/generate.h"
 
 #include <algorithm>
@@ -16,33 +17,29 @@
 
 namespace moetune {
 
-namespace {
-
-Tensor row_of(const Tensor& matrix, int64_t row) { return matrix.slice_rows(row, row + 1); }
-
-}  // namespace
-
 KvCache::KvCache(const Model& model, int64_t max_tokens)
     : model_(model), config_(model.config()), capacity_(max_tokens) {
-  if (model.backend().device() != Device::CPU)
-    fail("generate: the KV-cache generator runs on the CPU only for now");
-  for (const Parameter& parameter : model.parameters())
-    if (parameter.value.dtype != DType::F32)
-      fail("generate: parameter ", parameter.name, " is ", dtype_name(parameter.value.dtype),
-           "; load the model with fp32 weights for generation");
   if (max_tokens <= 0) fail("generate: the KV cache needs room for at least one token");
+  Backend& backend = model.backend();
+  const Device device = backend.device();
+  dtype_ = model.weights().values().embed.dtype;
+  if (device == Device::CPU && dtype_ != DType::F32)
+    fail("generate: the CPU backend computes in fp32; load the model with fp32 weights");
   const std::vector<float> inv_freq = rope_inv_freq(config_);
-  inv_freq_ = Buffer(DType::F32, {static_cast<int64_t>(inv_freq.size())});
-  std::copy(inv_freq.begin(), inv_freq.end(), inv_freq_.ptr<float>());
-  const int64_t kv_width = config_.num_key_value_heads * config_.head_dim;
+  const int64_t half = static_cast<int64_t>(inv_freq.size());
+  inv_freq_ = Buffer(DType::F32, {half}, device);
+  backend.copy(inv_freq_, Tensor(const_cast<float*>(inv_freq.data()), DType::F32, {half}));
+  const int64_t Hkv = config_.num_key_value_heads, D = config_.head_dim;
   for (int64_t layer = 0; layer < config_.num_hidden_layers; ++layer) {
-    keys_.emplace_back(DType::F32, Shape{capacity_, kv_width});
-    values_.emplace_back(DType::F32, Shape{capacity_, kv_width});
+    keys_.emplace_back(dtype_, Shape{capacity_, Hkv, D}, device);
+    values_.emplace_back(dtype_, Shape{capacity_, Hkv, D}, device);
   }
 }
 
 std::vector<float> KvCache::forward(std::span<const int32_t> tokens) {
   Backend& backend = model_.backend();
+  const Device device = backend.device();
+  const DType dt = dtype_;
   const ModelConfig& c = config_;
   const WeightTensors& w = model_.weights().values();
   const int64_t n = static_cast<int64_t>(tokens.size());
@@ -51,23 +48,25 @@ std::vector<float> KvCache::forward(std::span<const int32_t> tokens) {
     fail("generate: the sequence would reach ", length_ + n, " tokens, more than the cache holds (",
          capacity_, ")");
   const int64_t H = c.hidden_size, D = c.head_dim, Hq = c.num_attention_heads,
-                Hkv = c.num_key_value_heads;
-  const int64_t group = Hq / Hkv, V = c.vocab_size;
+                Hkv = c.num_key_value_heads, V = c.vocab_size;
   const float eps = static_cast<float>(c.rms_norm_eps);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
 
-  Buffer ids(DType::I32, {n}), positions(DType::I32, {n});
+  std::vector<int32_t> host_ids(tokens.begin(), tokens.end()), host_positions(n);
   for (int64_t i = 0; i < n; ++i) {
     if (tokens[i] < 0 || tokens[i] >= V)
       fail("generate: token id ", tokens[i], " is outside the vocabulary (", V, ")");
-    ids.ptr<int32_t>()[i] = tokens[i];
-    positions.ptr<int32_t>()[i] = static_cast<int32_t>(length_ + i);
+    host_positions[i] = static_cast<int32_t>(length_ + i);
   }
-  Buffer x(DType::F32, {n, H}), normed(DType::F32, {n, H}),
-      rstd(DType::F32, {n * std::max(Hq, int64_t{1})});
-  Buffer q(DType::F32, {n, Hq * D}), k(DType::F32, {n, Hkv * D}), v(DType::F32, {n, Hkv * D});
-  Buffer q_proj(DType::F32, {n, Hq * D}), k_proj(DType::F32, {n, Hkv * D});
-  Buffer attention(DType::F32, {n, Hq * D}), delta(DType::F32, {n, H});
+  Buffer ids(DType::I32, {n}, device), positions(DType::I32, {n}, device);
+  backend.copy(ids, Tensor(host_ids.data(), DType::I32, {n}));
+  backend.copy(positions, Tensor(host_positions.data(), DType::I32, {n}));
+
+  Buffer x(dt, {n, H}, device), normed(dt, {n, H}, device),
+      rstd(DType::F32, {n * std::max(Hq, int64_t{1})}, device);
+  Buffer q(dt, {n, Hq * D}, device), k(dt, {n, Hkv * D}, device), v(dt, {n, Hkv * D}, device);
+  Buffer q_proj(dt, {n, Hq * D}, device), k_proj(dt, {n, Hkv * D}, device);
+  Buffer attention(dt, {n, Hq * D}, device), delta(dt, {n, H}, device);
   backend.embedding_forward(ids, w.embed, x);  // (n, H)
 
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
@@ -92,40 +91,12 @@ std::vector<float> KvCache::forward(std::span<const int32_t> tokens) {
     }
     backend.rope_forward(q.tensor().view({n, Hq, D}), positions, inv_freq_);
     backend.rope_forward(k.tensor().view({n, Hkv, D}), positions, inv_freq_);
-    float* cache_k = keys_[static_cast<size_t>(l)].ptr<float>();
-    float* cache_v = values_[static_cast<size_t>(l)].ptr<float>();
-    std::copy_n(k.ptr<float>(), n * Hkv * D, cache_k + length_ * Hkv * D);
-    std::copy_n(v.ptr<float>(), n * Hkv * D, cache_v + length_ * Hkv * D);
-
-    // Each new query i (absolute position length_ + i) attends to cached positions 0..that.
-    std::vector<float> scores(static_cast<size_t>(length_ + n));
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t visible = length_ + i + 1;
-      for (int64_t h = 0; h < Hq; ++h) {
-        const float* query = q.ptr<float>() + (i * Hq + h) * D;
-        const int64_t kv_head = h / group;
-        float max_score = -INFINITY;
-        for (int64_t j = 0; j < visible; ++j) {
-          const float* key = cache_k + (j * Hkv + kv_head) * D;
-          float dot = 0;
-          for (int64_t d = 0; d < D; ++d) dot += query[d] * key[d];
-          scores[static_cast<size_t>(j)] = dot * scale;
-          max_score = std::max(max_score, scores[static_cast<size_t>(j)]);
-        }
-        double total = 0;
-        for (int64_t j = 0; j < visible; ++j) {
-          scores[static_cast<size_t>(j)] = std::exp(scores[static_cast<size_t>(j)] - max_score);
-          total += scores[static_cast<size_t>(j)];
-        }
-        float* out = attention.ptr<float>() + (i * Hq + h) * D;
-        std::fill_n(out, D, 0.0f);
-        for (int64_t j = 0; j < visible; ++j) {
-          const float p = static_cast<float>(scores[static_cast<size_t>(j)] / total);
-          const float* value = cache_v + (j * Hkv + kv_head) * D;
-          for (int64_t d = 0; d < D; ++d) out[d] += p * value[d];
-        }
-      }
-    }
+    const Tensor cache_k = keys_[static_cast<size_t>(l)].tensor();    // (capacity, Hkv, D)
+    const Tensor cache_v = values_[static_cast<size_t>(l)].tensor();  // (capacity, Hkv, D)
+    backend.copy(cache_k.slice_rows(length_, length_ + n), k);
+    backend.copy(cache_v.slice_rows(length_, length_ + n), v);
+    backend.attention_cached_forward(q.tensor().view({n, Hq, D}), cache_k, cache_v, length_, scale,
+                                     attention.tensor().view({n, Hq, D}));
     backend.gemm(attention, false, lw.o, true, delta);  // (n, H)
     if (lw.o_bias.defined() && lw.o_bias.data) backend.add_bias(delta, lw.o_bias);
     backend.add(x, x, delta);
@@ -134,44 +105,43 @@ std::vector<float> KvCache::forward(std::span<const int32_t> tokens) {
     backend.rmsnorm_forward(x, lw.post_norm, eps, normed, rstd.tensor().slice_rows(0, n));
     if (!lw.moe) {
       const int64_t I = lw.mlp_down.shape[1];
-      Buffer gate_up(DType::F32, {n, 2 * I}), act(DType::F32, {n, I});
+      Buffer gate_up(dt, {n, 2 * I}, device), act(dt, {n, I}, device);
       backend.gemm(normed, false, lw.mlp_gate_up, true, gate_up);  // (n, 2I)
       backend.swiglu_forward(gate_up, act);                        // (n, I)
       backend.gemm(act, false, lw.mlp_down, true, delta);          // (n, H)
     } else {
       const int64_t E = c.num_experts, top_k = c.num_experts_per_tok, I = lw.experts_down.shape[2];
-      Buffer router_logits(DType::F32, {n, E}), probs(DType::F32, {n, E});
-      Buffer topk_ids(DType::I32, {n, top_k}), topk_weights(DType::F32, {n, top_k});
+      const int64_t slots = n * top_k;
+      Buffer router_logits(dt, {n, E}, device), probs(DType::F32, {n, E}, device);
+      Buffer topk_ids(DType::I32, {n, top_k}, device), topk_weights(DType::F32, {n, top_k}, device);
       backend.gemm(normed, false, lw.router, true, router_logits);  // (n, E)
-      backend.router_forward(router_logits, static_cast<int>(top_k),
-                             c.norm_topk_prob || c.family == ModelFamily::Mixtral, probs, topk_ids,
-                             topk_weights);
-      Buffer gate_up(DType::F32, {1, 2 * I}), act(DType::F32, {1, I}),
-          expert_out(DType::F32, {1, H});
-      backend.fill(delta, 0.0f);
-      for (int64_t i = 0; i < n; ++i) {
-        float* out = delta.ptr<float>() + i * H;
-        for (int64_t j = 0; j < top_k; ++j) {
-          const int64_t expert = topk_ids.ptr<int32_t>()[i * top_k + j];
-          const float weight = topk_weights.ptr<float>()[i * top_k + j];
-          backend.gemm(row_of(normed, i), false, lw.experts_gate_up.select(expert), true,
-                       gate_up);                                                       // (1, 2I)
-          backend.swiglu_forward(gate_up, act);                                        // (1, I)
-          backend.gemm(act, false, lw.experts_down.select(expert), true, expert_out);  // (1, H)
-          for (int64_t h = 0; h < H; ++h) out[h] += weight * expert_out.ptr<float>()[h];
-        }
-      }
+      backend.router_forward(router_logits, static_cast<int>(top_k), c.norm_topk_prob, probs,
+                             topk_ids, topk_weights);
+      Buffer expert_offsets(DType::I32, {E + 1}, device), sorted_slots(DType::I32, {slots}, device),
+          slot_rows(DType::I32, {slots}, device);
+      backend.moe_sort_by_expert(topk_ids, static_cast<int>(E), expert_offsets, sorted_slots,
+                                 slot_rows);
+      Buffer rows(dt, {slots, H}, device), gate_up(dt, {slots, 2 * I}, device),
+          act(dt, {slots, I}, device), expert_out(dt, {slots, H}, device);
+      backend.moe_gather(normed, sorted_slots, static_cast<int>(top_k), rows);        // (n*k, H)
+      backend.grouped_gemm(rows, lw.experts_gate_up, true, expert_offsets, gate_up);  // (n*k, 2I)
+      backend.swiglu_forward(gate_up, act);                                           // (n*k, I)
+      backend.grouped_gemm(act, lw.experts_down, true, expert_offsets, expert_out);   // (n*k, H)
+      backend.moe_combine(expert_out, topk_weights, slot_rows, delta);                // (n, H)
     }
     backend.add(x, x, delta);
   }
   length_ += n;
 
   // ---- the last position's logits ----
-  Buffer last(DType::F32, {1, H}), last_rstd(DType::F32, {1}), logits(DType::F32, {1, V});
-  backend.rmsnorm_forward(row_of(x, n - 1), w.final_norm, eps, last, last_rstd);
+  Buffer last(dt, {1, H}, device), last_rstd(DType::F32, {1}, device),
+      logits(DType::F32, {1, V}, device);
+  backend.rmsnorm_forward(x.tensor().slice_rows(n - 1, n), w.final_norm, eps, last, last_rstd);
   backend.gemm(last, false, w.lm_head, true, logits);  // (1, V)
+  std::vector<float> host_logits(static_cast<size_t>(V));
+  backend.copy(Tensor(host_logits.data(), DType::F32, {1, V}), logits);
   backend.synchronize();
-  return std::vector<float>(logits.ptr<float>(), logits.ptr<float>() + V);
+  return host_logits;
 }
 
 int32_t sample_token(std::span<const float> logits, double temperature, double top_p,

@@ -1,10 +1,12 @@
-// Text generation with a KV cache (CPU, fp32): an inference-only forward over a Model's
-// weights that keeps every layer's keys and values, so each new token costs one position
-// instead of the whole sequence. The prompt goes through in one pass (prefill), then one
-// token at a time (decode). The math is the training forward's (same ops for projections,
-// norms, RoPE, routing, SwiGLU); only attention is written here, for queries at the end of
-// the cached sequence. Sampling: greedy at temperature 0, else softmax(logits / T) restricted
-// to the top-p nucleus, from a seeded RNG (reproducible).
+// Text generation with a KV cache, on the model's backend (CPU or CUDA) and in its weights'
+// dtype: an inference-only forward over a Model's weights that keeps every layer's keys and
+// values on the device, so each new token costs one position instead of the whole sequence.
+// The prompt goes through in one pass (prefill), then one token at a time (decode). Every
+// step is a Backend op (the training forward's projections, norms, RoPE, routing, expert
+// dispatch and grouped GEMMs; attention_cached_forward for queries at the end of the cache);
+// the host only uploads token ids and reads back the last position's logits (backend.copy).
+// Sampling: greedy at temperature 0, else softmax(logits / T) restricted to the top-p
+// nucleus, from a seeded RNG (reproducible).
 #pragma once
 
 #include <cstdint>
@@ -20,7 +22,7 @@ namespace moetune {
 
 class KvCache {
  public:
-  // Room for max_tokens positions. The model must live on the CPU with fp32 weights.
+  // Room for max_tokens positions, on the model's device, in its weights' dtype.
   KvCache(const Model& model, int64_t max_tokens);
 
   // Runs `tokens` at positions [length(), length() + n), appends their keys and values, and
@@ -35,8 +37,9 @@ class KvCache {
   const ModelConfig& config_;
   int64_t capacity_;
   int64_t length_ = 0;
-  Buffer inv_freq_;                    // (D/2)
-  std::vector<Buffer> keys_, values_;  // per layer (capacity, Hkv*D), after norm and RoPE
+  DType dtype_;                        // activations and cache: the weights' dtype
+  Buffer inv_freq_;                    // (D/2) fp32 on the device
+  std::vector<Buffer> keys_, values_;  // per layer (capacity, Hkv, D), after norm and RoPE
 };
 
 struct GenerationOptions {

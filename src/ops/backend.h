@@ -120,6 +120,14 @@ class Backend {
                                   float scale, const Tensor& doc_offsets, const Tensor& dq,
                                   const Tensor& dk, const Tensor& dv) = 0;
 
+  // ---- attention over a KV cache (generation; forward only) ----------------------------
+  // q (n, Hq, D): n new queries at positions [past, past + n); k_cache and v_cache
+  // (L, Hkv, D), L >= past + n, hold the keys and values of every position up to them.
+  // Query i attends to cache rows [0, past + i] (causal, GQA). out (n, Hq, D). fp32 softmax.
+  virtual void attention_cached_forward(const Tensor& q, const Tensor& k_cache,
+                                        const Tensor& v_cache, int64_t past, float scale,
+                                        const Tensor& out) = 0;
+
   // ---- SwiGLU: gate_up (M, 2I) = [gate | up] columns -> out (M, I) = silu(gate) * up ----
   virtual void swiglu_forward(const Tensor& gate_up, const Tensor& out) = 0;
   virtual void swiglu_backward(const Tensor& dout, const Tensor& gate_up,

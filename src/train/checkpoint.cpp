@@ -69,19 +69,30 @@ fs::path checkpoint_path(const fs::path& checkpoints_dir, int64_t step) {
   return checkpoints_dir / ("step-" + std::to_string(step));
 }
 
+fs::path checkpoint_temporary_path(const fs::path& checkpoints_dir, int64_t step) {
+  return checkpoint_path(checkpoints_dir, step).string() + ".tmp";
+}
+
+void write_checkpoint_tensors(const fs::path& file, std::span<const CheckpointTensor> tensors,
+                              Backend& backend) {
+  write_tensors(file, tensors, backend);
+}
+
 fs::path write_training_checkpoint(const fs::path& checkpoints_dir,
                                    const CheckpointContents& contents, Backend& backend) {
   fs::create_directories(checkpoints_dir);
   const fs::path final_path = checkpoint_path(checkpoints_dir, contents.step);
-  const fs::path temporary = final_path.string() + ".tmp";
+  const fs::path temporary = checkpoint_temporary_path(checkpoints_dir, contents.step);
   fs::remove_all(temporary);
   fs::create_directories(temporary);
 
+  if (contents.add_parts) contents.add_parts(temporary);
   write_tensors(temporary / "model.safetensors", contents.model, backend);
   if (const char* hook = std::getenv("MOETUNE_TEST_ABORT_IN_CHECKPOINT")) {
     if (std::to_string(contents.step) == hook) std::abort();  // a kill in the middle of the write
   }
-  write_tensors(temporary / "optimizer.safetensors", contents.optimizer, backend);
+  if (!contents.optimizer.empty() || !contents.add_parts)
+    write_tensors(temporary / "optimizer.safetensors", contents.optimizer, backend);
   write_file_atomic(temporary / kStateFile, contents.trainer_state.dump(1) + "\n");
   fsync_path(temporary);
 

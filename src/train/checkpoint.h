@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <span>
@@ -33,9 +34,21 @@ struct CheckpointContents {
   std::vector<CheckpointTensor> model;
   std::vector<CheckpointTensor> optimizer;
   nlohmann::json trainer_state;
+  // Several ranks (dist_checkpoint.h): called on rank 0 with the temporary folder as soon
+  // as it exists (before the model is written), while the other ranks write their rank-R/
+  // parts into it; the folder is renamed to step-N only after this returns. An empty `optimizer` writes no
+  // optimizer.safetensors (the state is in the ranks' parts).
+  std::function<void(const std::filesystem::path& temporary)> add_parts;
 };
 
 std::filesystem::path checkpoint_path(const std::filesystem::path& checkpoints_dir, int64_t step);
+// Where step-N is assembled before the rename (step-N.tmp).
+std::filesystem::path checkpoint_temporary_path(const std::filesystem::path& checkpoints_dir,
+                                                int64_t step);
+
+// Writes tensors (on the host or the backend's device) to one safetensors file.
+void write_checkpoint_tensors(const std::filesystem::path& file,
+                              std::span<const CheckpointTensor> tensors, Backend& backend);
 
 // Writes checkpoints_dir/step-N atomically (see above); returns its path. Device tensors
 // are copied to the host through `backend`.

@@ -41,8 +41,8 @@ constexpr std::array<std::string_view, 5> kSchedulerKeys = {"type", "warmup_step
 constexpr std::array<std::string_view, 4> kCheckpointKeys = {"every", "keep_last",
                                                              "hf_export_every", "save_final_hf"};
 constexpr std::array<std::string_view, 2> kLoggingKeys = {"every", "progress"};
-constexpr std::array<std::string_view, 3> kParallelKeys = {"device", "data_parallel",
-                                                           "expert_parallel"};
+constexpr std::array<std::string_view, 4> kParallelKeys = {"device", "data_parallel",
+                                                           "expert_parallel", "zero_stage"};
 constexpr std::array<std::string_view, 2> kFloatDtypes = {"fp32", "bf16"};
 
 DType float_dtype(const std::string& name) { return name == "bf16" ? DType::BF16 : DType::F32; }
@@ -349,18 +349,17 @@ Recipe parse_recipe(const YAML::Node& input, const fs::path& base_dir, const fs:
   p.device = get_string(parallel, "device", "parallel", p.device);
   if (p.device != "cpu" && p.device != "cuda" && p.device.rfind("cuda:", 0) != 0)
     fail("parallel.device: expected cpu, cuda or cuda:N, got '", p.device, "'");
-  p.data_parallel = get_int(parallel, "data_parallel", "parallel", 1);
+  p.data_parallel = get_int(parallel, "data_parallel", "parallel", 0);
+  if (parallel && parallel["data_parallel"] && p.data_parallel < 1)
+    fail("parallel.data_parallel: expected a positive number, got ", p.data_parallel);
   p.expert_parallel = get_int(parallel, "expert_parallel", "parallel", 1);
-  if (p.data_parallel != 1)
-    fail(
-        "parallel.data_parallel: only 1 is supported for now (multi-GPU data parallelism is not "
-        "implemented yet), got ",
-        p.data_parallel);
-  if (p.expert_parallel != 1)
-    fail(
-        "parallel.expert_parallel: only 1 is supported for now (expert parallelism is not "
-        "implemented yet), got ",
-        p.expert_parallel);
+  if (p.expert_parallel < 1)
+    fail("parallel.expert_parallel: expected a positive number, got ", p.expert_parallel);
+  p.zero_stage = get_int(parallel, "zero_stage", "parallel", p.zero_stage);
+  if (p.zero_stage < 0 || p.zero_stage > 2)
+    fail("parallel.zero_stage: expected 0, 1 or 2, got ", p.zero_stage);
+  // How data_parallel x expert_parallel fits the job's ranks is checked when the run starts
+  // (resolve_layout in train/parallel_context.h): the world size is known only then.
   return recipe;
 }
 
@@ -444,8 +443,10 @@ std::string resolved_recipe_yaml(const Recipe& recipe) {
 
   out << YAML::Key << "parallel" << YAML::Value << YAML::BeginMap;
   out << YAML::Key << "device" << YAML::Value << recipe.parallel.device;
-  out << YAML::Key << "data_parallel" << YAML::Value << recipe.parallel.data_parallel;
+  if (recipe.parallel.data_parallel > 0)
+    out << YAML::Key << "data_parallel" << YAML::Value << recipe.parallel.data_parallel;
   out << YAML::Key << "expert_parallel" << YAML::Value << recipe.parallel.expert_parallel;
+  out << YAML::Key << "zero_stage" << YAML::Value << recipe.parallel.zero_stage;
   out << YAML::EndMap;
   out << YAML::EndMap;
   return std::string(out.c_str()) + "\n";

@@ -45,8 +45,18 @@
 //     progress: auto             # auto | bar | plain | none
 //   parallel:
 //     device: cpu                # cpu | cuda | cuda:N
-//     data_parallel: 1           # multi-GPU layouts: only 1 for now
-//     expert_parallel: 1
+//     expert_parallel: 1         # ranks the experts are split over (must divide the world)
+//     data_parallel: 4           # [world / expert_parallel] replicas; if given it must match
+//     zero_stage: 1              # with several ranks (docs/MULTI_GPU.md), per rank, for P
+//                                # parameters over N data-parallel ranks:
+//                                # 0: gradients all-reduced; full AdamW state (8P bytes) and
+//                                #    fp32 master weights (4P, bf16 models) on every rank
+//                                # 1: gradients all-reduced; state and master sharded (12P/N),
+//                                #    each rank updates its shard, weights all-gathered
+//                                # 2: as 1, gradients reduce-scattered: each rank keeps only
+//                                #    its shard's reduced gradient (half the traffic of 1)
+//                                # (expert weights: N = data_parallel, the replicas of an
+//                                # expert slice; every other weight: N = the world)
 #pragma once
 
 #include <yaml-cpp/yaml.h>
@@ -127,8 +137,9 @@ struct LoggingRecipe {
 
 struct ParallelRecipe {
   std::string device = "cpu";
-  int64_t data_parallel = 1;
+  int64_t data_parallel = 0;  // 0: not given (world / expert_parallel)
   int64_t expert_parallel = 1;
+  int64_t zero_stage = 1;
 };
 
 struct Recipe {

@@ -10,6 +10,12 @@
 //   5. log, evaluate, checkpoint, export as the recipe says; SIGINT/SIGTERM stop here.
 // Resuming restores weights, AdamW state, the data loader's position, the RNG and the
 // logging window, so the losses after a resume are bit-identical to an uninterrupted run.
+// Several ranks (options.parallel): every rank fetches all of a step's micro-batches (so
+// the loader's position and the step's trained-token count are the same everywhere) and
+// trains micro-batch m when m % world == rank; DataParallelAdamW reduces the gradients
+// (started per gradient group from the last micro-batch's backward) and updates its shards;
+// loss, accuracy and the stop request are summed over the ranks once per step; rank 0 logs
+// and writes metrics, loss.svg and hf/; checkpoints gather every rank's optimizer shard.
 #include "train/trainer.h"
 
 #include <unistd.h>
@@ -33,9 +39,12 @@
 #include "ops/backend.h"
 #include "train/adamw.h"
 #include "train/checkpoint.h"
+#include "train/dist_checkpoint.h"
 #include "train/loss_plot.h"
 #include "train/metrics.h"
+#include "train/parallel_context.h"
 #include "train/progress.h"
+#include "train/sharded_adamw.h"
 
 namespace moetune {
 
@@ -155,8 +164,12 @@ struct EvalResult {
 };
 
 // Loss and token accuracy on the held-out split, from its start every time.
+// Several ranks: rank r evaluates batches b % world == r; the sums are all-reduced.
+// TODO(ep): with expert_parallel > 1 every rank of an EP group must run the same number of
+// forwards (the all-to-all): pad with empty forwards when batches % world != 0.
 EvalResult evaluate(Model& model, DataLoader& loader, const nlohmann::json& start_state,
-                    const TrainingRecipe& t) {
+                    const TrainingRecipe& t, ParallelContext* parallel) {
+  const int rank = parallel ? parallel->rank() : 0, world = parallel ? parallel->world() : 1;
   loader.restore(start_state);
   const int64_t rows = loader.rows_per_epoch();
   const int64_t batches =
@@ -167,10 +180,18 @@ EvalResult evaluate(Model& model, DataLoader& loader, const nlohmann::json& star
     const int64_t size = std::min(t.micro_batch, rows - rows_done);
     const Batch batch = loader.next(size);
     rows_done += size;
+    if (b % world != rank) continue;
     const StepResult result = model.evaluate(view_of(batch));
     loss_sum += result.loss_sum;
     correct += result.correct;
     tokens += result.trained_tokens;
+  }
+  if (parallel) {
+    double sums[3] = {loss_sum, correct, static_cast<double>(tokens)};
+    all_reduce_host(*parallel->groups.world, model.backend(), sums);
+    loss_sum = sums[0];
+    correct = sums[1];
+    tokens = static_cast<int64_t>(sums[2]);
   }
   EvalResult out;
   out.tokens = tokens;
@@ -200,8 +221,12 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
   const TrainingRecipe& t = recipe.training;
   const fs::path out_dir = options.output_dir;
   const fs::path checkpoints_dir = out_dir / "checkpoints";
+  ParallelContext* parallel = options.parallel;
+  const int rank = parallel ? parallel->rank() : 0;
+  const int world = parallel ? parallel->world() : 1;
+  const bool main_rank = rank == 0;  // logs and writes the shared files
   fs::create_directories(out_dir);
-  remove_stale_temporaries(checkpoints_dir);
+  if (main_rank) remove_stale_temporaries(checkpoints_dir);
 
   // ---- which checkpoint to resume from -------------------------------------------------------
   std::optional<fs::path> resume_path = options.resume_from;
@@ -238,12 +263,18 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
                         1, static_cast<int64_t>(std::ceil(
                                *t.epochs * static_cast<double>(train_loader.rows_per_epoch()) /
                                static_cast<double>(global_rows))));
+  if (accumulation % world != 0)
+    fail("training.global_batch_sequences (or global_batch_tokens): a step of ", global_rows,
+         " rows is ", accumulation, " micro-batches of ", t.micro_batch, ", not a multiple of the ",
+         world, " ranks (each rank trains its own micro-batches)");
 
   // ---- model and optimizer ------------------------------------------------------------------
   ModelOptions model_options;
   model_options.param_dtype = recipe.model.dtype;
   model_options.grad_dtype = DType::F32;
   model_options.recompute_layers = t.recompute;
+  // TODO(ep): once ModelOptions::expert_comm lands:
+  //   if (parallel) model_options.expert_comm = parallel->groups.expert.get();
   std::unique_ptr<Model> model =
       recipe.model.path ? Model::from_hf_folder(*recipe.model.path, *backend, model_options)
                         : Model::random_init(load_model_config(*recipe.model.config), t.seed,
@@ -263,24 +294,62 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
   adamw_config.beta2 = static_cast<float>(recipe.optimizer.beta2);
   adamw_config.eps = static_cast<float>(recipe.optimizer.eps);
   adamw_config.weight_decay = static_cast<float>(recipe.optimizer.weight_decay);
-  AdamW optimizer(model->parameters(), *backend, adamw_config);
+  // One process: AdamW over whole tensors. Several: the data-parallel optimizer, its
+  // gradient reductions started per group from the backward of a step's last micro-batch.
+  std::unique_ptr<AdamW> single_optimizer;
+  std::unique_ptr<DataParallelAdamW> dp_optimizer;
+  bool reduce_in_backward = false;
+  if (parallel) {
+    DataParallelOptions dp_options;
+    dp_options.zero_stage = static_cast<int>(recipe.parallel.zero_stage);
+    dp_optimizer = std::make_unique<DataParallelAdamW>(
+        model->parameters(), model->gradient_groups(), *backend, adamw_config,
+        *parallel->groups.world, *parallel->groups.expert_dp, dp_options);
+    model->set_gradient_ready_hook([&](size_t group) {
+      if (reduce_in_backward) dp_optimizer->reduce_group(group);
+    });
+  } else {
+    single_optimizer = std::make_unique<AdamW>(model->parameters(), *backend, adamw_config);
+  }
+  auto optimizer_steps = [&] {
+    return dp_optimizer ? dp_optimizer->step_count() : single_optimizer->step_count();
+  };
+  const int ep_rank = parallel ? parallel->layout().ep_rank(rank) : 0;
+  const bool split_experts = parallel && parallel->layout().expert_parallel > 1;
   const LrSchedule schedule = recipe.scheduler.make(recipe.optimizer.lr, total_steps);
 
   std::vector<Tensor> grads;
   for (const Parameter& parameter : model->parameters()) grads.push_back(parameter.grad);
   Buffer grad_norm_squared(DType::F32, {1}, backend->device());
 
-  // What a checkpoint holds, by name (the tensors stay where they live).
-  auto model_tensors = [&] {
+  // What a checkpoint holds, by name (the tensors stay where they live). With experts split
+  // over EP ranks, expert weights go to rank-R/experts.safetensors instead.
+  auto model_tensors = [&](bool experts) {
     std::vector<CheckpointTensor> list;
     for (const Parameter& parameter : model->parameters())
-      list.push_back({parameter.name, parameter.value});
+      if ((parameter.expert && split_experts) == experts)
+        list.push_back({parameter.name, parameter.value});
     return list;
   };
   auto optimizer_tensors = [&] {
     std::vector<CheckpointTensor> list;
-    for (const auto& state : optimizer.state_tensors()) list.push_back({state.name, state.tensor});
+    for (const auto& state : single_optimizer->state_tensors())
+      list.push_back({state.name, state.tensor});
     return list;
+  };
+  // The single-process AdamW state as whole-tensor "shards" (to load a distributed checkpoint).
+  auto whole_optimizer_shards = [&] {
+    std::vector<OptimizerShard> shards;
+    const auto states = single_optimizer->state_tensors();
+    for (const Parameter& parameter : model->parameters()) {
+      OptimizerShard shard{parameter.name,          parameter.value.numel(), 0,
+                           parameter.value.numel(), parameter.expert,        {}};
+      for (const auto& state : states)
+        if (state.name.substr(state.name.find('.') + 1) == parameter.name)
+          shard.tensors.emplace_back(state.name, state.tensor);
+      shards.push_back(std::move(shard));
+    }
+    return shards;
   };
 
   // ---- the run's state (what a checkpoint saves besides tensors)
@@ -306,21 +375,55 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
     window_steps = window.at("steps").get<int64_t>();
     window_tokens = window.at("tokens").get<int64_t>();
     window_time = window.at("seconds").get<double>();
-    load_checkpoint_tensors(*resume_path / "model.safetensors", model_tensors(), *backend);
-    load_checkpoint_tensors(*resume_path / "optimizer.safetensors", optimizer_tensors(), *backend);
-    optimizer.set_step_count(resumed.at("optimizer_steps").get<int64_t>());
+    const int64_t saved_ep =
+        resumed.value("parallel", nlohmann::json::object()).value("expert_parallel", int64_t{1});
+    const int64_t ep = parallel ? parallel->layout().expert_parallel : 1;
+    if (saved_ep != ep)
+      fail("resume: the checkpoint ", resume_path->string(), " was written with expert_parallel ",
+           saved_ep, ", this run has ", ep, " (the expert slices differ; not supported)");
+    load_checkpoint_tensors(*resume_path / "model.safetensors", model_tensors(false), *backend);
+    if (split_experts)
+      load_checkpoint_tensors(
+          *resume_path / ("rank-" + std::to_string(ep_rank)) / "experts.safetensors",
+          model_tensors(true), *backend);
+    // Any data-parallel size and zero stage: the saved element ranges are cut again.
+    if (dp_optimizer) {
+      const auto shards = dp_optimizer->state_shards();
+      load_optimizer_shards(*resume_path, shards, ep_rank, *backend);
+      dp_optimizer->set_step_count(resumed.at("optimizer_steps").get<int64_t>());
+    } else {
+      if (is_distributed_checkpoint(*resume_path)) {
+        const auto shards = whole_optimizer_shards();
+        load_optimizer_shards(*resume_path, shards, 0, *backend);
+      } else {
+        load_checkpoint_tensors(*resume_path / "optimizer.safetensors", optimizer_tensors(),
+                                *backend);
+      }
+      single_optimizer->set_step_count(resumed.at("optimizer_steps").get<int64_t>());
+    }
     if (resumed.value("total_steps", total_steps) != total_steps)
       std::printf(
           "resume: note: the recipe now gives %lld total steps (the checkpoint's run had %lld)\n",
           static_cast<long long>(total_steps), resumed.value("total_steps", int64_t{0}));
   }
 
-  write_file_atomic(out_dir / "recipe.yaml", resolved_recipe_yaml(recipe));
-  MetricsLog metrics(out_dir / "metrics.jsonl",
-                     resume_path ? std::optional<int64_t>(step) : std::nullopt);
+  // Only rank 0 writes the shared files (recipe.yaml, metrics.jsonl, loss.svg).
+  if (main_rank) write_file_atomic(out_dir / "recipe.yaml", resolved_recipe_yaml(recipe));
+  std::optional<MetricsLog> metrics_log;
+  if (main_rank)
+    metrics_log.emplace(out_dir / "metrics.jsonl",
+                        resume_path ? std::optional<int64_t>(step) : std::nullopt);
+  auto log_metrics = [&](const nlohmann::json& row) {
+    if (metrics_log) metrics_log->append(row);
+  };
+  auto plot_losses = [&] {
+    if (metrics_log)
+      write_loss_svg(out_dir / "loss.svg", metrics_log->train_losses(), metrics_log->eval_losses(),
+                     "moetune: training loss");
+  };
 
   // ---- say what is about to happen ------------------------------------------------------------
-  {
+  if (main_rank) {
     MemoryPlanOptions plan_options;
     plan_options.param_dtype = recipe.model.dtype;
     plan_options.grad_dtype = DType::F32;
@@ -343,6 +446,14 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
                 format_bytes(plan.grads).c_str(),
                 format_bytes(plan.optimizer_state + plan.master_weights).c_str(),
                 format_bytes(plan.activations + plan.scratch).c_str());
+    if (parallel)
+      std::printf(
+          "  parallel: %d ranks (data_parallel %d x expert_parallel %d), zero_stage %lld, %s; "
+          "optimizer state + gradient shards %s per rank\n",
+          world, parallel->layout().data_parallel, parallel->layout().expert_parallel,
+          static_cast<long long>(recipe.parallel.zero_stage),
+          parallel->groups.world->name().c_str(),
+          format_bytes(dp_optimizer->state_bytes()).c_str());
     std::printf("  output: %s%s\n", out_dir.c_str(),
                 resume_path ? (" (resumed from " + resume_path->string() + ")").c_str() : "");
     std::fflush(stdout);
@@ -351,7 +462,8 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
   TrainSummary summary;
   summary.start_step = step;
   summary.total_steps = total_steps;
-  Progress progress(progress_mode(recipe.logging.progress), total_steps, step);
+  Progress progress(main_rank ? progress_mode(recipe.logging.progress) : ProgressMode::None,
+                    total_steps, step);
   StopSignals stop;
   const auto run_started = Clock::now();
   auto elapsed = [&] {
@@ -361,13 +473,13 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
   auto save_checkpoint = [&] {
     CheckpointContents contents;
     contents.step = step;
-    contents.model = model_tensors();
-    contents.optimizer = optimizer_tensors();
+    if (main_rank) contents.model = model_tensors(false);
+    if (!parallel) contents.optimizer = optimizer_tensors();
     contents.trainer_state = {
         {"step", step},
         {"total_steps", total_steps},
         {"tokens_seen", tokens_seen},
-        {"optimizer_steps", optimizer.step_count()},
+        {"optimizer_steps", optimizer_steps()},
         {"bad_steps_in_row", bad_in_row},
         {"bad_steps_total", bad_total},
         {"elapsed_s", elapsed()},
@@ -380,22 +492,49 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
           {"tokens", window_tokens},
           {"seconds", window_time}}},
         {"recipe", resolved_recipe_yaml(recipe)},
+        {"parallel",
+         {{"world", world},
+          {"expert_parallel", parallel ? parallel->layout().expert_parallel : 1},
+          {"zero_stage", parallel ? recipe.parallel.zero_stage : 0}}},
     };
-    const fs::path path = write_training_checkpoint(checkpoints_dir, contents, *backend);
-    prune_checkpoints(checkpoints_dir, recipe.checkpoint.keep_last);
-    write_loss_svg(out_dir / "loss.svg", metrics.train_losses(), metrics.eval_losses(),
-                   "moetune: training loss");
-    progress.message("checkpoint: " + path.string());
+    // Several ranks: rank 0 opens step-N.tmp, every rank writes its rank-R/ part into it,
+    // rank 0 renames it once all parts are there.
+    auto write_rank_part = [&](const fs::path& temporary) {
+      parallel->barrier("checkpoint-open");
+      write_optimizer_shards(temporary, rank, ep_rank, dp_optimizer->state_shards(), *backend);
+      if (split_experts && parallel->layout().dp_rank(rank) == 0)
+        write_checkpoint_tensors(
+            temporary / ("rank-" + std::to_string(rank)) / "experts.safetensors",
+            model_tensors(true), *backend);
+      parallel->barrier("checkpoint-parts");
+    };
+    if (parallel) contents.add_parts = write_rank_part;
+    if (main_rank) {
+      const fs::path path = write_training_checkpoint(checkpoints_dir, contents, *backend);
+      prune_checkpoints(checkpoints_dir, recipe.checkpoint.keep_last);
+      plot_losses();
+      progress.message("checkpoint: " + path.string());
+    } else {
+      write_rank_part(checkpoint_temporary_path(checkpoints_dir, step));
+    }
+    // No barrier after: the other ranks go on and wait in the next collective while rank 0
+    // writes the model (which can take longer than the store's timeout for a large model).
+  };
+  // The HF folder. TODO(ep): with expert_parallel > 1 each rank of the first replica
+  // (dp_rank 0) writes its expert slice through save_hf_folder; until then rank 0 alone
+  // (the others go on to the next collective, no barrier: see save_checkpoint).
+  auto export_hf_folder = [&](const fs::path& folder) {
+    if (main_rank) export_hf(*model, recipe, folder);
   };
   auto run_eval = [&] {
     if (!eval_loader) return;
-    const EvalResult result = evaluate(*model, *eval_loader, eval_start, t);
-    metrics.append({{"step", step},
-                    {"eval", true},
-                    {"eval_loss", result.loss},
-                    {"eval_accuracy", result.accuracy},
-                    {"eval_tokens", result.tokens},
-                    {"elapsed_s", elapsed()}});
+    const EvalResult result = evaluate(*model, *eval_loader, eval_start, t, parallel);
+    log_metrics({{"step", step},
+                 {"eval", true},
+                 {"eval_loss", result.loss},
+                 {"eval_accuracy", result.accuracy},
+                 {"eval_tokens", result.tokens},
+                 {"elapsed_s", elapsed()}});
     summary.eval_loss = result.loss;
     summary.eval_accuracy = result.accuracy;
     char line[160];
@@ -408,8 +547,10 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
 
   // ---- the loop ---------------------------------------------------------------------------------
   bool have_first_loss = false;
+  bool stop_agreed = false;  // several ranks: some rank had a stop signal at the last step
   auto stop_requested = [&] {
-    return stop.requested() || (options.stop_after_steps && step >= *options.stop_after_steps);
+    return (parallel ? stop_agreed : stop.requested()) ||
+           (options.stop_after_steps && step >= *options.stop_after_steps);
   };
   while (step < total_steps && !stop_requested()) {
     const auto step_started = Clock::now();
@@ -425,25 +566,44 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
     const float loss_scale =
         step_trained_tokens > 0 ? 1.0f / static_cast<float>(step_trained_tokens) : 0.0f;
 
-    // 2. Forward and backward, gradients accumulating over the micro-batches.
+    // 2. Forward and backward, gradients accumulating over the micro-batches (this rank's:
+    //    m % world == rank); several ranks: the last one's backward starts the reductions.
     model->zero_grads();
     double loss_sum = 0, aux_loss = 0;
     bool has_aux = false;
-    for (const Batch& batch : micro_batches) {
-      const StepResult result = model->forward_backward(view_of(batch), loss_scale);
+    for (int64_t m = rank; m < accumulation; m += world) {
+      reduce_in_backward = m + world >= accumulation;
+      const StepResult result =
+          model->forward_backward(view_of(micro_batches[static_cast<size_t>(m)]), loss_scale);
       loss_sum += result.loss_sum;
       aux_loss += result.aux_loss;
       has_aux = has_aux || result.has_aux_loss;
+    }
+    reduce_in_backward = false;
+    if (parallel) {
+      dp_optimizer->finish_reduction();
+      double sums[4] = {loss_sum, aux_loss, has_aux ? 1.0 : 0.0, stop.requested() ? 1.0 : 0.0};
+      all_reduce_host(*parallel->groups.world, *backend, sums);
+      loss_sum = sums[0];
+      aux_loss = sums[1];
+      has_aux = sums[2] > 0;
+      stop_agreed = sums[3] > 0;
     }
     const double loss =
         step_trained_tokens > 0 ? loss_sum / static_cast<double>(step_trained_tokens) : NAN;
 
     // 3. Global gradient norm, the non-finite guard, clipping.
-    backend->grad_norm_squared(grads, grad_norm_squared);
-    const double grad_norm = std::sqrt(host_scalar(*backend, grad_norm_squared));
+    double grad_norm = 0;
+    if (dp_optimizer) {
+      grad_norm = std::sqrt(dp_optimizer->grad_norm_squared());
+    } else {
+      backend->grad_norm_squared(grads, grad_norm_squared);
+      grad_norm = std::sqrt(host_scalar(*backend, grad_norm_squared));
+    }
     const double lr = schedule.lr(step);
     const bool finite = std::isfinite(loss) && std::isfinite(grad_norm);
     if (!finite) {
+      if (dp_optimizer) dp_optimizer->discard();
       ++bad_in_row;
       ++bad_total;
       progress.message("step " + std::to_string(step + 1) + ": " +
@@ -461,7 +621,10 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
       const double max_norm = recipe.optimizer.grad_clip;
       const double clip = max_norm > 0 ? std::min(1.0, max_norm / (grad_norm + 1e-6)) : 1.0;
       // 4. AdamW at the schedule's lr.
-      optimizer.step(static_cast<float>(lr), static_cast<float>(clip));
+      if (dp_optimizer)
+        dp_optimizer->step(static_cast<float>(lr), static_cast<float>(clip));
+      else
+        single_optimizer->step(static_cast<float>(lr), static_cast<float>(clip));
     }
     ++step;
     tokens_seen += step_tokens;
@@ -492,7 +655,7 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
                             {"tokens_per_s", tokens_per_s},
                             {"elapsed_s", elapsed()}};
       if (has_aux) row["aux_loss"] = aux_loss / static_cast<double>(accumulation);
-      metrics.append(row);
+      log_metrics(row);
       progress.update({step, window_mean, lr, grad_norm, tokens_per_s, elapsed()});
       window_loss = window_time = 0;
       window_steps = window_tokens = 0;
@@ -504,7 +667,7 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
       save_checkpoint();
     if (recipe.checkpoint.hf_export_every > 0 && step % recipe.checkpoint.hf_export_every == 0 &&
         step < total_steps)
-      export_hf(*model, recipe, out_dir / ("hf-step-" + std::to_string(step)));
+      export_hf_folder(out_dir / ("hf-step-" + std::to_string(step)));
   }
 
   // ---- the end: final eval, checkpoint, HF folder, plot
@@ -515,24 +678,27 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
     progress.finish();
     summary.interrupted = true;
     if (step == summary.start_step) save_checkpoint();  // stopped before the first step
-    std::printf(
-        "%s: stopped after step %lld of %lld; checkpoint written. Continue with --resume.\n",
-        stop.requested() ? (std::string(stop.name()) + " received").c_str() : "--stop-after-steps",
-        static_cast<long long>(step), static_cast<long long>(total_steps));
+    if (main_rank)
+      std::printf(
+          "%s: stopped after step %lld of %lld; checkpoint written. Continue with --resume.\n",
+          stop.requested() ? (std::string(stop.name()) + " received").c_str()
+                           : "--stop-after-steps",
+          static_cast<long long>(step), static_cast<long long>(total_steps));
     return summary;
   }
   run_eval();
   progress.finish();
   save_checkpoint();
   if (recipe.checkpoint.save_final_hf) {
-    export_hf(*model, recipe, out_dir / "hf");
-    std::printf("HF folder: %s\n", (out_dir / "hf").c_str());
+    export_hf_folder(out_dir / "hf");
+    if (main_rank) std::printf("HF folder: %s\n", (out_dir / "hf").c_str());
   }
-  write_loss_svg(out_dir / "loss.svg", metrics.train_losses(), metrics.eval_losses(),
-                 "moetune: training loss");
-  std::printf("done: %lld steps in %s; loss %.4f -> %.4f%s\n", static_cast<long long>(step),
-              format_duration(elapsed()).c_str(), summary.first_loss, summary.last_loss,
-              bad_total > 0 ? (" (" + std::to_string(bad_total) + " steps skipped)").c_str() : "");
+  plot_losses();
+  if (main_rank)
+    std::printf(
+        "done: %lld steps in %s; loss %.4f -> %.4f%s\n", static_cast<long long>(step),
+        format_duration(elapsed()).c_str(), summary.first_loss, summary.last_loss,
+        bad_total > 0 ? (" (" + std::to_string(bad_total) + " steps skipped)").c_str() : "");
   std::fflush(stdout);
   return summary;
 }

@@ -11,6 +11,8 @@
 
 namespace moetune {
 
+struct ParallelContext;
+
 struct TrainOptions {
   std::filesystem::path output_dir;
   // Resume: from this checkpoint folder, or (resume_latest) from the newest complete one
@@ -20,6 +22,10 @@ struct TrainOptions {
   // Stop (with a checkpoint, as on SIGTERM) once this many optimizer steps are done: for
   // time-limited jobs, and for tests that interrupt a run deterministically.
   std::optional<int64_t> stop_after_steps;
+  // Several ranks (started by a launcher; see parallel_context.h), or nullptr for one
+  // process. Each rank trains on its own micro-batches; gradients are reduced and the
+  // optimizer sharded by DataParallelAdamW (parallel.zero_stage); rank 0 logs and writes.
+  ParallelContext* parallel = nullptr;
 };
 
 struct TrainSummary {

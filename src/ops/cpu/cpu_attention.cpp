@@ -173,4 +173,57 @@ void CpuBackend::attention_backward(const Tensor& dout, const Tensor& q, const T
   }
 }
 
+// Queries at the end of a KV cache (generation): query i sees cache rows [0, past + i].
+void CpuBackend::attention_cached_forward(const Tensor& q, const Tensor& k_cache,
+                                          const Tensor& v_cache, int64_t past, float scale,
+                                          const Tensor& out) {
+  const char* op = "attention_cached_forward";
+  const float* q_data = f32(q, op, "q");
+  const float* k_data = f32(k_cache, op, "k_cache");
+  const float* v_data = f32(v_cache, op, "v_cache");
+  float* out_data = f32(out, op, "out");
+  if (q.rank() != 3 || k_cache.rank() != 3 || k_cache.size(2) != q.size(2))
+    fail(op, ": q ", q.shape.str(), " and k_cache ", k_cache.shape.str(),
+         " must be (n, Hq, D) and (L, Hkv, D)");
+  expect_shape(v_cache, k_cache.shape, op, "v_cache");
+  expect_shape(out, q.shape, op, "out");
+  const int64_t n = q.size(0), q_heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = k_cache.size(1);
+  if (kv_heads == 0 || q_heads % kv_heads != 0)
+    fail(op, ": query heads (", q_heads, ") must be a multiple of KV heads (", kv_heads, ")");
+  if (past < 0 || past + n > k_cache.size(0))
+    fail(op, ": positions [", past, ", ", past + n, ") do not fit a cache of ", k_cache.size(0));
+  const int64_t group = q_heads / kv_heads;
+  std::vector<float> scores(static_cast<size_t>(past + n));
+  std::vector<double> accumulator(static_cast<size_t>(dim));
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t visible = past + i + 1;
+    for (int64_t h = 0; h < q_heads; ++h) {
+      const float* query = q_data + (i * q_heads + h) * dim;  // (D)
+      const int64_t kv_head = h / group;
+      float max_score = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < visible; ++j) {
+        const float* key = k_data + (j * kv_heads + kv_head) * dim;
+        float dot = 0.0f;
+        for (int64_t d = 0; d < dim; ++d) dot += query[d] * key[d];
+        scores[j] = dot * scale;
+        max_score = std::max(max_score, scores[j]);
+      }
+      double sum = 0.0;
+      for (int64_t j = 0; j < visible; ++j) {
+        scores[j] = std::exp(scores[j] - max_score);
+        sum += scores[j];
+      }
+      std::fill(accumulator.begin(), accumulator.end(), 0.0);
+      for (int64_t j = 0; j < visible; ++j) {
+        const float* value = v_data + (j * kv_heads + kv_head) * dim;
+        for (int64_t d = 0; d < dim; ++d)
+          accumulator[d] += static_cast<double>(scores[j]) * value[d];
+      }
+      float* output = out_data + (i * q_heads + h) * dim;
+      for (int64_t d = 0; d < dim; ++d) output[d] = static_cast<float>(accumulator[d] / sum);
+    }
+  }
+}
+
 }  // namespace moetune::cpu

@@ -67,6 +67,8 @@ class CpuBackend final : public Backend {
                           const Tensor& out, const Tensor& lse, float scale,
                           const Tensor& doc_offsets, const Tensor& dq, const Tensor& dk,
                           const Tensor& dv) override;
+  void attention_cached_forward(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                int64_t past, float scale, const Tensor& out) override;
 
   // cpu_moe.cpp
   void router_forward(const Tensor& logits, int top_k, bool normalize, const Tensor& probs,

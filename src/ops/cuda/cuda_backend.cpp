@@ -231,10 +231,10 @@ class CudaBackend final : public Backend {
                          const Tensor& doc_offsets, const Tensor& out, const Tensor& lse) override {
     PhaseScope scope(this, Phase::Attention);
     BufferScratch scratch;
-    if (!cuda::present(doc_offsets) && out.shape == q.shape && out.dtype == q.dtype &&
-        v.shape == k.shape && v.dtype == k.dtype && lse.dtype == DType::F32 &&
-        lse.numel() == q.size(0) * q.size(1) * q.size(2) &&
-        attention_->forward(q, k, v, scale, out, lse, BufferScratch::workspace, &scratch))
+    if (out.shape == q.shape && out.dtype == q.dtype && v.shape == k.shape && v.dtype == k.dtype &&
+        lse.dtype == DType::F32 && lse.numel() == q.size(0) * q.size(1) * q.size(2) &&
+        attention_->forward(q, k, v, scale, doc_offsets, out, lse, BufferScratch::workspace,
+                            &scratch))
       return;
     cuda::launch_attention_forward_simple(q, k, v, scale, doc_offsets, out, lse, stream_);
   }
@@ -244,15 +244,21 @@ class CudaBackend final : public Backend {
                           const Tensor& dv) override {
     PhaseScope scope(this, Phase::Attention);
     BufferScratch scratch;
-    if (!cuda::present(doc_offsets) && dout.shape == q.shape && dout.dtype == q.dtype &&
+    if (dout.shape == q.shape && dout.dtype == q.dtype &&
         out.shape == q.shape && dq.shape == q.shape && dq.dtype == q.dtype && dk.shape == k.shape &&
         dk.dtype == k.dtype && dv.shape == v.shape && dv.dtype == v.dtype && v.shape == k.shape &&
         lse.dtype == DType::F32 && lse.numel() == q.size(0) * q.size(1) * q.size(2) &&
-        attention_->backward(dout, q, k, v, out, lse, scale, dq, dk, dv, BufferScratch::workspace,
-                             &scratch))
+        attention_->backward(dout, q, k, v, out, lse, scale, doc_offsets, dq, dk, dv,
+                             BufferScratch::workspace, &scratch))
       return;
     cuda::launch_attention_backward_simple(dout, q, k, v, out, lse, scale, doc_offsets, dq, dk, dv,
                                            scratch, stream_);
+  }
+
+  void attention_cached_forward(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                int64_t past, float scale, const Tensor& out) override {
+    PhaseScope scope(this, Phase::Attention);
+    cuda::launch_attention_cached_forward(q, k_cache, v_cache, past, scale, out, stream_);
   }
 
   void swiglu_forward(const Tensor& gate_up, const Tensor& out) override {

@@ -102,6 +102,21 @@ void launch_attention_backward_simple(const Tensor& dout, const Tensor& q, const
                                       const Tensor& dk, const Tensor& dv, Scratch& scratch,
                                       cudaStream_t stream);
 
+// ---- attention_cache.cu (generation: new queries over a KV cache) ----
+void launch_attention_cached_forward(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                     int64_t past, float scale, const Tensor& out,
+                                     cudaStream_t stream);
+// ---- attention_packed.cu (cuDNN varlen attention: per-document sequence tables) ----
+// slots >= docs sequence slots; offsets have slots + 1 entries (element offsets of each
+// sequence's first token for row widths q_width, kv_width, stats_width); seq_len slots entries.
+void launch_packed_sequences(const Tensor& doc_offsets, int64_t slots, int64_t q_width,
+                             int64_t kv_width, int64_t stats_width, int32_t* seq_len,
+                             int64_t* q_offsets, int64_t* kv_offsets, int64_t* stats_offsets,
+                             cudaStream_t stream);
+// lse (B, H, T) -> token-major (B*T, H) when to_tokens, else back.
+void launch_lse_layout(const float* src, float* dst, int64_t batch, int64_t heads, int64_t seq,
+                       bool to_tokens, cudaStream_t stream);
+
 // ---- cross_entropy.cu ----
 // Softmax cross-entropy over one chunk of logits (rows, V), in place: the logits become
 // grad_scale * (softmax - onehot) for trained rows and 0 for the others (when grad_scale

@@ -1,0 +1,237 @@
+// Sharded data-parallel AdamW (see sharded_adamw.h). One Slot per parameter: its
+// communicator, its shard range, views of its gradient/weights over that range and the
+// AdamW state of the range. Flattened 1-D views (Tensor::view + slice_rows) give element
+// ranges of any tensor without copies.
+#include "train/sharded_adamw.h"
+
+#include <algorithm>
+
+#include "core/error.h"
+
+namespace moetune {
+
+namespace {
+
+Tensor flat(const Tensor& tensor) { return tensor.view({tensor.numel()}); }
+
+Tensor range_of(const Tensor& tensor, int64_t begin, int64_t end) {
+  return flat(tensor).slice_rows(begin, end);
+}
+
+}  // namespace
+
+struct DataParallelAdamW::Slot {
+  Parameter param;
+  dist::Communicator* comm = nullptr;
+  int shards = 1, shard_rank = 0;
+  int64_t numel = 0, chunk = 0;  // chunk = ceil(numel / shards)
+  int64_t begin = 0, end = 0;    // this rank's elements
+  Tensor grad_shard;             // stage 2: (chunk) reduced gradient of [begin, end)
+  AdamWParam adam;               // over [begin, end) (stage 0: the whole tensor)
+  bool padded() const { return numel % shards != 0; }
+  int64_t count() const { return end - begin; }
+};
+
+DataParallelAdamW::DataParallelAdamW(std::span<const Parameter> parameters,
+                                     std::span<const GradientGroup> groups, Backend& backend,
+                                     const AdamWConfig& config, dist::Communicator& world,
+                                     dist::Communicator& expert_dp,
+                                     const DataParallelOptions& options)
+    : backend_(backend),
+      config_(config),
+      options_(options),
+      world_(world),
+      groups_(groups.begin(), groups.end()),
+      group_reduced_(groups.size(), false) {
+  if (options.zero_stage < 0 || options.zero_stage > 2)
+    fail("parallel.zero_stage: expected 0, 1 or 2, got ", options.zero_stage);
+  const Device device = backend.device();
+  const bool sharded = options.zero_stage >= 1;
+  size_t scratch_bytes = 0;
+  slots_.resize(parameters.size());
+  for (size_t i = 0; i < parameters.size(); ++i) {
+    Slot& slot = slots_[i];
+    const Parameter& parameter = parameters[i];
+    slot.param = parameter;
+    slot.comm = parameter.expert ? &expert_dp : &world;
+    slot.shards = slot.comm->size();
+    slot.shard_rank = slot.comm->rank();
+    slot.numel = parameter.value.numel();
+    slot.chunk = (slot.numel + slot.shards - 1) / slot.shards;
+    slot.begin = std::min(slot.numel, slot.shard_rank * slot.chunk);
+    slot.end = std::min(slot.numel, slot.begin + slot.chunk);
+    if (slot.padded() && slot.shards > 1)
+      scratch_bytes = std::max(scratch_bytes, static_cast<size_t>(slot.chunk * slot.shards) *
+                                                  std::max(dtype_size(parameter.value.dtype),
+                                                           dtype_size(parameter.grad.dtype)));
+
+    // The AdamW entry over the elements this rank updates.
+    const int64_t first = sharded ? slot.begin : 0, last = sharded ? slot.end : slot.numel;
+    const int64_t count = last - first;
+    AdamWParam& adam = slot.adam;
+    adam.param = range_of(parameter.value, first, last);
+    if (options.zero_stage == 2 && slot.shards > 1) {
+      storage_.emplace_back(parameter.grad.dtype, Shape{slot.chunk}, device);
+      slot.grad_shard = storage_.back().tensor();
+      backend.fill(slot.grad_shard, 0.0f);
+      adam.grad = slot.grad_shard.slice_rows(0, count);
+    } else {
+      adam.grad = range_of(parameter.grad, first, last);
+    }
+    storage_.emplace_back(options.state_dtype, Shape{count}, device);
+    adam.exp_avg = storage_.back().tensor();
+    storage_.emplace_back(options.state_dtype, Shape{count}, device);
+    adam.exp_avg_sq = storage_.back().tensor();
+    if (count > 0) {
+      backend.fill(adam.exp_avg, 0.0f);
+      backend.fill(adam.exp_avg_sq, 0.0f);
+    }
+    if (options.master_weights && parameter.value.dtype != DType::F32) {
+      storage_.emplace_back(DType::F32, Shape{count}, device);
+      adam.master = storage_.back().tensor();
+      if (count > 0) backend.copy(adam.master, adam.param);
+    }
+    adam.weight_decay = parameter.decay ? static_cast<float>(config.weight_decay) : 0.0f;
+  }
+  if (scratch_bytes > 0)
+    scratch_ = Buffer(DType::U8, {static_cast<int64_t>(scratch_bytes)}, device);
+  norm_squared_ = Buffer(DType::F32, {1}, device);
+  // Every parameter must be in exactly one group (finish_reduction reduces by group).
+  std::vector<int> covered(slots_.size(), 0);
+  for (const GradientGroup& group : groups_)
+    for (size_t i = group.begin; i < group.end && i < covered.size(); ++i) ++covered[i];
+  for (size_t i = 0; i < covered.size(); ++i)
+    if (covered[i] != 1)
+      fail("data parallel: parameter ", slots_[i].param.name, " is in ", covered[i],
+           " gradient groups (expected 1)");
+}
+
+DataParallelAdamW::~DataParallelAdamW() = default;
+
+Tensor DataParallelAdamW::padded_scratch(int64_t elements, DType dtype) {
+  return Tensor(scratch_.tensor().data, dtype, {elements}, backend_.device());
+}
+
+// Sums the slot's gradient over its communicator: in place (stages 0, 1) or into the
+// slot's gradient shard (stage 2).
+void DataParallelAdamW::reduce_slot(Slot& slot) {
+  if (slot.shards == 1 || slot.numel == 0) return;
+  void* stream = backend_.stream();
+  const Tensor grad = flat(slot.param.grad);
+  if (options_.zero_stage < 2) {
+    slot.comm->all_reduce_sum(grad, grad, stream);
+    return;
+  }
+  if (!slot.padded()) {
+    slot.comm->reduce_scatter_sum(grad, slot.grad_shard, stream);
+    return;
+  }
+  const Tensor padded = padded_scratch(slot.chunk * slot.shards, grad.dtype);
+  backend_.copy(padded.slice_rows(0, slot.numel), grad);
+  backend_.fill(padded.slice_rows(slot.numel, padded.numel()), 0.0f);
+  slot.comm->reduce_scatter_sum(padded, slot.grad_shard, stream);
+}
+
+// Every rank's updated shard of the weights to every rank (stages 1, 2).
+void DataParallelAdamW::gather_slot(Slot& slot) {
+  if (slot.shards == 1 || slot.numel == 0) return;
+  void* stream = backend_.stream();
+  const Tensor value = flat(slot.param.value);
+  if (!slot.padded()) {
+    // In place: this rank's shard already sits at its offset of the output.
+    slot.comm->all_gather(value.slice_rows(slot.begin, slot.end), value, stream);
+    return;
+  }
+  const Tensor padded = padded_scratch(slot.chunk * slot.shards, value.dtype);
+  const int64_t offset = slot.shard_rank * slot.chunk;
+  if (slot.count() > 0)
+    backend_.copy(padded.slice_rows(offset, offset + slot.count()),
+                  value.slice_rows(slot.begin, slot.end));
+  slot.comm->all_gather(padded.slice_rows(offset, offset + slot.chunk), padded, stream);
+  backend_.copy(value, padded.slice_rows(0, slot.numel));
+}
+
+void DataParallelAdamW::reduce_group(size_t index) {
+  if (index >= groups_.size()) fail("data parallel: no gradient group ", index);
+  if (group_reduced_[index]) return;
+  group_reduced_[index] = true;
+  for (size_t i = groups_[index].begin; i < groups_[index].end; ++i) reduce_slot(slots_[i]);
+}
+
+void DataParallelAdamW::finish_reduction() {
+  for (size_t index = 0; index < groups_.size(); ++index) reduce_group(index);
+}
+
+double DataParallelAdamW::grad_norm_squared() {
+  // Each element once: every rank sums its shard's range of each reduced gradient.
+  std::vector<Tensor> owned;
+  for (const Slot& slot : slots_) {
+    if (slot.count() == 0) continue;
+    if (slot.grad_shard.data)
+      owned.push_back(slot.grad_shard.slice_rows(0, slot.count()));
+    else
+      owned.push_back(range_of(slot.param.grad, slot.begin, slot.end));
+  }
+  if (owned.empty())
+    backend_.fill(norm_squared_, 0.0f);
+  else
+    backend_.grad_norm_squared(owned, norm_squared_);
+  world_.all_reduce_sum(norm_squared_, norm_squared_, backend_.stream());
+  float value = 0;
+  backend_.copy(Tensor(&value, DType::F32, {1}), norm_squared_);
+  backend_.synchronize();
+  return value;
+}
+
+void DataParallelAdamW::step(double lr, float grad_scale) {
+  finish_reduction();
+  ++step_count_;
+  AdamWHyper hyper;
+  hyper.lr = lr;
+  hyper.beta1 = config_.beta1;
+  hyper.beta2 = config_.beta2;
+  hyper.eps = config_.eps;
+  hyper.step = step_count_;
+  std::vector<AdamWParam> updates;
+  for (const Slot& slot : slots_)
+    if (slot.adam.param.numel() > 0) updates.push_back(slot.adam);
+  if (!updates.empty()) backend_.adamw_update(updates, hyper, grad_scale);
+  if (options_.zero_stage >= 1)
+    for (Slot& slot : slots_) gather_slot(slot);
+  discard();
+}
+
+void DataParallelAdamW::discard() {
+  std::fill(group_reduced_.begin(), group_reduced_.end(), false);
+}
+
+std::vector<DataParallelAdamW::StateShard> DataParallelAdamW::state_shards() const {
+  std::vector<StateShard> shards;
+  for (const Slot& slot : slots_) {
+    StateShard shard;
+    shard.parameter = slot.param.name;
+    shard.numel = slot.numel;
+    shard.begin = slot.begin;
+    shard.end = slot.end;
+    shard.expert = slot.param.expert;
+    // Stage 0 holds the whole tensor's state: save this rank's range of it.
+    const int64_t offset = options_.zero_stage >= 1 ? 0 : slot.begin;
+    auto part = [&](const Tensor& state) {
+      return state.slice_rows(offset, offset + slot.count());
+    };
+    shard.tensors.emplace_back("exp_avg." + slot.param.name, part(slot.adam.exp_avg));
+    shard.tensors.emplace_back("exp_avg_sq." + slot.param.name, part(slot.adam.exp_avg_sq));
+    if (slot.adam.master.rank() > 0)  // set: this parameter has master weights
+      shard.tensors.emplace_back("master." + slot.param.name, part(slot.adam.master));
+    shards.push_back(std::move(shard));
+  }
+  return shards;
+}
+
+int64_t DataParallelAdamW::state_bytes() const {
+  int64_t bytes = 0;
+  for (const Buffer& buffer : storage_) bytes += static_cast<int64_t>(buffer.bytes());
+  return bytes;
+}
+
+}  // namespace moetune

@@ -1,0 +1,120 @@
+// Data-parallel gradient reduction and AdamW, with ZeRO-style sharding (stage 0, 1 or 2).
+//
+// Every rank holds the whole model (expert parameters: this EP rank's expert slice) and
+// computes gradients of its own micro-batches; this class sums them over the ranks and
+// updates the weights so that every replica stays identical:
+//   stage 0: gradients all-reduced in place; every rank keeps the full AdamW state and
+//            updates every element (memory per rank: state and master weights of the
+//            whole model);
+//   stage 1: gradients all-reduced in place; AdamW state and fp32 master weights exist only
+//            for this rank's shard (1/N of each tensor's elements); each rank updates its
+//            shard, then the updated weights are all-gathered;
+//   stage 2: as 1, but gradients are reduce-scattered: this rank receives only its shard's
+//            reduced gradient (a buffer of 1/N), half the traffic of an all-reduce. The
+//            model's full gradient buffers still exist (they are the backward's output);
+//            once gradients are allocated per group they can be released after the group's
+//            reduce-scatter.
+// Parameters with Parameter::expert are reduced and sharded over the expert-DP group (the
+// replicas of this rank's expert slice), all others over the world.
+//
+// Sharding: a tensor of n elements is cut into N chunks of s = ceil(n / N) elements; rank r
+// owns elements [r s, min((r+1) s, n)) (possibly none). When N does not divide n, the
+// collectives go through a zero-padded scratch buffer of N s elements (internal).
+//
+// Driving it during the backward: reduce_group(i) from Model's gradient-ready hook of the
+// LAST micro-batch of a step (earlier micro-batches only accumulate), finish_reduction()
+// after forward_backward returns (reduces groups the hook did not), then
+// grad_norm_squared() (global, over all ranks) and step(). Collectives are enqueued on the
+// backend's stream (ordered with the ops, no events needed). Overlap on a communication
+// stream later: reduce_group records an event on the compute stream and makes the comm
+// stream wait for it; step() makes the compute stream wait for the comm stream; the padded
+// scratch then needs one buffer per in-flight group (see Slot::padded).
+//
+// The update of each element is the same Backend::adamw_update math as the unsharded AdamW
+// (bit-identical on the CPU given the same reduced gradient).
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "dist/communicator.h"
+#include "model/model.h"
+#include "model/weights.h"
+#include "ops/backend.h"
+#include "train/adamw.h"
+
+namespace moetune {
+
+struct DataParallelOptions {
+  int zero_stage = 1;              // 0, 1 or 2
+  DType state_dtype = DType::F32;  // exp_avg / exp_avg_sq storage (bench: the param dtype)
+  bool master_weights = true;      // fp32 master copy (of the shard) of non-fp32 parameters
+};
+
+class DataParallelAdamW {
+ public:
+  // `world` reduces non-expert gradients, `expert_dp` expert gradients (the same
+  // communicator when there is no expert parallelism). All must outlive this object.
+  DataParallelAdamW(std::span<const Parameter> parameters, std::span<const GradientGroup> groups,
+                    Backend& backend, const AdamWConfig& config, dist::Communicator& world,
+                    dist::Communicator& expert_dp, const DataParallelOptions& options);
+  ~DataParallelAdamW();
+  DataParallelAdamW(const DataParallelAdamW&) = delete;
+  DataParallelAdamW& operator=(const DataParallelAdamW&) = delete;
+
+  // Reduces the gradients of gradient group `index` (enqueued on the backend's stream).
+  void reduce_group(size_t index);
+  // Reduces every group not reduced since the last step()/discard(): call after the
+  // step's last forward_backward.
+  void finish_reduction();
+  // Sum over all ranks of the squares of the reduced gradients (each element counted once):
+  // a collective over the world; every rank gets the same value.
+  double grad_norm_squared();
+  // AdamW on this rank's shards (gradients times grad_scale), then the updated weights are
+  // all-gathered (stages 1 and 2). Ends the step.
+  void step(double lr, float grad_scale = 1.0f);
+  // Ends a skipped step (non-finite gradient) without an update.
+  void discard();
+
+  int zero_stage() const { return options_.zero_stage; }
+  int64_t step_count() const { return step_count_; }
+  void set_step_count(int64_t steps) { step_count_ = steps; }
+
+  // This rank's optimizer state for checkpoints: per parameter, the element range
+  // [begin, end) of the flattened tensor that the saved tensors hold (this rank's shard;
+  // with stage 0 the state is replicated and each rank saves its shard of it too, so
+  // checkpoints of every stage look the same), and the 1-D tensors over that range
+  // ("exp_avg.NAME", "exp_avg_sq.NAME", "master.NAME" for non-fp32 parameters).
+  struct StateShard {
+    std::string parameter;
+    int64_t numel = 0, begin = 0, end = 0;
+    bool expert = false;
+    std::vector<std::pair<std::string, Tensor>> tensors;  // name -> (end - begin) elements
+  };
+  std::vector<StateShard> state_shards() const;
+
+  // Bytes of optimizer state, master weights and gradient shards this rank holds.
+  int64_t state_bytes() const;
+
+ private:
+  struct Slot;
+  void reduce_slot(Slot& slot);
+  void gather_slot(Slot& slot);
+  Tensor padded_scratch(int64_t elements, DType dtype);
+
+  Backend& backend_;
+  AdamWConfig config_;
+  DataParallelOptions options_;
+  dist::Communicator& world_;
+  std::vector<GradientGroup> groups_;
+  std::vector<Slot> slots_;
+  std::vector<bool> group_reduced_;
+  std::vector<Buffer> storage_;
+  Buffer scratch_;       // padded collectives (one at a time: stream-ordered)
+  Buffer norm_squared_;  // (1) fp32 on the device
+  int64_t step_count_ = 0;
+};
+
+}  // namespace moetune

@@ -1,0 +1,313 @@
+// Sharded data parallelism on the CPU with real processes: N forked ranks, each with its
+// own CPU backend and tiny Qwen3-MoE (router aux loss on), talk through a StoreCommunicator
+// and train their micro-batches (m % N == rank) with DataParallelAdamW, reductions started
+// by the gradient-ready hook of the last micro-batch. After 2 optimizer steps with active
+// clipping, every rank's loss and weights must match one process that accumulates all
+// micro-batches with the plain AdamW (fp32, 1e-5 relative), for ZeRO stages 0, 1, 2, and
+// with 3 ranks (tensors whose size does not divide: the padded collectives).
+// Also: resolve_layout's errors name the key.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <numeric>
+
+#include "core/error.h"
+#include "dist/communicator.h"
+#include "dist/store.h"
+#include "model/model.h"
+#include "test_util.h"
+#include "train/adamw.h"
+#include "train/parallel_context.h"
+#include "train/sharded_adamw.h"
+
+namespace moetune {
+namespace {
+
+ModelConfig tiny_moe_config() {
+  nlohmann::json json = {{"model_type", "qwen3_moe"},
+                         {"vocab_size", 31},
+                         {"hidden_size", 16},
+                         {"intermediate_size", 24},
+                         {"moe_intermediate_size", 8},
+                         {"num_hidden_layers", 2},
+                         {"num_attention_heads", 2},
+                         {"num_key_value_heads", 1},
+                         {"head_dim", 8},
+                         {"num_experts", 4},
+                         {"num_experts_per_tok", 2},
+                         {"norm_topk_prob", true},
+                         {"mlp_only_layers", {1}},
+                         {"output_router_logits", true},
+                         {"router_aux_loss_coef", 0.1},
+                         {"rms_norm_eps", 1e-6},
+                         {"rope_theta", 10000.0},
+                         {"max_position_embeddings", 64},
+                         {"initializer_range", 0.3},
+                         {"tie_word_embeddings", false}};
+  return parse_model_config(json, "tiny_moe_config");
+}
+
+constexpr int kMicroBatches = 6;  // per optimizer step, divisible by 2 and 3
+constexpr int kSteps = 2;
+constexpr int64_t kRows = 2, kSeq = 6;
+constexpr double kMaxNorm = 0.05;  // small: clipping is active
+
+struct MicroBatch {
+  std::vector<int32_t> ids, labels;
+  int64_t trained = 0;  // labels after the shift
+  BatchView view() const { return {kRows, kSeq, ids, labels, {}, {}}; }
+};
+
+MicroBatch make_micro_batch(int step, int index, int64_t vocab) {
+  MicroBatch batch;
+  const auto noise =
+      testing::random_floats(2 * kRows * kSeq, static_cast<unsigned>(100 * step + index), 1.0f);
+  for (int64_t i = 0; i < kRows * kSeq; ++i) {
+    batch.ids.push_back(static_cast<int32_t>((noise[i] + 1.0f) * 0.5f * (vocab - 1)));
+    batch.labels.push_back(noise[kRows * kSeq + i] > 0.6f ? -100 : batch.ids.back());
+  }
+  for (int64_t r = 0; r < kRows; ++r)
+    for (int64_t t = 1; t < kSeq; ++t) batch.trained += batch.labels[r * kSeq + t] != -100;
+  return batch;
+}
+
+AdamWConfig adamw_config() {
+  AdamWConfig config;
+  config.lr = 1e-2;
+  config.weight_decay = 0.1;
+  return config;
+}
+
+struct RunResult {
+  std::vector<double> losses;  // per step: summed loss / trained tokens (all ranks)
+  std::vector<float> weights;  // every parameter, flattened, in order
+  std::vector<size_t> sizes;   // of each parameter
+};
+
+void keep_weights(Model& model, RunResult& result) {
+  for (const Parameter& parameter : model.parameters()) {
+    result.weights.insert(result.weights.end(), parameter.value.ptr<float>(),
+                          parameter.value.ptr<float>() + parameter.value.numel());
+    result.sizes.push_back(static_cast<size_t>(parameter.value.numel()));
+  }
+}
+
+// One process, every micro-batch, the plain AdamW: the reference.
+RunResult train_alone() {
+  auto backend = make_cpu_backend();
+  const ModelConfig config = tiny_moe_config();
+  auto model = Model::random_init(config, 5, *backend);
+  for (Parameter& parameter : model->parameters())
+    parameter.decay = parameter.name.find("norm") == std::string::npos;
+  AdamW optimizer(model->parameters(), *backend, adamw_config());
+  std::vector<Tensor> grads;
+  for (const Parameter& parameter : model->parameters()) grads.push_back(parameter.grad);
+  Buffer norm_squared(DType::F32, {1});
+  RunResult result;
+  for (int step = 0; step < kSteps; ++step) {
+    std::vector<MicroBatch> batches;
+    int64_t trained = 0;
+    for (int m = 0; m < kMicroBatches; ++m) {
+      batches.push_back(make_micro_batch(step, m, config.vocab_size));
+      trained += batches.back().trained;
+    }
+    model->zero_grads();
+    double loss_sum = 0;
+    for (const MicroBatch& batch : batches)
+      loss_sum += model->forward_backward(batch.view(), 1.0f / float(trained)).loss_sum;
+    backend->grad_norm_squared(grads, norm_squared);
+    const double norm = std::sqrt(norm_squared.tensor().ptr<float>()[0]);
+    optimizer.step(adamw_config().lr, float(std::min(1.0, kMaxNorm / (norm + 1e-6))));
+    result.losses.push_back(loss_sum / double(trained));
+  }
+  keep_weights(*model, result);
+  return result;
+}
+
+// Rank `rank` of `world`: its micro-batches, DataParallelAdamW at `stage`.
+RunResult train_rank(int port, int rank, int world, int stage) {
+  dist::Store store("127.0.0.1", port, rank, world, 30.0);
+  std::vector<int> everyone(static_cast<size_t>(world));
+  std::iota(everyone.begin(), everyone.end(), 0);
+  auto groups =
+      dist::make_parallel_groups(std::make_unique<dist::StoreCommunicator>(store, everyone), 1);
+  auto backend = make_cpu_backend();
+  const ModelConfig config = tiny_moe_config();
+  auto model = Model::random_init(config, 5, *backend);
+  for (Parameter& parameter : model->parameters())
+    parameter.decay = parameter.name.find("norm") == std::string::npos;
+  DataParallelOptions options;
+  options.zero_stage = stage;
+  DataParallelAdamW optimizer(model->parameters(), model->gradient_groups(), *backend,
+                              adamw_config(), *groups.world, *groups.expert_dp, options);
+  bool last = false;
+  size_t hooked = 0;
+  model->set_gradient_ready_hook([&](size_t group) {
+    if (!last) return;
+    optimizer.reduce_group(group);
+    ++hooked;
+  });
+  RunResult result;
+  for (int step = 0; step < kSteps; ++step) {
+    std::vector<MicroBatch> batches;
+    int64_t trained = 0;
+    for (int m = 0; m < kMicroBatches; ++m) {
+      batches.push_back(make_micro_batch(step, m, config.vocab_size));
+      trained += batches.back().trained;
+    }
+    model->zero_grads();
+    double loss_sum = 0;
+    for (int m = rank; m < kMicroBatches; m += world) {
+      last = m + world >= kMicroBatches;
+      loss_sum += model->forward_backward(batches[m].view(), 1.0f / float(trained)).loss_sum;
+    }
+    last = false;
+    optimizer.finish_reduction();
+    all_reduce_host(*groups.world, *backend, std::span<double>(&loss_sum, 1));
+    const double norm = std::sqrt(optimizer.grad_norm_squared());
+    optimizer.step(adamw_config().lr, float(std::min(1.0, kMaxNorm / (norm + 1e-6))));
+    result.losses.push_back(loss_sum / double(trained));
+  }
+  if (hooked != kSteps * model->gradient_groups().size())
+    fail("the hook reduced ", hooked, " groups");
+  keep_weights(*model, result);
+  return result;
+}
+
+void write_result(const std::filesystem::path& file, const RunResult& result) {
+  std::ofstream out(file, std::ios::binary);
+  const size_t losses = result.losses.size(), weights = result.weights.size();
+  out.write(reinterpret_cast<const char*>(&losses), sizeof(losses));
+  out.write(reinterpret_cast<const char*>(result.losses.data()), losses * sizeof(double));
+  out.write(reinterpret_cast<const char*>(&weights), sizeof(weights));
+  out.write(reinterpret_cast<const char*>(result.weights.data()), weights * sizeof(float));
+  const size_t sizes = result.sizes.size();
+  out.write(reinterpret_cast<const char*>(&sizes), sizeof(sizes));
+  out.write(reinterpret_cast<const char*>(result.sizes.data()), sizes * sizeof(size_t));
+}
+
+RunResult read_result(const std::filesystem::path& file) {
+  std::ifstream in(file, std::ios::binary);
+  RunResult result;
+  size_t count = 0;
+  in.read(reinterpret_cast<char*>(&count), sizeof(count));
+  result.losses.resize(count);
+  in.read(reinterpret_cast<char*>(result.losses.data()), count * sizeof(double));
+  in.read(reinterpret_cast<char*>(&count), sizeof(count));
+  result.weights.resize(count);
+  in.read(reinterpret_cast<char*>(result.weights.data()), count * sizeof(float));
+  in.read(reinterpret_cast<char*>(&count), sizeof(count));
+  result.sizes.resize(count);
+  in.read(reinterpret_cast<char*>(result.sizes.data()), count * sizeof(size_t));
+  if (!in) fail("cannot read ", file.string());
+  return result;
+}
+
+// Forks `world` ranks; returns each rank's result (fails the test if a rank fails).
+std::vector<RunResult> run_ranks(int world, int stage) {
+  testing::TempDir dir;
+  dist::StoreServer server(0, world, 30.0);
+  std::vector<pid_t> children;
+  for (int rank = 0; rank < world; ++rank) {
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      int status = 0;
+      try {
+        write_result(dir / ("rank" + std::to_string(rank)),
+                     train_rank(server.port(), rank, world, stage));
+      } catch (const std::exception& error) {
+        std::fprintf(stderr, "rank %d: %s\n", rank, error.what());
+        status = 1;
+      }
+      std::fflush(stderr);
+      ::_exit(status);
+    }
+    children.push_back(pid);
+  }
+  bool ok = true;
+  for (pid_t pid : children) {
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    ok = ok && WIFEXITED(status) && WEXITSTATUS(status) == 0;
+  }
+  if (!ok) fail("a rank failed (see its message above)");
+  std::vector<RunResult> results;
+  for (int rank = 0; rank < world; ++rank)
+    results.push_back(read_result(dir / ("rank" + std::to_string(rank))));
+  return results;
+}
+
+void expect_same_run(const RunResult& ranks_result, const RunResult& alone,
+                     const std::string& what) {
+  ASSERT_EQ(ranks_result.losses.size(), alone.losses.size());
+  for (size_t i = 0; i < alone.losses.size(); ++i)
+    EXPECT_NEAR(ranks_result.losses[i], alone.losses[i], 1e-5 * std::abs(alone.losses[i])) << what;
+  ASSERT_EQ(ranks_result.weights.size(), alone.weights.size());
+  // Per tensor: max |difference| / max |value| (testing::relative_error). Per element would
+  // be too strict: AdamW's m / sqrt(v) turns the rounding noise of a gradient that nearly
+  // cancels into a visible difference of that one element.
+  size_t offset = 0;
+  for (size_t p = 0; p < alone.sizes.size(); offset += alone.sizes[p], ++p)
+    EXPECT_LT(testing::relative_error(ranks_result.weights.data() + offset,
+                                      alone.weights.data() + offset, alone.sizes[p]),
+              1e-5)
+        << what << ": parameter " << p << " differs from one process";
+}
+
+class DataParallelStages : public ::testing::TestWithParam<std::pair<int, int>> {};
+
+TEST_P(DataParallelStages, RanksMatchOneProcess) {
+  const auto [world, stage] = GetParam();
+  const std::vector<RunResult> ranks = run_ranks(world, stage);
+  const RunResult alone = train_alone();
+  for (int rank = 0; rank < world; ++rank)
+    expect_same_run(ranks[rank], alone,
+                    "world " + std::to_string(world) + ", stage " + std::to_string(stage) +
+                        ", rank " + std::to_string(rank));
+  // Every rank holds the very same weights (the gathered shards).
+  for (int rank = 1; rank < world; ++rank) EXPECT_EQ(ranks[rank].weights, ranks[0].weights);
+}
+
+INSTANTIATE_TEST_SUITE_P(ZeroStages, DataParallelStages,
+                         ::testing::Values(std::pair{2, 0}, std::pair{2, 1}, std::pair{2, 2},
+                                           std::pair{3, 2}, std::pair{3, 1}));
+
+TEST(DataParallel, LayoutErrorsNameTheKey) {
+  auto message = [](int world, int64_t ep, int64_t dp, int64_t experts) {
+    try {
+      resolve_layout(world, ep, dp, experts);
+    } catch (const Error& error) {
+      return std::string(error.what());
+    }
+    return std::string();
+  };
+  EXPECT_EQ(message(4, 1, 0, 8), "");
+  EXPECT_EQ(message(4, 1, 4, 8), "");
+  const std::string ep = message(4, 3, 0, 6);
+  EXPECT_NE(ep.find("parallel.expert_parallel: 3 does not divide the 4 ranks"), std::string::npos)
+      << ep;
+  const std::string experts = message(4, 4, 0, 6);
+  EXPECT_NE(experts.find("does not divide the model's 6 experts"), std::string::npos) << experts;
+  const std::string dp = message(4, 1, 2, 8);
+  EXPECT_NE(dp.find("parallel.data_parallel: 2 does not match"), std::string::npos) << dp;
+  const std::string dense = message(2, 2, 0, 0);
+  EXPECT_NE(dense.find("needs a MoE model"), std::string::npos) << dense;
+  LayoutKeys flags{"--expert-parallel", "--data-parallel", "--device"};
+  EXPECT_NE(std::string([&] {
+              try {
+                resolve_layout(2, 3, 0, 6, flags);
+              } catch (const Error& error) {
+                return std::string(error.what());
+              }
+              return std::string();
+            }())
+                .find("--expert-parallel"),
+            std::string::npos);
+}
+
+}  // namespace
+}  // namespace moetune
