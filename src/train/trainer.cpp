@@ -290,6 +290,13 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
   model_options.grad_dtype = DType::F32;
   model_options.recompute_layers = t.recompute;
   if (parallel) model_options.expert_comm = parallel->groups.expert.get();  // size 1: all experts
+  // Optimizer in the backward (one process): AdamW per gradient group inside the
+  // gradient-ready hook, the gradients held per group only (the hook is installed below).
+  if (parallel && recipe.training.optimizer_in_backward.value_or(false))
+    fail("training.optimizer_in_backward: true is not supported with data parallelism yet; "
+         "set it to auto or false");
+  const bool optimizer_in_backward = !parallel && recipe.optimizer_in_backward();
+  if (optimizer_in_backward) model_options.grad_storage = GradientStorage::PerGroup;
   std::unique_ptr<Model> model =
       recipe.model.path ? Model::from_hf_folder(*recipe.model.path, *backend, model_options)
                         : Model::random_init(load_model_config(*recipe.model.config), t.seed,
@@ -336,6 +343,24 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
   std::vector<Tensor> grads;
   for (const Parameter& parameter : model->parameters()) grads.push_back(parameter.grad);
   Buffer grad_norm_squared(DType::F32, {1}, backend->device());
+  // Optimizer in the backward: each group's squared norm (for the log and the non-finite
+  // guard, which can then only stop the run) and its update, while its gradients exist.
+  const size_t group_count = model->gradient_groups().size();
+  Buffer group_norms_squared(DType::F32, {static_cast<int64_t>(group_count)}, backend->device());
+  double in_backward_lr = 0;
+  if (optimizer_in_backward)
+    model->set_gradient_ready_hook([&](size_t index) {
+      const GradientGroup& group = model->gradient_groups()[index];
+      std::vector<Tensor> group_grads;
+      for (size_t i = group.begin; i < group.end; ++i)
+        group_grads.push_back(model->parameters()[i].grad);
+      backend->grad_norm_squared(group_grads,
+                                 group_norms_squared.tensor().view({static_cast<int64_t>(group_count), 1})
+                                     .slice_rows(static_cast<int64_t>(index),
+                                                 static_cast<int64_t>(index) + 1)
+                                     .view({1}));
+      single_optimizer->update(group.begin, group.end, in_backward_lr);
+    });
 
   // What a checkpoint holds, by name (the tensors stay where they live). With experts split
   // over EP ranks, expert weights go to rank-R/experts.safetensors instead.
@@ -444,6 +469,7 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
     plan_options.grad_dtype = DType::F32;
     plan_options.batch = t.micro_batch;
     plan_options.seq = t.seq_len;
+    plan_options.per_group_grads = optimizer_in_backward;
     const MemoryPlan plan = plan_memory(model->config(), plan_options);
     std::printf("moetune train: %s (%s, %.2fM parameters) on %s\n",
                 model->config().model_type.c_str(),
@@ -587,6 +613,10 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
     // 2. Forward and backward, gradients accumulating over the micro-batches (this rank's:
     //    m % world == rank); several ranks: the last one's backward starts the reductions.
     model->zero_grads();
+    if (optimizer_in_backward) {
+      single_optimizer->begin_step();
+      in_backward_lr = static_cast<float>(schedule.lr(step));  // as optimizer.step gets it
+    }
     double loss_sum = 0, aux_loss = 0;
     bool has_aux = false;
     for (int64_t m = rank; m < accumulation; m += world) {
@@ -612,7 +642,14 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
 
     // 3. Global gradient norm, the non-finite guard, clipping.
     double grad_norm = 0;
-    if (dp_optimizer) {
+    if (optimizer_in_backward) {
+      std::vector<float> norms(group_count);
+      backend->copy(Tensor(norms.data(), DType::F32, {static_cast<int64_t>(group_count)}),
+                    group_norms_squared);
+      backend->synchronize();
+      for (float norm : norms) grad_norm += norm;
+      grad_norm = std::sqrt(grad_norm);
+    } else if (dp_optimizer) {
       grad_norm = std::sqrt(dp_optimizer->grad_norm_squared());
     } else {
       backend->grad_norm_squared(grads, grad_norm_squared);
@@ -638,10 +675,10 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
       bad_in_row = 0;
       const double max_norm = recipe.optimizer.grad_clip;
       const double clip = max_norm > 0 ? std::min(1.0, max_norm / (grad_norm + 1e-6)) : 1.0;
-      // 4. AdamW at the schedule's lr.
+      // 4. AdamW at the schedule's lr (done in the backward with optimizer_in_backward).
       if (dp_optimizer)
         dp_optimizer->step(static_cast<float>(lr), static_cast<float>(clip));
-      else
+      else if (!optimizer_in_backward)
         single_optimizer->step(static_cast<float>(lr), static_cast<float>(clip));
     }
     ++step;

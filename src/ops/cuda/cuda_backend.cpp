@@ -21,7 +21,7 @@
 
 namespace moetune {
 namespace cuda {
-void* device_allocate(size_t bytes);
+void* device_allocate(size_t bytes, bool zero_fill);
 void device_free(void* pointer);
 }  // namespace cuda
 
@@ -184,9 +184,9 @@ class CudaBackend final : public Backend {
     PhaseScope scope(this, Phase::OtherOps);
     cuda::launch_add_bias(x, bias, stream_);
   }
-  void bias_backward(const Tensor& dy, const Tensor& dbias) override {
+  void bias_backward(const Tensor& dy, const Tensor& dbias, bool accumulate) override {
     PhaseScope scope(this, Phase::OtherOps);
-    cuda::launch_bias_backward(dy, dbias, stream_);
+    cuda::launch_bias_backward(dy, dbias, accumulate, stream_);
   }
 
   void embedding_forward(const Tensor& ids, const Tensor& table, const Tensor& out) override {
@@ -211,11 +211,11 @@ class CudaBackend final : public Backend {
   }
   void rmsnorm_backward(const Tensor& dout, const Tensor& x, const Tensor& weight,
                         const Tensor& rstd, const Tensor& dx, const Tensor& dweight,
-                        bool accumulate_dx) override {
+                        bool accumulate_dx, bool accumulate_dweight) override {
     PhaseScope scope(this, Phase::OtherOps);
     BufferScratch scratch;
-    cuda::launch_rmsnorm_backward(dout, x, weight, rstd, dx, dweight, accumulate_dx, scratch,
-                                  stream_);
+    cuda::launch_rmsnorm_backward(dout, x, weight, rstd, dx, dweight, accumulate_dx,
+                                  accumulate_dweight, scratch, stream_);
   }
 
   void rope_forward(const Tensor& x, const Tensor& positions, const Tensor& inv_freq) override {
@@ -322,19 +322,22 @@ class CudaBackend final : public Backend {
     cuda::launch_grouped_gemm(a, w, transpose_w, offsets, c, stream_);
   }
   void grouped_gemm_weight_grad(const Tensor& dy, const Tensor& x, const Tensor& offsets,
-                                const Tensor& dw) override {
+                                const Tensor& dw, bool accumulate) override {
     PhaseScope scope(this, Phase::Experts);
     if (dw.dtype == DType::F32 && dy.dtype != DType::F32) {
       // fp32 gradients of bf16 experts (the trainer's bf16 weights): the kernels take one
-      // dtype, so this micro-batch's dw is formed (fp32 accumulation) in a zeroed scratch of
-      // the inputs' dtype and added to the fp32 gradient.
+      // dtype, so this micro-batch's dw is formed (fp32 accumulation) in a scratch of the
+      // inputs' dtype, then added to (or, on the first micro-batch, copied into) the fp32
+      // gradient.
       Buffer partial(dy.dtype, dw.shape, Device::CUDA);
-      MOETUNE_CUDA_CHECK(cudaMemsetAsync(partial.data(), 0, partial.bytes(), stream_));
-      cuda::launch_grouped_gemm_weight_grad(dy, x, offsets, partial, stream_);
-      cuda::launch_add(dw, dw, partial, stream_);
+      cuda::launch_grouped_gemm_weight_grad(dy, x, offsets, partial, /*accumulate=*/false, stream_);
+      if (accumulate)
+        cuda::launch_add(dw, dw, partial, stream_);
+      else
+        copy(dw, partial);
       return;
     }
-    cuda::launch_grouped_gemm_weight_grad(dy, x, offsets, dw, stream_);
+    cuda::launch_grouped_gemm_weight_grad(dy, x, offsets, dw, accumulate, stream_);
   }
 
   void linear_cross_entropy(const LinearCrossEntropyArgs& args) override {
@@ -356,12 +359,19 @@ class CudaBackend final : public Backend {
            args.grad_weight.shape.str(), " must match hidden and weight");
     if (cuda::present(args.logits) && args.logits.numel() != tokens * vocab)
       fail("linear_cross_entropy: logits ", args.logits.shape.str(), " must be (N, V)");
-    if (tokens == 0) return;
+    if (tokens == 0) {
+      if (backward && !args.accumulate_grad_weight && args.grad_weight.numel())
+        MOETUNE_CUDA_CHECK(
+            cudaMemsetAsync(args.grad_weight.data, 0, args.grad_weight.bytes(), stream_));
+      return;
+    }
     // Chunk of rows whose logits take at most ~640 MB (bf16: 2048 rows at a 151,936 vocab).
     const int64_t row_bytes = vocab * static_cast<int64_t>(dtype_size(hidden.dtype));
     const int64_t chunk =
         std::max<int64_t>(1, std::min<int64_t>(tokens, (int64_t(640) << 20) / row_bytes));
     Buffer logits(hidden.dtype, Shape{chunk, vocab}, Device::CUDA);
+    // The first chunk overwrites grad_weight unless accumulating (beta 0: not read).
+    float grad_weight_beta = args.accumulate_grad_weight ? 1.0f : 0.0f;
     for (int64_t start = 0; start < tokens; start += chunk) {
       const int64_t end = std::min(tokens, start + chunk);
       const Tensor h = hidden.slice_rows(start, end);
@@ -375,7 +385,8 @@ class CudaBackend final : public Backend {
                                        stream_);
       if (!backward) continue;
       gemm_impl(l, false, weight, false, args.grad_hidden.slice_rows(start, end), 1.0f, 0.0f);
-      gemm_impl(l, true, h, false, args.grad_weight, 1.0f, 1.0f);
+      gemm_impl(l, true, h, false, args.grad_weight, 1.0f, grad_weight_beta);
+      grad_weight_beta = 1.0f;
     }
   }
 
