@@ -324,6 +324,7 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
   if (parallel) {
     DataParallelOptions dp_options;
     dp_options.zero_stage = static_cast<int>(recipe.parallel.zero_stage);
+    dp_options.overlap_communication = recipe.parallel.overlap_communication;
     dp_optimizer = std::make_unique<DataParallelAdamW>(
         model->parameters(), model->gradient_groups(), *backend, adamw_config,
         *parallel->groups.world, *parallel->groups.expert_dp, dp_options);

@@ -3,7 +3,8 @@
 #   1. NCCL: every collective on device tensors, world and EP/expert-DP splits, plus the
 #      expert-parallel MoE check (dist-selftest --nccl --expert-parallel N);
 #   2. data parallel: recipes/demo.yaml (tiny MoE, fp32) on 1 GPU vs N GPUs with ZeRO 0, 1, 2
-#      (losses step by step and the exported weights within 1e-4, scripts/compare_runs.py);
+#      (losses step by step and the exported weights within 1e-4, scripts/compare_runs.py),
+#      gradient reductions overlapped with the backward (the default) and, for ZeRO 2, not;
 #   3. expert parallel: the same run with parallel.expert_parallel=N (experts split, tokens
 #      exchanged by all-to-all), and EP=2 x DP=N/2 when N >= 4;
 #   4. resume of an N-GPU run (same layout): identical losses.
@@ -34,6 +35,11 @@ for z in 0 1 2; do
     --parallel.zero_stage=$z -o "$out/dp_z$z"
   step "compare_dp${n}_zero$z" python3 scripts/compare_runs.py "$out/one" "$out/dp_z$z" --tolerance 1e-4
 done
+# The same with the gradient reductions on the compute stream (no overlap with the backward).
+step "dp${n}_zero2_no_overlap" timeout 120 "$M" launch --nproc-per-node "$n" -- train recipes/demo.yaml \
+  "${A[@]}" --parallel.zero_stage=2 --parallel.overlap_communication=false -o "$out/dp_z2_sync"
+step "compare_dp${n}_zero2_no_overlap" python3 scripts/compare_runs.py "$out/one" "$out/dp_z2_sync" \
+  --tolerance 1e-4
 ep=$n; [ "$n" -gt 4 ] && ep=4  # the demo has 4 experts
 step "ep$ep" timeout 120 "$M" launch --nproc-per-node "$n" -- train recipes/demo.yaml "${A[@]}" \
   --parallel.expert_parallel=$ep -o "$out/ep"
