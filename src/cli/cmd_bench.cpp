@@ -7,7 +7,8 @@
 // every op with CUDA events for the per-phase times. tflops uses DESIGN.md's formula.
 // Several GPUs (started by `moetune launch`, torchrun, mpirun or srun): every rank builds the
 // model (--expert-parallel N splits the experts), a step adds the gradient reduction and the
-// sharded optimizer of DataParallelAdamW (--zero-stage, AdamW state still in bf16, sharded),
+// sharded optimizer of DataParallelAdamW (--zero-stage, AdamW state still in bf16, sharded;
+// reductions overlapped with the backward on a communication stream unless --no-overlap-comm),
 // and rank 0 prints one line with "gpus", tps per GPU and the largest peak memory of any rank.
 // --optimizer-in-backward: AdamW per gradient group inside the gradient-ready hook and
 // per-group gradient storage (GradientStorage::PerGroup), as training.optimizer_in_backward.
@@ -65,6 +66,7 @@ int run_bench(int argc, char** argv) {
   int64_t layers = 0, seq = 4096, micro_batch = 1, steps = 5, warmup = 2;
   bool recompute = false, optimizer_in_backward = false;
   int64_t expert_parallel = 1, zero_stage = 1;
+  bool overlap_comm = true;
   app.add_option("--config", config_path, "HF config.json of the model shape")->required();
   app.add_option("--layers", layers, "keep the first N decoder layers (default: all)");
   app.add_option("--seq", seq, "tokens per row");
@@ -83,6 +85,9 @@ int run_bench(int argc, char** argv) {
                  "several GPUs: 0 (replicated AdamW state), 1 (sharded state), 2 (and "
                  "reduce-scattered gradients)")
       ->check(CLI::Range(0, 2));
+  app.add_flag("--overlap-comm,!--no-overlap-comm", overlap_comm,
+               "several GPUs: gradient reductions on a communication stream beside the "
+               "backward (default) or on the compute stream");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& error) {
@@ -111,9 +116,8 @@ int run_bench(int argc, char** argv) {
   options.grad_dtype = DType::BF16;
   options.recompute_layers = recompute;
   options.balanced_routing = routing == "balanced";
+  if (parallel) options.expert_comm = parallel->groups.expert.get();  // size 1: all experts
   if (optimizer_in_backward) options.grad_storage = GradientStorage::PerGroup;
-  // TODO(ep): once ModelOptions::expert_comm lands:
-  //   if (parallel) options.expert_comm = parallel->groups.expert.get();
   auto model = Model::uninitialized(config, *backend, options);
   uint64_t seed = 1;
   for (const Parameter& parameter : model->parameters()) {
@@ -135,6 +139,7 @@ int run_bench(int argc, char** argv) {
     dp_options.zero_stage = static_cast<int>(zero_stage);
     dp_options.state_dtype = DType::BF16;
     dp_options.master_weights = false;
+    dp_options.overlap_communication = overlap_comm;
     dp_optimizer = std::make_unique<DataParallelAdamW>(
         model->parameters(), model->gradient_groups(), *backend, adamw_config,
         *parallel->groups.world, *parallel->groups.expert_dp, dp_options);
@@ -249,7 +254,7 @@ int run_bench(int argc, char** argv) {
   for (double s : phases.seconds) measured += s;
   std::printf(
       "{\"engine\": \"moetune\", \"gpu\": \"%s\", \"gpus\": %d, \"expert_parallel\": %lld, "
-      "\"zero_stage\": %lld, \"layers\": %lld, \"seq\": %lld, "
+      "\"zero_stage\": %lld, \"overlap_comm\": %s, \"layers\": %lld, \"seq\": %lld, "
       "\"micro_batch\": %lld, "
       "\"routing\": \"%s\", \"recompute\": %s, \"optimizer_in_backward\": %s, "
       "\"tokens_per_step\": %lld, \"tps\": %.1f, "
@@ -260,10 +265,11 @@ int run_bench(int argc, char** argv) {
       "\"dense_gemm\": %.4f, "
       "\"other_ops\": %.4f, \"host_gaps\": %.4f}, \"profiled_step_s\": %.4f}\n",
       cuda::device_name(), world, (long long)(parallel ? expert_parallel : 1),
-      (long long)(parallel ? zero_stage : 0), (long long)config.num_hidden_layers, (long long)seq,
-      (long long)micro_batch, routing.c_str(), recompute ? "true" : "false",
-      optimizer_in_backward ? "true" : "false", (long long)tokens, tps, tflops,
-      peak_bytes / double(1ull << 30), plan_bytes / double(1ull << 30), step_s_all,
+      (long long)(parallel ? zero_stage : 0),
+      dp_optimizer && dp_optimizer->overlapping() ? "true" : "false",
+      (long long)config.num_hidden_layers, (long long)seq, (long long)micro_batch, routing.c_str(),
+      recompute ? "true" : "false", optimizer_in_backward ? "true" : "false", (long long)tokens,
+      tps, tflops, peak_bytes / double(1ull << 30), plan_bytes / double(1ull << 30), step_s_all,
       last_loss, seconds(cuda::Phase::Attention), seconds(cuda::Phase::RouterDispatch),
       seconds(cuda::Phase::Experts), seconds(cuda::Phase::Loss), seconds(cuda::Phase::Optimizer),
       seconds(cuda::Phase::DenseGemm), seconds(cuda::Phase::OtherOps),

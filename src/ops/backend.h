@@ -76,6 +76,25 @@ class Backend {
   // that must be ordered with the ops (dist::Communicator calls) are enqueued on it.
   virtual void* stream() const { return nullptr; }
 
+  // ---- a second stream (communication beside the ops) ----------------------------------
+  // Work enqueued on a side stream (collectives: its handle() goes to dist::Communicator
+  // calls) runs concurrently with the ops; two one-way fences order the streams:
+  // wait_for_ops(): work enqueued on the side stream from now on starts after every op
+  // enqueued so far (an event recorded on stream(), waited for by the side stream);
+  // join(): ops enqueued from now on start after every side-stream work enqueued so far.
+  // Neither blocks the host. Memory a side-stream operation touches must stay allocated
+  // and untouched by the ops until the join() that follows it.
+  class SideStream {
+   public:
+    virtual ~SideStream() = default;
+    virtual void* handle() const = 0;  // a cudaStream_t as void*
+    virtual void wait_for_ops() = 0;
+    virtual void join() = 0;
+  };
+  // nullptr when the backend has no streams (CPU: everything is synchronous); callers then
+  // enqueue on stream() as before.
+  virtual std::unique_ptr<SideStream> make_side_stream() { return nullptr; }
+
   // ---- dense math ----------------------------------------------------------------------
   // c = alpha * op(a) @ op(b) + beta * c, 2-D, fp32 accumulation; op(x) = x or x^T.
   // A Linear layer y = x W^T is gemm(x, false, W, true, y).

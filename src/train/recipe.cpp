@@ -42,8 +42,8 @@ constexpr std::array<std::string_view, 5> kSchedulerKeys = {"type", "warmup_step
 constexpr std::array<std::string_view, 4> kCheckpointKeys = {"every", "keep_last",
                                                              "hf_export_every", "save_final_hf"};
 constexpr std::array<std::string_view, 2> kLoggingKeys = {"every", "progress"};
-constexpr std::array<std::string_view, 4> kParallelKeys = {"device", "data_parallel",
-                                                           "expert_parallel", "zero_stage"};
+constexpr std::array<std::string_view, 5> kParallelKeys = {
+    "device", "data_parallel", "expert_parallel", "zero_stage", "overlap_communication"};
 constexpr std::array<std::string_view, 2> kFloatDtypes = {"fp32", "bf16"};
 
 DType float_dtype(const std::string& name) { return name == "bf16" ? DType::BF16 : DType::F32; }
@@ -372,6 +372,8 @@ Recipe parse_recipe(const YAML::Node& input, const fs::path& base_dir, const fs:
   p.zero_stage = get_int(parallel, "zero_stage", "parallel", p.zero_stage);
   if (p.zero_stage < 0 || p.zero_stage > 2)
     fail("parallel.zero_stage: expected 0, 1 or 2, got ", p.zero_stage);
+  p.overlap_communication =
+      get_bool(parallel, "overlap_communication", "parallel", p.overlap_communication);
   // How data_parallel x expert_parallel fits the job's ranks is checked when the run starts
   // (resolve_layout in train/parallel_context.h): the world size is known only then.
   return recipe;
@@ -463,6 +465,8 @@ std::string resolved_recipe_yaml(const Recipe& recipe) {
     out << YAML::Key << "data_parallel" << YAML::Value << recipe.parallel.data_parallel;
   out << YAML::Key << "expert_parallel" << YAML::Value << recipe.parallel.expert_parallel;
   out << YAML::Key << "zero_stage" << YAML::Value << recipe.parallel.zero_stage;
+  out << YAML::Key << "overlap_communication" << YAML::Value
+      << recipe.parallel.overlap_communication;
   out << YAML::EndMap;
   out << YAML::EndMap;
   return std::string(out.c_str()) + "\n";

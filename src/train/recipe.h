@@ -63,6 +63,8 @@
 //                                #    its shard's reduced gradient (half the traffic of 1)
 //                                # (expert weights: N = data_parallel, the replicas of an
 //                                # expert slice; every other weight: N = the world)
+//     overlap_communication: true  # gradient reductions on a communication stream beside
+//                                  # the backward (CUDA; false: on the compute stream)
 #pragma once
 
 #include <yaml-cpp/yaml.h>
@@ -147,6 +149,7 @@ struct ParallelRecipe {
   int64_t data_parallel = 0;  // 0: not given (world / expert_parallel)
   int64_t expert_parallel = 1;
   int64_t zero_stage = 1;
+  bool overlap_communication = true;
 };
 
 struct Recipe {

@@ -1,5 +1,6 @@
 // The CUDA backend: the Backend interface (ops/backend.h) on one GPU. This file holds the
-// class, its resources (one stream, the cuBLASLt handle and workspace, cuDNN attention),
+// class, its resources (one stream, the cuBLASLt handle and workspace, cuDNN attention;
+// side streams with their events for communication beside the ops),
 // the dense GEMM through cuBLASLt (bf16 in, fp32 accumulate; fp32 in, fp32 math, no TF32,
 // for parity), copies, the fused LM head + cross-entropy (token chunks: the [N, V] logits
 // never exist), and the dispatch of every other op to its kernel family (*.cu).
@@ -72,6 +73,40 @@ int alignment_of(const void* pointer) {
     if (address % a == 0) return a;
   return 2;
 }
+
+// A non-blocking stream beside the backend's, with one reusable event per direction
+// (cudaStreamWaitEvent captures the event's state when it is called, so re-recording it
+// afterwards is safe). Gradient collectives run here while the backward goes on.
+class CudaSideStream final : public Backend::SideStream {
+ public:
+  explicit CudaSideStream(cudaStream_t ops) : ops_(ops) {
+    MOETUNE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    MOETUNE_CUDA_CHECK(cudaEventCreateWithFlags(&ops_done_, cudaEventDisableTiming));
+    MOETUNE_CUDA_CHECK(cudaEventCreateWithFlags(&side_done_, cudaEventDisableTiming));
+  }
+  ~CudaSideStream() override {
+    cudaStreamSynchronize(stream_);
+    cudaEventDestroy(ops_done_);
+    cudaEventDestroy(side_done_);
+    cudaStreamDestroy(stream_);
+  }
+  CudaSideStream(const CudaSideStream&) = delete;
+  CudaSideStream& operator=(const CudaSideStream&) = delete;
+
+  void* handle() const override { return stream_; }
+  void wait_for_ops() override {
+    MOETUNE_CUDA_CHECK(cudaEventRecord(ops_done_, ops_));
+    MOETUNE_CUDA_CHECK(cudaStreamWaitEvent(stream_, ops_done_, 0));
+  }
+  void join() override {
+    MOETUNE_CUDA_CHECK(cudaEventRecord(side_done_, stream_));
+    MOETUNE_CUDA_CHECK(cudaStreamWaitEvent(ops_, side_done_, 0));
+  }
+
+ private:
+  cudaStream_t ops_ = nullptr, stream_ = nullptr;
+  cudaEvent_t ops_done_ = nullptr, side_done_ = nullptr;
+};
 
 class CudaBackend final : public Backend {
  public:
@@ -168,6 +203,9 @@ class CudaBackend final : public Backend {
 
   void synchronize() override { MOETUNE_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
   void* stream() const override { return stream_; }
+  std::unique_ptr<SideStream> make_side_stream() override {
+    return std::make_unique<CudaSideStream>(stream_);
+  }
 
   // ---- dense math --------------------------------------------------------------------------
   void gemm(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b, const Tensor& c,
@@ -244,9 +282,9 @@ class CudaBackend final : public Backend {
                           const Tensor& dv) override {
     PhaseScope scope(this, Phase::Attention);
     BufferScratch scratch;
-    if (dout.shape == q.shape && dout.dtype == q.dtype &&
-        out.shape == q.shape && dq.shape == q.shape && dq.dtype == q.dtype && dk.shape == k.shape &&
-        dk.dtype == k.dtype && dv.shape == v.shape && dv.dtype == v.dtype && v.shape == k.shape &&
+    if (dout.shape == q.shape && dout.dtype == q.dtype && out.shape == q.shape &&
+        dq.shape == q.shape && dq.dtype == q.dtype && dk.shape == k.shape && dk.dtype == k.dtype &&
+        dv.shape == v.shape && dv.dtype == v.dtype && v.shape == k.shape &&
         lse.dtype == DType::F32 && lse.numel() == q.size(0) * q.size(1) * q.size(2) &&
         attention_->backward(dout, q, k, v, out, lse, scale, doc_offsets, dq, dk, dv,
                              BufferScratch::workspace, &scratch))
@@ -324,6 +362,19 @@ class CudaBackend final : public Backend {
   void grouped_gemm_weight_grad(const Tensor& dy, const Tensor& x, const Tensor& offsets,
                                 const Tensor& dw, bool accumulate) override {
     PhaseScope scope(this, Phase::Experts);
+    if (dw.dtype == DType::F32 && dy.dtype != DType::F32) {
+      // fp32 gradients of bf16 experts (the trainer's bf16 weights): the kernels take one
+      // dtype, so this micro-batch's dw is formed (fp32 accumulation) in a scratch of the
+      // inputs' dtype, then added to (or, on the first micro-batch, copied into) the fp32
+      // gradient.
+      Buffer partial(dy.dtype, dw.shape, Device::CUDA);
+      cuda::launch_grouped_gemm_weight_grad(dy, x, offsets, partial, /*accumulate=*/false, stream_);
+      if (accumulate)
+        cuda::launch_add(dw, dw, partial, stream_);
+      else
+        copy(dw, partial);
+      return;
+    }
     cuda::launch_grouped_gemm_weight_grad(dy, x, offsets, dw, accumulate, stream_);
   }
 
