@@ -18,7 +18,8 @@ for line in open(sys.argv[1]):
     gpu = gpu or r.get("gpu")
     entry = {k: r[k] for k in ("engine", "layers", "seq", "micro_batch", "routing", "tps", "tflops", "peak_gib", "step_s")}
     entry["recompute"] = r.get("recompute", False)
-    for optional in ("gpus", "plan_gib", "peak_alloc_gib", "phases_s"):
+    for optional in ("gpus", "expert_parallel", "zero_stage", "overlap_comm", "optimizer_in_backward",
+                     "plan_gib", "peak_alloc_gib", "phases_s"):
         if optional in r:
             entry[optional] = r[optional]
     runs.append(entry)
