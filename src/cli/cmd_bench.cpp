@@ -12,6 +12,7 @@
 // and rank 0 prints one line with "gpus", tps per GPU and the largest peak memory of any rank.
 // --optimizer-in-backward: AdamW per gradient group inside the gradient-ready hook and
 // per-group gradient storage (GradientStorage::PerGroup), as training.optimizer_in_backward.
+// grouped_gemm_tflops: the profiled step's expert GEMMs (forward + data grad, weight grad).
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
@@ -182,9 +183,9 @@ int run_bench(int argc, char** argv) {
     model->set_gradient_ready_hook([&](size_t index) {
       const GradientGroup& group = model->gradient_groups()[index];
       for (size_t i = group.begin; i < group.end; ++i) adamw[i].grad = model->parameters()[i].grad;
-      backend->adamw_update(std::span<const AdamWParam>(adamw).subspan(group.begin,
-                                                                        group.end - group.begin),
-                            hyper, 1.0f);
+      backend->adamw_update(
+          std::span<const AdamWParam>(adamw).subspan(group.begin, group.end - group.begin), hyper,
+          1.0f);
     });
   double last_loss = 0;
   auto train_step = [&]() {
@@ -220,8 +221,8 @@ int run_bench(int argc, char** argv) {
   // The memory plan's prediction for this run: weights, grads, activations and scratch from
   // plan_memory, AdamW state in the parameter dtype (not the plan's fp32 state), plus the
   // backend's LM-head logits chunk (at most ~640 MB, cuda_backend.cpp).
-  MemoryPlanOptions plan_options{DType::BF16, DType::BF16, micro_batch, seq, recompute,
-                                 optimizer_in_backward};
+  MemoryPlanOptions plan_options{DType::BF16, DType::BF16, micro_batch,
+                                 seq,         recompute,   optimizer_in_backward};
   const MemoryPlan plan = plan_memory(config, plan_options);
   const int64_t logits_row = config.vocab_size * 2;
   const int64_t logits_chunk =
@@ -263,7 +264,8 @@ int run_bench(int argc, char** argv) {
       "{\"attention\": %.4f, "
       "\"router_dispatch\": %.4f, \"experts\": %.4f, \"loss\": %.4f, \"optimizer\": %.4f, "
       "\"dense_gemm\": %.4f, "
-      "\"other_ops\": %.4f, \"host_gaps\": %.4f}, \"profiled_step_s\": %.4f}\n",
+      "\"other_ops\": %.4f, \"host_gaps\": %.4f}, \"profiled_step_s\": %.4f, "
+      "\"grouped_gemm_tflops\": {\"fwd_dgrad\": %.1f, \"wgrad\": %.1f}}\n",
       cuda::device_name(), world, (long long)(parallel ? expert_parallel : 1),
       (long long)(parallel ? zero_stage : 0),
       dp_optimizer && dp_optimizer->overlapping() ? "true" : "false",
@@ -273,7 +275,9 @@ int run_bench(int argc, char** argv) {
       last_loss, seconds(cuda::Phase::Attention), seconds(cuda::Phase::RouterDispatch),
       seconds(cuda::Phase::Experts), seconds(cuda::Phase::Loss), seconds(cuda::Phase::Optimizer),
       seconds(cuda::Phase::DenseGemm), seconds(cuda::Phase::OtherOps),
-      std::max(0.0, profiled_s - measured), profiled_s);
+      std::max(0.0, profiled_s - measured), profiled_s,
+      phases.tflops(phases.grouped_gemm_flops, phases.grouped_gemm_s),
+      phases.tflops(phases.weight_grad_flops, phases.weight_grad_s));
   return 0;
 #endif
 }

@@ -143,8 +143,8 @@ void moe_backward(Backend& backend, TokenDispatcher& dispatcher, const ModelConf
                  dgate_up = first_rows(scratch.dgate_up, M);
     const Tensor hidden = first_rows(saved.hidden, M), gate_up = first_rows(saved.gate_up, M);
     backend.grouped_gemm(dexpert_out, w.experts_down, false, offsets, dhidden);  // (M, I)
-    backend.grouped_gemm_weight_grad(dexpert_out, hidden, offsets,
-                                     g.experts_down, accumulate_grads);  // (E_local, H, I)
+    backend.grouped_gemm_weight_grad(dexpert_out, hidden, offsets, g.experts_down,
+                                     accumulate_grads);   // (E_local, H, I)
     backend.swiglu_backward(dhidden, gate_up, dgate_up);  // (M, 2I)
     backend.grouped_gemm(dgate_up, w.experts_gate_up, false, offsets,
                          first_rows(scratch.drows, M));  // (M, H)

@@ -303,11 +303,12 @@ Recipe parse_recipe(const YAML::Node& input, const fs::path& base_dir, const fs:
   o.master_weights =
       float_dtype(get_choice(optimizer, "master_weights", "optimizer", kFloatDtypes, "fp32"));
   if (t.optimizer_in_backward.value_or(false) && (t.grad_accumulation() != 1 || o.grad_clip != 0))
-    fail("training.optimizer_in_backward: true needs one micro-batch per optimizer step "
-         "(gradient accumulation is ",
-         t.grad_accumulation(), ") and optimizer.grad_clip: 0 (it is ", o.grad_clip,
-         "): each gradient group is applied as soon as the backward finishes it; set it to auto "
-         "or false");
+    fail(
+        "training.optimizer_in_backward: true needs one micro-batch per optimizer step "
+        "(gradient accumulation is ",
+        t.grad_accumulation(), ") and optimizer.grad_clip: 0 (it is ", o.grad_clip,
+        "): each gradient group is applied as soon as the backward finishes it; set it to auto "
+        "or false");
   if (o.master_weights == DType::BF16 && recipe.model.dtype != DType::BF16)
     fail(
         "optimizer.master_weights: bf16 master weights need model.dtype: bf16 (the weights are "

@@ -293,8 +293,9 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
   // Optimizer in the backward (one process): AdamW per gradient group inside the
   // gradient-ready hook, the gradients held per group only (the hook is installed below).
   if (parallel && recipe.training.optimizer_in_backward.value_or(false))
-    fail("training.optimizer_in_backward: true is not supported with data parallelism yet; "
-         "set it to auto or false");
+    fail(
+        "training.optimizer_in_backward: true is not supported with data parallelism yet; "
+        "set it to auto or false");
   const bool optimizer_in_backward = !parallel && recipe.optimizer_in_backward();
   if (optimizer_in_backward) model_options.grad_storage = GradientStorage::PerGroup;
   std::unique_ptr<Model> model =
@@ -355,11 +356,11 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
       std::vector<Tensor> group_grads;
       for (size_t i = group.begin; i < group.end; ++i)
         group_grads.push_back(model->parameters()[i].grad);
-      backend->grad_norm_squared(group_grads,
-                                 group_norms_squared.tensor().view({static_cast<int64_t>(group_count), 1})
-                                     .slice_rows(static_cast<int64_t>(index),
-                                                 static_cast<int64_t>(index) + 1)
-                                     .view({1}));
+      backend->grad_norm_squared(
+          group_grads, group_norms_squared.tensor()
+                           .view({static_cast<int64_t>(group_count), 1})
+                           .slice_rows(static_cast<int64_t>(index), static_cast<int64_t>(index) + 1)
+                           .view({1}));
       single_optimizer->update(group.begin, group.end, in_backward_lr);
     });
 

@@ -152,6 +152,13 @@ class CudaBackend final : public Backend {
       float ms = 0.0f;
       MOETUNE_CUDA_CHECK(cudaEventElapsedTime(&ms, mark.start, mark.stop));
       times.seconds[static_cast<int>(mark.phase)] += ms * 1e-3;
+      if (mark.gemm == GemmKind::Grouped) {
+        times.grouped_gemm_s += ms * 1e-3;
+        times.grouped_gemm_flops += mark.flops;
+      } else if (mark.gemm == GemmKind::WeightGrad) {
+        times.weight_grad_s += ms * 1e-3;
+        times.weight_grad_flops += mark.flops;
+      }
       cudaEventDestroy(mark.start);
       cudaEventDestroy(mark.stop);
     }
@@ -356,12 +363,16 @@ class CudaBackend final : public Backend {
 
   void grouped_gemm(const Tensor& a, const Tensor& w, bool transpose_w, const Tensor& offsets,
                     const Tensor& c) override {
-    PhaseScope scope(this, Phase::Experts);
+    // 2 * rows * in * out (every row belongs to one expert)
+    PhaseScope scope(this, Phase::Experts, GemmKind::Grouped,
+                     2.0 * double(a.numel()) * double(c.rank() == 2 ? c.size(1) : 0));
     cuda::launch_grouped_gemm(a, w, transpose_w, offsets, c, stream_);
   }
   void grouped_gemm_weight_grad(const Tensor& dy, const Tensor& x, const Tensor& offsets,
                                 const Tensor& dw, bool accumulate) override {
-    PhaseScope scope(this, Phase::Experts);
+    // 2 * rows * P * Q
+    PhaseScope scope(this, Phase::Experts, GemmKind::WeightGrad,
+                     2.0 * double(dy.numel()) * double(dw.rank() == 3 ? dw.size(2) : 0));
     if (dw.dtype == DType::F32 && dy.dtype != DType::F32) {
       // fp32 gradients of bf16 experts (the trainer's bf16 weights): the kernels take one
       // dtype, so this micro-batch's dw is formed (fp32 accumulation) in a scratch of the
@@ -443,17 +454,23 @@ class CudaBackend final : public Backend {
  private:
   static constexpr int64_t kWorkspaceBytes = 64ll << 20;
 
+  enum class GemmKind { None, Grouped, WeightGrad };  // grouped GEMMs timed on their own
   struct Mark {
     Phase phase;
     cudaEvent_t start, stop;
+    GemmKind gemm = GemmKind::None;
+    double flops = 0;
   };
   // Records the op's start and stop on the stream while profiling; nested ops count once.
   class PhaseScope {
    public:
-    PhaseScope(CudaBackend* backend, Phase phase) : backend_(backend) {
+    PhaseScope(CudaBackend* backend, Phase phase, GemmKind gemm = GemmKind::None, double flops = 0)
+        : backend_(backend) {
       if (!backend->profiling_ || backend->depth_++ > 0) return;
       active_ = true;
       mark_.phase = phase;
+      mark_.gemm = gemm;
+      mark_.flops = flops;
       cudaEventCreate(&mark_.start);
       cudaEventCreate(&mark_.stop);
       cudaEventRecord(mark_.start, backend->stream_);

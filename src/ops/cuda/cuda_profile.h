@@ -4,6 +4,8 @@
 // gather, combine), experts (grouped GEMMs, SwiGLU), loss (fused LM head + cross-entropy),
 // optimizer (AdamW, gradient norm), dense GEMMs (projections), other ops (norms, RoPE,
 // embedding, adds, copies). Host gaps are what the step's wall time has beyond their sum.
+// The grouped GEMMs are also timed on their own, with their FLOPs (2 * rows * in * out), so
+// that the bench reports their TFLOP/s: forward + data grad, and weight grad.
 #pragma once
 
 #include <array>
@@ -27,6 +29,9 @@ inline constexpr std::array<const char*, static_cast<int>(Phase::Count)> kPhaseN
 
 struct PhaseTimes {
   std::array<double, static_cast<int>(Phase::Count)> seconds{};
+  double grouped_gemm_s = 0, grouped_gemm_flops = 0;  // forward and data-grad grouped GEMMs
+  double weight_grad_s = 0, weight_grad_flops = 0;    // weight-grad grouped GEMMs
+  double tflops(double flops, double s) const { return s > 0 ? flops / s / 1e12 : 0.0; }
 };
 
 // backend must be a CUDA backend (fails otherwise).
