@@ -41,6 +41,19 @@ def flops_per_token(c, seq):
     return 6 * matrices + 6 * c.num_hidden_layers * seq * q
 
 
+def use_balanced_routing(model):
+    """Every expert gets the same number of slots: token n's choice j goes to expert (n*k + j) % E
+    (the router's top-k weights kept). A forward hook on every *TopKRouter module."""
+    def balanced(module, inputs, output):
+        logits, scores, indices = output
+        n, k = indices.shape
+        slots = torch.arange(n * k, device=indices.device).view(n, k)
+        return logits, scores, (slots % module.num_experts).to(indices.dtype)
+    for module in model.modules():
+        if type(module).__name__.endswith("TopKRouter"):
+            module.register_forward_hook(balanced)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -66,15 +79,8 @@ def main():
     model.train()
     if args.recompute:
         model.gradient_checkpointing_enable()
-    if args.routing == "balanced":  # every expert gets the same number of slots: round-robin
-        def balanced(module, inputs, output):
-            logits, scores, indices = output
-            n, k = indices.shape
-            slots = torch.arange(n * k, device=indices.device).view(n, k)
-            return logits, scores, (slots % module.num_experts).to(indices.dtype)
-        for module in model.modules():
-            if type(module).__name__.endswith("TopKRouter"):
-                module.register_forward_hook(balanced)
+    if args.routing == "balanced":
+        use_balanced_routing(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, fused=True)
 
     generator = torch.Generator(device="cpu").manual_seed(1234)

@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Builds bench/results/latest.json from the JSON lines of one side-by-side run.
 
+Lines of several GPUs (bench/hf_fsdp_baseline.py, engine "transformers+fsdp2") carry "gpus";
+their entries keep it (tps, tflops and peak_gib are then per GPU). One-GPU lines have none.
+
   python3 bench/make_results.py BENCH.jsonl DATE > bench/results/latest.json
 """
 import json
@@ -15,9 +18,8 @@ for line in open(sys.argv[1]):
     gpu = gpu or r.get("gpu")
     entry = {k: r[k] for k in ("engine", "layers", "seq", "micro_batch", "routing", "tps", "tflops", "peak_gib", "step_s")}
     entry["recompute"] = r.get("recompute", False)
-    if "plan_gib" in r:
-        entry["plan_gib"] = r["plan_gib"]
-    if "phases_s" in r:
-        entry["phases_s"] = r["phases_s"]
+    for optional in ("gpus", "plan_gib", "peak_alloc_gib", "phases_s"):
+        if optional in r:
+            entry[optional] = r[optional]
     runs.append(entry)
 print(json.dumps({"gpu": gpu, "date": sys.argv[2], "runs": runs}, indent=1))

@@ -5,7 +5,8 @@
 // clipping, every rank's loss and weights must match one process that accumulates all
 // micro-batches with the plain AdamW (fp32, 1e-5 relative), for ZeRO stages 0, 1, 2, and
 // with 3 ranks (tensors whose size does not divide: the padded collectives).
-// Also: resolve_layout's errors name the key.
+// Also: resolve_layout's errors name the key; saved optimizer shards are re-cut for other
+// ranges, and a missing rank or a malformed shards.json fail with the file's name.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -21,6 +22,7 @@
 #include "model/model.h"
 #include "test_util.h"
 #include "train/adamw.h"
+#include "train/dist_checkpoint.h"
 #include "train/parallel_context.h"
 #include "train/sharded_adamw.h"
 
@@ -307,6 +309,45 @@ TEST(DataParallel, LayoutErrorsNameTheKey) {
             }())
                 .find("--expert-parallel"),
             std::string::npos);
+}
+
+TEST(DataParallel, OptimizerShardsAreRecutAndCheckedOnLoad) {
+  testing::TempDir dir;
+  auto backend = make_cpu_backend();
+  // Parameter "w" of 10 elements saved by two ranks: [0, 5) and [5, 10), value = index.
+  std::vector<float> values(10);
+  std::iota(values.begin(), values.end(), 0.0f);
+  for (int rank = 0; rank < 2; ++rank) {
+    OptimizerShard shard{"w", 10, 5 * rank, 5 * rank + 5, false, {}};
+    shard.tensors.emplace_back("exp_avg.w", Tensor(values.data() + 5 * rank, DType::F32, {5}));
+    write_optimizer_shards(dir.path(), rank, 0, std::span(&shard, 1), *backend);
+  }
+  auto load = [&](int64_t begin, int64_t end) {
+    std::vector<float> out(static_cast<size_t>(end - begin), -1.0f);
+    OptimizerShard target{"w", 10, begin, end, false, {}};
+    target.tensors.emplace_back("exp_avg.w", Tensor(out.data(), DType::F32, {end - begin}));
+    load_optimizer_shards(dir.path(), std::span(&target, 1), 0, *backend);
+    return out;
+  };
+  EXPECT_EQ(load(0, 10), values);  // one process: both shards joined
+  EXPECT_EQ(load(3, 8), std::vector<float>(values.begin() + 3, values.begin() + 8));  // re-cut
+  EXPECT_TRUE(is_distributed_checkpoint(dir.path()));
+
+  std::filesystem::remove_all(dir / "rank-1");
+  try {
+    load(0, 10);
+    ADD_FAILURE() << "a missing rank must fail";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("covers 5 of the 10 elements"), std::string::npos)
+        << error.what();
+  }
+  std::ofstream(dir / "rank-0" / "shards.json") << "{\"rank\": 0, \"params\": [";
+  try {
+    load(0, 5);
+    ADD_FAILURE() << "a malformed shards.json must fail";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("shards.json"), std::string::npos) << error.what();
+  }
 }
 
 }  // namespace

@@ -51,6 +51,7 @@ TEST(Recipe, DefaultsAndAccumulation) {
   EXPECT_FALSE(recipe.optimizer.decays("model.layers.0.input_layernorm.weight"));
   EXPECT_FALSE(recipe.optimizer.decays("model.layers.0.self_attn.q_proj.bias"));
   EXPECT_TRUE(recipe.optimizer.decays("model.layers.0.self_attn.q_proj.weight"));
+  EXPECT_TRUE(recipe.parallel.overlap_communication);
 }
 
 TEST(Recipe, GlobalBatchTokens) {
@@ -119,6 +120,9 @@ TEST(Recipe, WrongTypesAndCombinations) {
             std::string::npos);
   EXPECT_NE(error_of(base_yaml("parallel:\n  device: tpu\n")).find("parallel.device"),
             std::string::npos);
+  EXPECT_NE(error_of(base_yaml("parallel:\n  overlap_communication: maybe\n"))
+                .find("parallel.overlap_communication"),
+            std::string::npos);
   EXPECT_NE(error_of("data:\n  train: x.jsonl\n").find("model"), std::string::npos);
 }
 
@@ -134,7 +138,8 @@ TEST(Recipe, ScheduleFromRecipe) {
 TEST(Recipe, ResolvedYamlRoundTrips) {
   const Recipe recipe = parse(
       base_yaml("optimizer:\n  lr: 3e-3\n  no_decay: [norm]\nscheduler:\n  warmup_steps: 4\n"),
-      {parse_override("--logging.every=5")});
+      {parse_override("--logging.every=5"),
+       parse_override("--parallel.overlap_communication=false")});
   const std::string text = resolved_recipe_yaml(recipe);
   testing::TempDir dir;
   { std::ofstream(dir / "recipe.yaml") << text; }
@@ -144,6 +149,7 @@ TEST(Recipe, ResolvedYamlRoundTrips) {
   EXPECT_NE(text.find("lr: 0.003\n"), std::string::npos) << text;
   EXPECT_DOUBLE_EQ(again.optimizer.lr, 3e-3);
   EXPECT_EQ(again.logging.every, 5);
+  EXPECT_FALSE(again.parallel.overlap_communication);
   EXPECT_EQ(again.optimizer.no_decay, std::vector<std::string>{"norm"});
   EXPECT_EQ(again.data.train.size(), 1u);
   EXPECT_EQ(again.data.train[0].path, recipe.data.train[0].path);

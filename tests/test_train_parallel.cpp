@@ -8,9 +8,11 @@
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 
+#include "io/checkpoint.h"
 #include "io/safetensors.h"
 #include "ops/backend.h"
 #include "test_util.h"
@@ -119,6 +121,44 @@ TEST(TrainParallel, TwoRanksMatchOneProcess) {
   for (const auto& entry : fs::directory_iterator(dir / "two"))
     hf_folders += entry.path().filename().string().rfind("hf", 0) == 0;
   EXPECT_EQ(hf_folders, 1);
+}
+
+// Expert parallelism over 2 ranks (each holds 2 of the demo's 4 experts, tokens exchanged
+// by all-to-all): the losses, the eval (3 batches over 2 ranks: one rank runs a discarded
+// forward to keep the exchanges paired) and the exported HF folder (each rank writes its
+// experts' shards, one index) match one process holding every expert.
+TEST(TrainParallel, ExpertParallelTwoRanksMatchOneProcess) {
+  testing::TempDir dir;
+  const auto arguments = small_run(3, {"--training.eval_every=3", "--training.eval_batches=3"});
+  TrainOptions one;
+  one.output_dir = dir / "one";
+  train_alone(arguments, one);
+  const auto run = launch_train(2, arguments, dir / "ep", "--parallel.expert_parallel=2");
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  EXPECT_NE(run.output.find("data_parallel 1 x expert_parallel 2"), std::string::npos)
+      << run.output;
+  expect_near_losses(losses_of(dir / "ep" / "metrics.jsonl"),
+                     losses_of(dir / "one" / "metrics.jsonl"));
+  std::vector<double> eval_losses[2];
+  for (int i = 0; i < 2; ++i)
+    for (const auto& row : read_metrics(dir / (i ? "ep" : "one") / "metrics.jsonl"))
+      if (row.value("eval", false)) eval_losses[i].push_back(row.at("eval_loss").get<double>());
+  ASSERT_FALSE(eval_losses[1].empty());
+  expect_near_losses(eval_losses[1], eval_losses[0]);
+
+  const CheckpointReader expected(dir / "one" / "hf"), exported(dir / "ep" / "hf");
+  std::vector<std::string> expected_names = expected.names(), exported_names = exported.names();
+  std::sort(expected_names.begin(), expected_names.end());
+  std::sort(exported_names.begin(), exported_names.end());
+  ASSERT_EQ(exported_names, expected_names);
+  for (const auto& name : expected_names) {
+    std::vector<float> a(static_cast<size_t>(expected.info(name).shape.numel()));
+    std::vector<float> b(static_cast<size_t>(exported.info(name).shape.numel()));
+    ASSERT_EQ(a.size(), b.size()) << name;
+    expected.read_as_f32(name, a);
+    exported.read_as_f32(name, b);
+    EXPECT_LT(testing::relative_error(b.data(), a.data(), a.size()), 1e-5) << name;
+  }
 }
 
 TEST(TrainParallel, ResumeSameLayoutIsBitIdenticalAndOneProcessCanContinue) {

@@ -7,8 +7,11 @@
 // every op with CUDA events for the per-phase times. tflops uses DESIGN.md's formula.
 // Several GPUs (started by `moetune launch`, torchrun, mpirun or srun): every rank builds the
 // model (--expert-parallel N splits the experts), a step adds the gradient reduction and the
-// sharded optimizer of DataParallelAdamW (--zero-stage, AdamW state still in bf16, sharded),
+// sharded optimizer of DataParallelAdamW (--zero-stage, AdamW state still in bf16, sharded;
+// reductions overlapped with the backward on a communication stream unless --no-overlap-comm),
 // and rank 0 prints one line with "gpus", tps per GPU and the largest peak memory of any rank.
+// --optimizer-in-backward: AdamW per gradient group inside the gradient-ready hook and
+// per-group gradient storage (GradientStorage::PerGroup), as training.optimizer_in_backward.
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
@@ -61,8 +64,9 @@ int run_bench(int argc, char** argv) {
   app.name("moetune bench");
   std::string config_path, routing = "real", device = "cuda";
   int64_t layers = 0, seq = 4096, micro_batch = 1, steps = 5, warmup = 2;
-  bool recompute = false;
+  bool recompute = false, optimizer_in_backward = false;
   int64_t expert_parallel = 1, zero_stage = 1;
+  bool overlap_comm = true;
   app.add_option("--config", config_path, "HF config.json of the model shape")->required();
   app.add_option("--layers", layers, "keep the first N decoder layers (default: all)");
   app.add_option("--seq", seq, "tokens per row");
@@ -70,6 +74,8 @@ int run_bench(int argc, char** argv) {
   app.add_option("--steps", steps, "timed steps (median reported)");
   app.add_option("--warmup", warmup, "untimed steps first");
   app.add_flag("--recompute", recompute, "activation checkpointing per layer");
+  app.add_flag("--optimizer-in-backward", optimizer_in_backward,
+               "AdamW per gradient group during the backward, gradients held per group");
   app.add_option("--routing", routing, "real (the random-init router) or balanced")
       ->check(CLI::IsMember({"real", "balanced"}));
   app.add_option("--device", device, "cuda or cuda:N (several ranks: cuda, the local rank's GPU)");
@@ -79,6 +85,9 @@ int run_bench(int argc, char** argv) {
                  "several GPUs: 0 (replicated AdamW state), 1 (sharded state), 2 (and "
                  "reduce-scattered gradients)")
       ->check(CLI::Range(0, 2));
+  app.add_flag("--overlap-comm,!--no-overlap-comm", overlap_comm,
+               "several GPUs: gradient reductions on a communication stream beside the "
+               "backward (default) or on the compute stream");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& error) {
@@ -107,8 +116,8 @@ int run_bench(int argc, char** argv) {
   options.grad_dtype = DType::BF16;
   options.recompute_layers = recompute;
   options.balanced_routing = routing == "balanced";
-  // TODO(ep): once ModelOptions::expert_comm lands:
-  //   if (parallel) options.expert_comm = parallel->groups.expert.get();
+  if (parallel) options.expert_comm = parallel->groups.expert.get();  // size 1: all experts
+  if (optimizer_in_backward) options.grad_storage = GradientStorage::PerGroup;
   auto model = Model::uninitialized(config, *backend, options);
   uint64_t seed = 1;
   for (const Parameter& parameter : model->parameters()) {
@@ -130,6 +139,7 @@ int run_bench(int argc, char** argv) {
     dp_options.zero_stage = static_cast<int>(zero_stage);
     dp_options.state_dtype = DType::BF16;
     dp_options.master_weights = false;
+    dp_options.overlap_communication = overlap_comm;
     dp_optimizer = std::make_unique<DataParallelAdamW>(
         model->parameters(), model->gradient_groups(), *backend, adamw_config,
         *parallel->groups.world, *parallel->groups.expert_dp, dp_options);
@@ -168,13 +178,21 @@ int run_bench(int argc, char** argv) {
 
   AdamWHyper hyper;
   hyper.lr = 1e-5;
+  if (optimizer_in_backward)
+    model->set_gradient_ready_hook([&](size_t index) {
+      const GradientGroup& group = model->gradient_groups()[index];
+      for (size_t i = group.begin; i < group.end; ++i) adamw[i].grad = model->parameters()[i].grad;
+      backend->adamw_update(std::span<const AdamWParam>(adamw).subspan(group.begin,
+                                                                        group.end - group.begin),
+                            hyper, 1.0f);
+    });
   double last_loss = 0;
   auto train_step = [&]() {
     model->zero_grads();
     const StepResult result = model->forward_backward(batch, loss_scale);
     if (dp_optimizer) {
       dp_optimizer->step(hyper.lr, 1.0f);
-    } else {
+    } else if (!optimizer_in_backward) {
       backend->adamw_update(adamw, hyper, 1.0f);
     }
     ++hyper.step;
@@ -202,7 +220,8 @@ int run_bench(int argc, char** argv) {
   // The memory plan's prediction for this run: weights, grads, activations and scratch from
   // plan_memory, AdamW state in the parameter dtype (not the plan's fp32 state), plus the
   // backend's LM-head logits chunk (at most ~640 MB, cuda_backend.cpp).
-  MemoryPlanOptions plan_options{DType::BF16, DType::BF16, micro_batch, seq, recompute};
+  MemoryPlanOptions plan_options{DType::BF16, DType::BF16, micro_batch, seq, recompute,
+                                 optimizer_in_backward};
   const MemoryPlan plan = plan_memory(config, plan_options);
   const int64_t logits_row = config.vocab_size * 2;
   const int64_t logits_chunk =
@@ -235,9 +254,10 @@ int run_bench(int argc, char** argv) {
   for (double s : phases.seconds) measured += s;
   std::printf(
       "{\"engine\": \"moetune\", \"gpu\": \"%s\", \"gpus\": %d, \"expert_parallel\": %lld, "
-      "\"zero_stage\": %lld, \"layers\": %lld, \"seq\": %lld, "
+      "\"zero_stage\": %lld, \"overlap_comm\": %s, \"layers\": %lld, \"seq\": %lld, "
       "\"micro_batch\": %lld, "
-      "\"routing\": \"%s\", \"recompute\": %s, \"tokens_per_step\": %lld, \"tps\": %.1f, "
+      "\"routing\": \"%s\", \"recompute\": %s, \"optimizer_in_backward\": %s, "
+      "\"tokens_per_step\": %lld, \"tps\": %.1f, "
       "\"tflops\": %.1f, "
       "\"peak_gib\": %.2f, \"plan_gib\": %.2f, \"step_s\": %.4f, \"loss\": %.4f, \"phases_s\": "
       "{\"attention\": %.4f, "
@@ -245,9 +265,11 @@ int run_bench(int argc, char** argv) {
       "\"dense_gemm\": %.4f, "
       "\"other_ops\": %.4f, \"host_gaps\": %.4f}, \"profiled_step_s\": %.4f}\n",
       cuda::device_name(), world, (long long)(parallel ? expert_parallel : 1),
-      (long long)(parallel ? zero_stage : 0), (long long)config.num_hidden_layers, (long long)seq,
-      (long long)micro_batch, routing.c_str(), recompute ? "true" : "false", (long long)tokens, tps,
-      tflops, peak_bytes / double(1ull << 30), plan_bytes / double(1ull << 30), step_s_all,
+      (long long)(parallel ? zero_stage : 0),
+      dp_optimizer && dp_optimizer->overlapping() ? "true" : "false",
+      (long long)config.num_hidden_layers, (long long)seq, (long long)micro_batch, routing.c_str(),
+      recompute ? "true" : "false", optimizer_in_backward ? "true" : "false", (long long)tokens,
+      tps, tflops, peak_bytes / double(1ull << 30), plan_bytes / double(1ull << 30), step_s_all,
       last_loss, seconds(cuda::Phase::Attention), seconds(cuda::Phase::RouterDispatch),
       seconds(cuda::Phase::Experts), seconds(cuda::Phase::Loss), seconds(cuda::Phase::Optimizer),
       seconds(cuda::Phase::DenseGemm), seconds(cuda::Phase::OtherOps),

@@ -96,6 +96,7 @@ int run_plan(int argc, char** argv) {
   options.grad_dtype = DType::F32;  // the trainer keeps fp32 gradients
   options.batch = t.micro_batch;
   options.seq = t.seq_len;
+  options.per_group_grads = recipe.optimizer_in_backward();
   const MemoryPlan plan = plan_memory(config, options);
 
   std::printf("memory plan for %s (%s, %s parameters, %s active per token)\n",
@@ -107,7 +108,8 @@ int run_plan(int argc, char** argv) {
               static_cast<long long>(t.grad_accumulation()),
               recipe.model.dtype == DType::BF16 ? "bf16" : "fp32");
   std::printf("  weights                    %s\n", gib(plan.weights).c_str());
-  std::printf("  gradients                  %s\n", gib(plan.grads).c_str());
+  std::printf("  gradients                  %s%s\n", gib(plan.grads).c_str(),
+              options.per_group_grads ? "  (per group: optimizer in the backward)" : "");
   std::printf("  optimizer state (AdamW)    %s\n", gib(plan.optimizer_state).c_str());
   if (plan.master_weights)
     std::printf("  fp32 master weights        %s\n", gib(plan.master_weights).c_str());

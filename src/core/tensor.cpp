@@ -39,8 +39,8 @@ Tensor Tensor::view(Shape new_shape) const {
 }
 
 Tensor Tensor::slice_rows(int64_t begin, int64_t end) const {
-  MOETUNE_CHECK(rank() >= 1 && 0 <= begin && begin <= end && end <= shape[0], "slice_rows ",
-                begin, ":", end, " of ", shape.str());
+  MOETUNE_CHECK(rank() >= 1 && 0 <= begin && begin <= end && end <= shape[0], "slice_rows ", begin,
+                ":", end, " of ", shape.str());
   Shape new_shape = shape;
   new_shape[0] = end - begin;
   size_t row_bytes = shape[0] ? bytes() / static_cast<size_t>(shape[0]) : 0;
@@ -65,17 +65,17 @@ void register_device_allocator(DeviceAllocator allocate, DeviceDeallocator deall
   g_device_deallocate = deallocate;
 }
 
-void* allocate_bytes(Device device, size_t bytes) {
+void* allocate_bytes(Device device, size_t bytes, bool zero_fill) {
   if (bytes == 0) return nullptr;
   if (device == Device::CPU) {
     size_t rounded = (bytes + 63) / 64 * 64;
     void* pointer = std::aligned_alloc(64, rounded);
     if (!pointer) fail("out of host memory allocating ", bytes, " bytes");
-    std::memset(pointer, 0, rounded);
+    if (zero_fill) std::memset(pointer, 0, rounded);
     return pointer;
   }
   if (!g_device_allocate) fail("this build of moetune has no CUDA backend (built without nvcc)");
-  return g_device_allocate(bytes);
+  return g_device_allocate(bytes, zero_fill);
 }
 
 void free_bytes(Device device, void* pointer) {
@@ -85,6 +85,15 @@ void free_bytes(Device device, void* pointer) {
   } else if (g_device_deallocate) {
     g_device_deallocate(pointer);
   }
+}
+
+Buffer Buffer::uninitialized(DType dtype, Shape shape, Device device) {
+  Buffer buffer;
+  buffer.storage_ = std::unique_ptr<void, Deleter>(nullptr, Deleter{device});
+  buffer.tensor_ = Tensor(nullptr, dtype, shape, device);
+  buffer.storage_.reset(allocate_bytes(device, buffer.tensor_.bytes(), false));
+  buffer.tensor_.data = buffer.storage_.get();
+  return buffer;
 }
 
 void Buffer::Deleter::operator()(void* pointer) const { free_bytes(device, pointer); }

@@ -68,6 +68,9 @@ class Buffer {
  public:
   Buffer() : storage_(nullptr, Deleter{}) {}
   Buffer(DType dtype, Shape shape, Device device = Device::CPU);
+  // Without the zero fill (contents undefined): for buffers the next op overwrites entirely,
+  // where a fill would be a wasted pass over memory (per-group gradients).
+  static Buffer uninitialized(DType dtype, Shape shape, Device device);
   Buffer(Buffer&&) noexcept = default;
   Buffer& operator=(Buffer&&) noexcept = default;
   Buffer(const Buffer&) = delete;
@@ -95,10 +98,11 @@ class Buffer {
 };
 
 // Device allocation hooks, set by the CUDA backend when it is linked in (so that core
-// does not depend on CUDA). Host allocations are 64-byte aligned and zero-filled.
-void* allocate_bytes(Device device, size_t bytes);
+// does not depend on CUDA). Host allocations are 64-byte aligned; both are zero-filled unless
+// zero_fill is false.
+void* allocate_bytes(Device device, size_t bytes, bool zero_fill = true);
 void free_bytes(Device device, void* pointer);
-using DeviceAllocator = void* (*)(size_t);
+using DeviceAllocator = void* (*)(size_t bytes, bool zero_fill);
 using DeviceDeallocator = void (*)(void*);
 void register_device_allocator(DeviceAllocator allocate, DeviceDeallocator deallocate);
 

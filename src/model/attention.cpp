@@ -90,16 +90,18 @@ void attention_forward(Backend& backend, const ModelConfig& config, const LayerW
 void attention_backward(Backend& backend, const ModelConfig& config, const LayerWeights& w,
                         const LayerWeights& g, const AttentionInputs& inputs, const Tensor& x,
                         const AttentionSaved& saved, const Tensor& dout, AttentionScratch& scratch,
-                        const Tensor& dx) {
+                        const Tensor& dx, bool accumulate_grads) {
+  const bool acc = accumulate_grads;
+  const float beta = acc ? 1.0f : 0.0f;  // parameter gradients: += or =
   const Widths s = widths(config);
   const int64_t B = inputs.batch, T = inputs.seq, N = B * T, D = s.head_dim;
   auto rows = [N](const Buffer& buffer) { return buffer.tensor().slice_rows(0, N); };
 
   // o_proj
-  const Tensor d_attn = rows(scratch.dout);               // (N, Hq*D)
-  backend.gemm(dout, false, w.o, false, d_attn);          // dy W
-  backend.gemm(dout, true, saved.out, false, g.o, 1, 1);  // dW += dy^T x
-  if (g.o_bias.defined()) backend.bias_backward(dout, g.o_bias);
+  const Tensor d_attn = rows(scratch.dout);                  // (N, Hq*D)
+  backend.gemm(dout, false, w.o, false, d_attn);             // dy W
+  backend.gemm(dout, true, saved.out, false, g.o, 1, beta);  // dW += dy^T x
+  if (g.o_bias.defined()) backend.bias_backward(dout, g.o_bias, acc);
 
   const Tensor dq = rows(scratch.dq), dk = rows(scratch.dk), dv = rows(scratch.dv);
   backend.attention_backward(
@@ -117,22 +119,22 @@ void attention_backward(Backend& backend, const ModelConfig& config, const Layer
     dk_proj = rows(scratch.dk_proj);
     backend.rmsnorm_backward(dq.view({N * s.q_heads, D}),
                              saved.q_proj.tensor().view({N * s.q_heads, D}), w.q_norm, saved.q_rstd,
-                             dq_proj.view({N * s.q_heads, D}), g.q_norm, false);
+                             dq_proj.view({N * s.q_heads, D}), g.q_norm, false, acc);
     backend.rmsnorm_backward(dk.view({N * s.kv_heads, D}),
                              saved.k_proj.tensor().view({N * s.kv_heads, D}), w.k_norm,
-                             saved.k_rstd, dk_proj.view({N * s.kv_heads, D}), g.k_norm, false);
+                             saved.k_rstd, dk_proj.view({N * s.kv_heads, D}), g.k_norm, false, acc);
   }
   if (g.q_bias.defined()) {
-    backend.bias_backward(dq_proj, g.q_bias);
-    backend.bias_backward(dk_proj, g.k_bias);
-    backend.bias_backward(dv, g.v_bias);
+    backend.bias_backward(dq_proj, g.q_bias, acc);
+    backend.bias_backward(dk_proj, g.k_bias, acc);
+    backend.bias_backward(dv, g.v_bias, acc);
   }
   backend.gemm(dq_proj, false, w.q, false, dx);        // dx = dq Wq
   backend.gemm(dk_proj, false, w.k, false, dx, 1, 1);  //    + dk Wk
   backend.gemm(dv, false, w.v, false, dx, 1, 1);       //    + dv Wv
-  backend.gemm(dq_proj, true, x, false, g.q, 1, 1);
-  backend.gemm(dk_proj, true, x, false, g.k, 1, 1);
-  backend.gemm(dv, true, x, false, g.v, 1, 1);
+  backend.gemm(dq_proj, true, x, false, g.q, 1, beta);
+  backend.gemm(dk_proj, true, x, false, g.k, 1, beta);
+  backend.gemm(dv, true, x, false, g.v, 1, beta);
 }
 
 }  // namespace moetune

@@ -44,10 +44,11 @@ void allocate_attention_scratch(const ModelConfig& config, int64_t tokens, DType
 void attention_forward(Backend& backend, const ModelConfig& config, const LayerWeights& w,
                        const AttentionInputs& inputs, const Tensor& x, AttentionSaved& saved,
                        const Tensor& out);
-// dx (N, H) overwritten with d/dx; parameter gradients accumulated into g.
+// dx (N, H) overwritten with d/dx; parameter gradients accumulated into g (overwritten with
+// accumulate_grads false).
 void attention_backward(Backend& backend, const ModelConfig& config, const LayerWeights& w,
                         const LayerWeights& g, const AttentionInputs& inputs, const Tensor& x,
                         const AttentionSaved& saved, const Tensor& dout, AttentionScratch& scratch,
-                        const Tensor& dx);
+                        const Tensor& dx, bool accumulate_grads);
 
 }  // namespace moetune

@@ -61,16 +61,20 @@ void decoder_layer_backward(const DecoderContext& context, const LayerWeights& w
   // MLP: dresidual is d out = d mid (residual path) + d mlp_out
   if (w.moe) {
     moe_backward(backend, context.dispatcher, context.config, w, g, saved.mlp_norm, saved.moe,
-                 aux_dprob, dresidual, scratch.moe, scratch.dnormed);
+                 aux_dprob, dresidual, scratch.moe, scratch.dnormed, context.accumulate_grads);
   } else {
-    mlp_backward(backend, w, g, saved.mlp_norm, saved.mlp, dresidual, scratch.mlp, scratch.dnormed);
+    mlp_backward(backend, w, g, saved.mlp_norm, saved.mlp, dresidual, scratch.mlp, scratch.dnormed,
+                 context.accumulate_grads);
   }
   backend.rmsnorm_backward(scratch.dnormed, saved.mid, w.post_norm, saved.mlp_rstd, dresidual,
-                           g.post_norm, /*accumulate_dx=*/true);  // dresidual = d mid
+                           g.post_norm, /*accumulate_dx=*/true,
+                           context.accumulate_grads);  // dresidual = d mid
   attention_backward(backend, context.config, w, g, context.inputs, saved.attn_norm,
-                     saved.attention, dresidual, scratch.attention, scratch.dnormed);
+                     saved.attention, dresidual, scratch.attention, scratch.dnormed,
+                     context.accumulate_grads);
   backend.rmsnorm_backward(scratch.dnormed, x_in, w.input_norm, saved.attn_rstd, dresidual,
-                           g.input_norm, /*accumulate_dx=*/true);  // dresidual = d x_in
+                           g.input_norm, /*accumulate_dx=*/true,
+                           context.accumulate_grads);  // dresidual = d x_in
 }
 
 }  // namespace moetune

@@ -34,6 +34,9 @@ struct DecoderContext {
   const ModelConfig& config;
   const AttentionInputs& inputs;
   TokenDispatcher& dispatcher;
+  // Backward: parameter gradients are added to (true) or overwrite (false: the first
+  // micro-batch after Model::zero_grads(), no zeroing pass) the gradient tensors.
+  bool accumulate_grads = true;
 };
 
 void allocate_layer(const DecoderContext& context, bool moe, DType dtype, LayerActivations& layer);

@@ -18,11 +18,14 @@ struct MemoryPlanOptions {
   int64_t batch = 1;  // micro-batch rows
   int64_t seq = 2048;
   bool recompute_layers = false;  // ModelOptions::recompute_layers
+  // GradientStorage::PerGroup (optimizer in the backward): gradients are held per gradient
+  // group, so the plan counts the largest group plus a tied embedding's gradient.
+  bool per_group_grads = false;
 };
 
 struct MemoryPlan {
   int64_t weights = 0;
-  int64_t grads = 0;
+  int64_t grads = 0;            // all of them, or the per-group peak with per_group_grads
   int64_t master_weights = 0;   // fp32 copies when param_dtype is not F32
   int64_t optimizer_state = 0;  // exp_avg + exp_avg_sq, fp32
   int64_t activations = 0;      // saved by one micro-batch, all layers

@@ -22,13 +22,14 @@ void mlp_forward(Backend& backend, const LayerWeights& w, const Tensor& x, MlpSa
 }
 
 void mlp_backward(Backend& backend, const LayerWeights& w, const LayerWeights& g, const Tensor& x,
-                  const MlpSaved& saved, const Tensor& dout, MlpScratch& scratch,
-                  const Tensor& dx) {
+                  const MlpSaved& saved, const Tensor& dout, MlpScratch& scratch, const Tensor& dx,
+                  bool accumulate_grads) {
+  const float beta = accumulate_grads ? 1.0f : 0.0f;                          // gradients: += or =
   backend.gemm(dout, false, w.mlp_down, false, scratch.dhidden);              // (N, I)
-  backend.gemm(dout, true, saved.hidden, false, g.mlp_down, 1, 1);            // (H, I)
+  backend.gemm(dout, true, saved.hidden, false, g.mlp_down, 1, beta);         // (H, I)
   backend.swiglu_backward(scratch.dhidden, saved.gate_up, scratch.dgate_up);  // (N, 2I)
   backend.gemm(scratch.dgate_up, false, w.mlp_gate_up, false, dx);            // (N, H)
-  backend.gemm(scratch.dgate_up, true, x, false, g.mlp_gate_up, 1, 1);        // (2I, H)
+  backend.gemm(scratch.dgate_up, true, x, false, g.mlp_gate_up, 1, beta);     // (2I, H)
 }
 
 }  // namespace moetune

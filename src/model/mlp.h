@@ -24,8 +24,9 @@ void allocate_mlp_scratch(int64_t tokens, int64_t width, DType dtype, Device dev
 // out (N, H) = mlp(x (N, H))
 void mlp_forward(Backend& backend, const LayerWeights& w, const Tensor& x, MlpSaved& saved,
                  const Tensor& out);
-// dx (N, H) overwritten; gradients accumulated into g.
+// dx (N, H) overwritten; gradients accumulated into g (overwritten with accumulate_grads false).
 void mlp_backward(Backend& backend, const LayerWeights& w, const LayerWeights& g, const Tensor& x,
-                  const MlpSaved& saved, const Tensor& dout, MlpScratch& scratch, const Tensor& dx);
+                  const MlpSaved& saved, const Tensor& dout, MlpScratch& scratch, const Tensor& dx,
+                  bool accumulate_grads);
 
 }  // namespace moetune

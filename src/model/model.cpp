@@ -12,6 +12,7 @@
 // (one small host read).
 #include "model/model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 
@@ -56,7 +57,8 @@ Model::Model(const ModelConfig& config, Backend& backend, ModelOptions options)
     first_expert_ = options.expert_comm->rank() * local_experts_;
   }
   weights_ = std::make_unique<ModelWeights>(config_, options.param_dtype, options.grad_dtype,
-                                            backend.device(), local_experts_);
+                                            backend.device(), local_experts_,
+                                            options.grad_storage == GradientStorage::Persistent);
   const std::vector<float> inv_freq = rope_inv_freq(config_);
   inv_freq_ = Buffer(DType::F32, {static_cast<int64_t>(inv_freq.size())}, backend.device());
   backend.copy(inv_freq_, Tensor(const_cast<float*>(inv_freq.data()), DType::F32,
@@ -92,6 +94,54 @@ Model::Model(const ModelConfig& config, Backend& backend, ModelOptions options)
   gradient_groups_.push_back(head);
   for (int64_t l = L - 1; l >= 0; --l) gradient_groups_.push_back(layers[static_cast<size_t>(l)]);
   gradient_groups_.push_back(embedding);
+  group_grads_.resize(gradient_groups_.size());
+  // Per-group storage: every group's gradients are carved from one arena of the largest
+  // group's size, so that each group reuses the block the previous one returned (the caching
+  // allocator keeps blocks per size: groups of different sizes would each keep their own).
+  // A tied embedding's gradient lives through the whole backward: it gets its own size.
+  for (size_t g = 0; g < gradient_groups_.size(); ++g)
+    if (!tied_embedding_group(g)) group_arena_bytes_ = std::max(group_arena_bytes_, group_bytes(g));
+}
+
+size_t Model::group_bytes(size_t index) const {
+  const GradientGroup& group = gradient_groups_[index];
+  size_t bytes = 0;
+  for (size_t i = group.begin; i < group.end; ++i)
+    bytes += (weights_->parameters()[i].grad.bytes() + kGradAlignment - 1) / kGradAlignment *
+             kGradAlignment;
+  return bytes;
+}
+
+bool Model::tied_embedding_group(size_t index) const {
+  return config_.tie_word_embeddings && index + 1 == gradient_groups_.size();
+}
+
+void Model::bind_group_grads(size_t index) {
+  if (options_.grad_storage != GradientStorage::PerGroup) return;
+  release_group_grads(index);
+  const GradientGroup& group = gradient_groups_[index];
+  // Uninitialised: the backward overwrites every gradient (zero_grads() semantics).
+  const size_t bytes = tied_embedding_group(index) ? group_bytes(index) : group_arena_bytes_;
+  group_grads_[index] =
+      Buffer::uninitialized(DType::U8, {static_cast<int64_t>(bytes)}, backend_.device());
+  char* next = static_cast<char*>(group_grads_[index].data());
+  for (size_t i = group.begin; i < group.end; ++i) {
+    weights_->bind_grad(i, next);
+    const size_t bytes = weights_->parameters()[i].grad.bytes();
+    next += (bytes + kGradAlignment - 1) / kGradAlignment * kGradAlignment;
+  }
+}
+
+void Model::release_group_grads(size_t index) {
+  if (options_.grad_storage != GradientStorage::PerGroup) return;
+  const GradientGroup& group = gradient_groups_[index];
+  for (size_t i = group.begin; i < group.end; ++i) weights_->bind_grad(i, nullptr);
+  group_grads_[index] = Buffer();  // back to the allocator's cache, reused by the next group
+}
+
+void Model::finish_group(size_t index) {
+  if (gradient_ready_hook_) gradient_ready_hook_(index);
+  release_group_grads(index);
 }
 
 Model::~Model() = default;
@@ -126,9 +176,7 @@ std::unique_ptr<Model> Model::random_init(const ModelConfig& config, uint64_t se
   return model;
 }
 
-void Model::zero_grads() {
-  for (const Parameter& parameter : weights_->parameters()) backend_.fill(parameter.grad, 0.0f);
-}
+void Model::zero_grads() { overwrite_grads_ = true; }
 
 std::vector<float> rope_inv_freq(const ModelConfig& config) {
   // In float32, as Transformers: 1 / base ** (arange(0, D, 2) / D)
@@ -159,25 +207,29 @@ std::vector<float> rope_inv_freq(const ModelConfig& config) {
   return inv_freq;
 }
 
-int64_t count_parameters(const ModelConfig& config, bool active_per_token) {
-  const int64_t H = config.hidden_size, V = config.vocab_size;
+int64_t layer_parameters(const ModelConfig& config, int64_t layer, bool active_per_token) {
+  const int64_t H = config.hidden_size;
   const int64_t D = config.head_dim > 0 ? config.head_dim : H / config.num_attention_heads;
   const int64_t q_width = config.num_attention_heads * D, kv_width = config.num_key_value_heads * D;
   const bool bias = config.attention_bias && config.family != ModelFamily::Mixtral;
-  int64_t total = V * H + H + (config.tie_word_embeddings ? 0 : V * H);
-  for (int64_t i = 0; i < config.num_hidden_layers; ++i) {
-    total += 2 * H + 2 * q_width * H + 2 * kv_width * H;
-    if (bias) total += q_width + 2 * kv_width + H;
-    if (config.qk_norm) total += 2 * D;
-    if (config.layer_is_moe(i)) {
-      const int64_t expert = 3 * H * config.moe_intermediate_size;
-      const int64_t experts_used =
-          active_per_token ? config.num_experts_per_tok : config.num_experts;
-      total += config.num_experts * H + experts_used * expert;
-    } else {
-      total += 3 * H * config.intermediate_size;
-    }
+  int64_t total = 2 * H + 2 * q_width * H + 2 * kv_width * H;
+  if (bias) total += q_width + 2 * kv_width + H;
+  if (config.qk_norm) total += 2 * D;
+  if (config.layer_is_moe(layer)) {
+    const int64_t expert = 3 * H * config.moe_intermediate_size;
+    const int64_t experts_used = active_per_token ? config.num_experts_per_tok : config.num_experts;
+    total += config.num_experts * H + experts_used * expert;
+  } else {
+    total += 3 * H * config.intermediate_size;
   }
+  return total;
+}
+
+int64_t count_parameters(const ModelConfig& config, bool active_per_token) {
+  const int64_t H = config.hidden_size, V = config.vocab_size;
+  int64_t total = V * H + H + (config.tie_word_embeddings ? 0 : V * H);
+  for (int64_t i = 0; i < config.num_hidden_layers; ++i)
+    total += layer_parameters(config, i, active_per_token);
   return total;
 }
 
@@ -241,6 +293,11 @@ StepResult Model::evaluate(const BatchView& batch, const Tensor& logits) {
 StepResult Model::run(const BatchView& batch, bool backward, float loss_scale, float aux_loss_scale,
                       const Tensor& logits) {
   validate_batch(batch, config_);
+  const bool per_group = options_.grad_storage == GradientStorage::PerGroup;
+  if (backward && per_group && !overwrite_grads_)
+    fail(
+        "per-group gradient storage (optimizer in the backward) takes one micro-batch per "
+        "optimizer step: call zero_grads() before every forward_backward");
   const int64_t B = batch.batch, T = batch.seq, N = B * T, H = config_.hidden_size;
   const int64_t L = config_.num_hidden_layers, E = config_.num_experts;
   const DType dtype = options_.param_dtype;
@@ -326,7 +383,9 @@ StepResult Model::run(const BatchView& batch, bool backward, float loss_scale, f
     doc_offsets = a.doc_offsets.tensor();
   }
   const AttentionInputs inputs{B, T, a.positions.tensor(), inv_freq_.tensor(), doc_offsets};
-  const DecoderContext context{backend_, config_, inputs, *a.dispatcher};
+  // The first backward after zero_grads() writes the gradients instead of adding to them.
+  const bool accumulate = !overwrite_grads_;
+  const DecoderContext context{backend_, config_, inputs, *a.dispatcher, accumulate};
   const WeightTensors& w = weights_->values();
   const WeightTensors& g = weights_->grads();
 
@@ -392,30 +451,44 @@ StepResult Model::run(const BatchView& batch, bool backward, float loss_scale, f
   loss_args.correct = a.correct;
   loss_args.logits = logits;
   const Tensor dnormed = a.scratch.dnormed;
+  if (backward) {
+    bind_group_grads(0);                                                            // head
+    if (config_.tie_word_embeddings) bind_group_grads(static_cast<size_t>(L + 1));  // embedding
+  }
   if (backward && loss_scale != 0.0f) {
     loss_args.grad_scale = loss_scale;
     loss_args.grad_hidden = dnormed;
     loss_args.grad_weight = g.lm_head;
+    loss_args.accumulate_grad_weight = accumulate;
   }
   backend_.linear_cross_entropy(loss_args);
 
   // ---- backward -------------------------------------------------------------------------
   if (backward) {
-    if (loss_scale == 0.0f) backend_.fill(dnormed, 0.0f);
+    if (loss_scale == 0.0f) {
+      backend_.fill(dnormed, 0.0f);
+      if (!accumulate) backend_.fill(g.lm_head, 0.0f);  // the loss wrote no gradient
+    }
     backend_.rmsnorm_backward(dnormed, a.residual[L], w.final_norm, a.final_rstd, a.dresidual,
-                              g.final_norm, false);
-    if (gradient_ready_hook_) gradient_ready_hook_(0);  // head
+                              g.final_norm, false, accumulate);
+    finish_group(0);  // head
     for (int64_t l = L - 1; l >= 0; --l) {
       const Tensor layer_aux = config_.layer_is_moe(l) ? aux_dprob : Tensor();
       if (options_.recompute_layers && l + 1 < L)  // rewrites residual[l + 1] with equal values
         decoder_layer_forward(context, w.layers[l], a.residual[l], saved(l), a.scratch,
                               a.residual[l + 1]);
+      bind_group_grads(static_cast<size_t>(L - l));  // layer.l
       decoder_layer_backward(context, w.layers[l], g.layers[l], a.residual[l], saved(l), layer_aux,
                              a.scratch, a.dresidual);
-      if (gradient_ready_hook_) gradient_ready_hook_(static_cast<size_t>(L - l));  // layer.l
+      finish_group(static_cast<size_t>(L - l));
     }
+    // The scatter-add always accumulates: overwriting starts from zeros, except for a tied
+    // embedding, whose gradient the LM head has just written.
+    if (!config_.tie_word_embeddings) bind_group_grads(static_cast<size_t>(L + 1));
+    if (!accumulate && !config_.tie_word_embeddings) backend_.fill(g.embed, 0.0f);
     backend_.embedding_backward(a.input_ids, a.dresidual, g.embed);
-    if (gradient_ready_hook_) gradient_ready_hook_(static_cast<size_t>(L + 1));  // embedding
+    overwrite_grads_ = false;
+    finish_group(static_cast<size_t>(L + 1));  // embedding
   }
 
   float loss_sum = 0, correct = 0;

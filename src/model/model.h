@@ -50,6 +50,20 @@ struct StepResult {
   double correct = 0;   // trained tokens whose argmax is the label
 };
 
+// Where parameter gradients live.
+enum class GradientStorage {
+  // One buffer per parameter for the model's life (gradient accumulation, clipping, reading
+  // the gradients after the step).
+  Persistent,
+  // Optimizer in the backward: a gradient group's buffers are taken from the device allocator
+  // when the backward reaches the group and returned right after the gradient-ready hook for
+  // the group (which must consume them: the optimizer update); the peak holds about one or
+  // two groups (plus a tied embedding's gradient, alive from the loss to the end) instead of
+  // all. Outside the hook Parameter::grad has no data. One micro-batch per optimizer step:
+  // every forward_backward must follow a zero_grads().
+  PerGroup,
+};
+
 struct ModelOptions {
   DType param_dtype = DType::F32;  // storage of the weights on the device
   DType grad_dtype = DType::F32;   // storage of the gradients
@@ -61,6 +75,7 @@ struct ModelOptions {
   // expert gets the same number of rows), keeping the router's top-k weights and their
   // gradient (bench/hf_baseline.py --routing balanced does the same in Transformers).
   bool balanced_routing = false;
+  GradientStorage grad_storage = GradientStorage::Persistent;
   // Expert parallelism: the group of ranks the experts are split over (null or size 1: all
   // experts here). With ep ranks (ep divides num_experts), EP rank r holds experts
   // [r*E/ep, (r+1)*E/ep) as experts_gate_up (E/ep, 2I, H) and experts_down (E/ep, H, I);
@@ -105,7 +120,8 @@ class Model {
   Backend& backend() const { return backend_; }
 
   // Forward and backward of one micro-batch; gradients are ACCUMULATED into the parameters'
-  // grads (call zero_grads() at the start of an optimizer step). loss_scale multiplies the
+  // grads (call zero_grads() at the start of an optimizer step: the first backward after it
+  // overwrites the gradients instead, so no pass ever zeroes them). loss_scale multiplies the
   // cross-entropy sum in the gradient (1 / trained tokens of the whole optimizer step);
   // aux_loss_scale multiplies router_aux_loss_coef * aux_loss in the gradient (1: as
   // Transformers, which adds the aux loss to every micro-batch's loss).
@@ -115,6 +131,8 @@ class Model {
   // Forward only (no gradient).
   StepResult evaluate(const BatchView& batch, const Tensor& logits = Tensor());
 
+  // O(1): marks the gradients "to be overwritten" by the next forward_backward (their contents
+  // are undefined until it has run).
   void zero_grads();
 
   // The gradient groups in the order the backward finishes them.
@@ -122,7 +140,10 @@ class Model {
   // Called by forward_backward on the host right after the device work that finishes group
   // `index` of gradient_groups() has been enqueued on the backend's stream (it may still be
   // running): gradient reduce-scatters or optimizer updates can start there, per group,
-  // instead of after the whole backward. Empty function = none.
+  // instead of after the whole backward. Inside the hook, Parameter::grad of the group's
+  // parameters is valid (with GradientStorage::PerGroup only then: the memory is returned
+  // right after the hook, so work the hook enqueues on the backend's stream may use it, and
+  // work on another stream must be ordered before the next allocation). Empty function = none.
   using GradientReadyHook = std::function<void(size_t index)>;
   void set_gradient_ready_hook(GradientReadyHook hook) { gradient_ready_hook_ = std::move(hook); }
   std::span<Parameter> parameters() { return weights_->parameters(); }
@@ -156,6 +177,13 @@ class Model {
   Model(const ModelConfig& config, Backend& backend, ModelOptions options);
   StepResult run(const BatchView& batch, bool backward, float loss_scale, float aux_loss_scale,
                  const Tensor& logits);
+  // GradientStorage::PerGroup: gives group `index`'s gradients memory / takes it back.
+  void bind_group_grads(size_t index);
+  void release_group_grads(size_t index);
+  size_t group_bytes(size_t index) const;          // its gradients, each 256-byte aligned
+  bool tied_embedding_group(size_t index) const;  // the embedding group of a tied model
+  // Calls the hook for group `index`, then releases its per-group gradients.
+  void finish_group(size_t index);
   void write_config_and_tokenizer(const std::filesystem::path& folder, const SaveOptions& options,
                                   const std::string& dtype_string) const;
 
@@ -168,10 +196,16 @@ class Model {
   std::unique_ptr<ModelActivations> activations_;
   std::vector<GradientGroup> gradient_groups_;
   GradientReadyHook gradient_ready_hook_;
+  bool overwrite_grads_ = true;                   // set by zero_grads(), cleared by a backward
+  std::vector<Buffer> group_grads_;  // PerGroup: each group's live gradients (one arena)
+  size_t group_arena_bytes_ = 0;     // the largest group's gradients, each 256-byte aligned
+  static constexpr size_t kGradAlignment = 256;
 };
 
-// Parameters of the whole model and active per token (top-k of the experts), from a config.
+// Parameters of the whole model and active per token (top-k of the experts), from a config;
+// of one decoder layer.
 int64_t count_parameters(const ModelConfig& config, bool active_per_token);
+int64_t layer_parameters(const ModelConfig& config, int64_t layer, bool active_per_token = false);
 
 // RoPE inverse frequencies (D/2) as Transformers computes them (default and llama3).
 std::vector<float> rope_inv_freq(const ModelConfig& config);

@@ -117,6 +117,9 @@ std::vector<Model::NamedHostTensor> Model::hf_tensors_to_host(bool gradients) co
     NamedHostTensor host{tensor.hf_name, tensor.shape,
                          std::vector<float>(static_cast<size_t>(tensor.shape.numel()))};
     const Tensor& source = gradients ? parameter->grad : parameter->value;
+    if (source.data == nullptr)
+      fail("gradient of ", tensor.parameter,
+           " is not held: per-group gradient storage frees each group after its update");
     backend_.copy(Tensor(host.values.data(), DType::F32, tensor.shape),
                   parameter_slice(source, tensor.offset, tensor.shape));
     out.push_back(std::move(host));

@@ -125,7 +125,7 @@ void moe_forward(Backend& backend, TokenDispatcher& dispatcher, const ModelConfi
 void moe_backward(Backend& backend, TokenDispatcher& dispatcher, const ModelConfig& config,
                   const LayerWeights& w, const LayerWeights& g, const Tensor& x,
                   const MoeSaved& saved, const Tensor& aux_dprob, const Tensor& dout,
-                  MoeScratch& scratch, const Tensor& dx) {
+                  MoeScratch& scratch, const Tensor& dx, bool accumulate_grads) {
   const int64_t H = config.hidden_size, I = config.moe_intermediate_size;
   const int64_t M = saved.expert_rows;
   const DType dtype = x.dtype;
@@ -144,12 +144,15 @@ void moe_backward(Backend& backend, TokenDispatcher& dispatcher, const ModelConf
     const Tensor hidden = first_rows(saved.hidden, M), gate_up = first_rows(saved.gate_up, M);
     backend.grouped_gemm(dexpert_out, w.experts_down, false, offsets, dhidden);  // (M, I)
     backend.grouped_gemm_weight_grad(dexpert_out, hidden, offsets,
-                                     g.experts_down);     // (E_local, H, I)
+                                     g.experts_down, accumulate_grads);  // (E_local, H, I)
     backend.swiglu_backward(dhidden, gate_up, dgate_up);  // (M, 2I)
     backend.grouped_gemm(dgate_up, w.experts_gate_up, false, offsets,
                          first_rows(scratch.drows, M));  // (M, H)
     backend.grouped_gemm_weight_grad(dgate_up, first_rows(saved.rows, M), offsets,
-                                     g.experts_gate_up);  // (E_local, 2I, H)
+                                     g.experts_gate_up, accumulate_grads);  // (E_local, 2I, H)
+  } else if (!accumulate_grads) {  // no rows here: overwriting means zero expert gradients
+    backend.fill(g.experts_down, 0.0f);
+    backend.fill(g.experts_gate_up, 0.0f);
   }
   // dispatch
   backend.fill(dx, 0.0f);
@@ -158,7 +161,8 @@ void moe_backward(Backend& backend, TokenDispatcher& dispatcher, const ModelConf
   backend.router_backward(scratch.dtopk_weights, saved.probs, saved.topk_ids, config.norm_topk_prob,
                           aux_dprob, scratch.drouter_logits);
   backend.gemm(scratch.drouter_logits, false, w.router, false, dx, 1, 1);  // (N, H)
-  backend.gemm(scratch.drouter_logits, true, x, false, g.router, 1, 1);    // (E, H)
+  backend.gemm(scratch.drouter_logits, true, x, false, g.router, 1,
+               accumulate_grads ? 1.0f : 0.0f);  // (E, H)
 }
 
 }  // namespace moetune

@@ -108,10 +108,11 @@ void moe_forward(Backend& backend, TokenDispatcher& dispatcher, const ModelConfi
                  const LayerWeights& w, const Tensor& x, MoeSaved& saved, MoeScratch& scratch,
                  const Tensor& out);
 // aux_dprob (E) fp32: d(total loss)/d(probs[n, e]) of the aux loss, or undefined.
-// dx (N, H) overwritten; gradients accumulated into g.
+// dx (N, H) overwritten; gradients accumulated into g (overwritten with accumulate_grads
+// false, experts without rows included).
 void moe_backward(Backend& backend, TokenDispatcher& dispatcher, const ModelConfig& config,
                   const LayerWeights& w, const LayerWeights& g, const Tensor& x,
                   const MoeSaved& saved, const Tensor& aux_dprob, const Tensor& dout,
-                  MoeScratch& scratch, const Tensor& dx);
+                  MoeScratch& scratch, const Tensor& dx, bool accumulate_grads);
 
 }  // namespace moetune

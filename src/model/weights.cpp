@@ -20,7 +20,7 @@ bool is_norm_or_bias(const std::string& name) {
 }
 
 ModelWeights::ModelWeights(const ModelConfig& config, DType value_dtype, DType grad_dtype,
-                           Device device, int64_t local_experts) {
+                           Device device, int64_t local_experts, bool allocate_grads) {
   const int64_t H = config.hidden_size, V = config.vocab_size, D = config.head_dim;
   const int64_t q_width = config.num_attention_heads * D;
   const int64_t kv_width = config.num_key_value_heads * D;
@@ -33,8 +33,13 @@ ModelWeights::ModelWeights(const ModelConfig& config, DType value_dtype, DType g
   auto add = [&](const std::string& name, Shape shape, Tensor& value, Tensor& grad) {
     storage_.emplace_back(value_dtype, shape, device);
     value = storage_.back().tensor();
-    storage_.emplace_back(grad_dtype, shape, device);
-    grad = storage_.back().tensor();
+    if (allocate_grads) {
+      storage_.emplace_back(grad_dtype, shape, device);
+      grad = storage_.back().tensor();
+    } else {
+      grad = Tensor(nullptr, grad_dtype, shape, device);
+    }
+    grad_fields_.push_back(&grad);
     parameters_.push_back(Parameter{name, value, grad, !is_norm_or_bias(name),
                                     name.find(".mlp.experts.") != std::string::npos});
   };
@@ -74,12 +79,21 @@ ModelWeights::ModelWeights(const ModelConfig& config, DType value_dtype, DType g
     }
   }
   add("model.norm.weight", {H}, values_.final_norm, grads_.final_norm);
+  tied_ = config.tie_word_embeddings;
   if (config.tie_word_embeddings) {
     values_.lm_head = values_.embed;
     grads_.lm_head = grads_.embed;
   } else {
     add("lm_head.weight", {V, H}, values_.lm_head, grads_.lm_head);
   }
+}
+
+void ModelWeights::bind_grad(size_t index, void* data) {
+  MOETUNE_CHECK(index < parameters_.size(), "bind_grad: no parameter " + std::to_string(index));
+  Tensor& field = *grad_fields_[index];
+  field.data = data;
+  parameters_[index].grad.data = data;
+  if (tied_ && &field == &grads_.embed) grads_.lm_head.data = data;
 }
 
 const Parameter* ModelWeights::find(const std::string& name) const {

@@ -56,9 +56,11 @@ struct WeightTensors {
 class ModelWeights {
  public:
   // Allocates (zero-filled) values in value_dtype and gradients in grad_dtype on `device`.
-  // local_experts: experts held here (expert parallelism; < 0 = all num_experts).
+  // local_experts: experts held here (expert parallelism; < 0 = all num_experts). Without
+  // allocate_grads the gradients are unbound (shape and dtype, no data) until bind_grad gives
+  // them memory (per-group gradient storage, model.h).
   ModelWeights(const ModelConfig& config, DType value_dtype, DType grad_dtype, Device device,
-               int64_t local_experts = -1);
+               int64_t local_experts = -1, bool allocate_grads = true);
   ModelWeights(const ModelWeights&) = delete;
   ModelWeights& operator=(const ModelWeights&) = delete;
 
@@ -68,8 +70,13 @@ class ModelWeights {
   const WeightTensors& grads() const { return grads_; }
   // nullptr when there is no parameter of that name.
   const Parameter* find(const std::string& name) const;
+  // Points parameter `index`'s gradient (Parameter::grad and the grads() field, both names
+  // of a tied lm_head included) at `grad` (same shape and dtype; no data = unbound).
+  void bind_grad(size_t index, void* data);
 
  private:
+  std::vector<Tensor*> grad_fields_;  // per parameter: its tensor in grads_
+  bool tied_ = false;                 // grads_.lm_head is grads_.embed
   std::vector<Buffer> storage_;
   std::vector<Parameter> parameters_;
   WeightTensors values_;

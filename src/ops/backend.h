@@ -8,7 +8,10 @@
 //   in comments; N = tokens (batch * seq), H = hidden, E = experts, k = top-k.
 // - Float tensors may be F32 or BF16 (storage); math accumulates in fp32. Tensors
 //   documented as "fp32" must be F32. Index tensors are I32.
-// - "accumulate" outputs are added to (+=); all others are overwritten.
+// - "accumulate" outputs are added to (+=); all others are overwritten. Ops writing a
+//   parameter gradient take an `accumulate` flag (default true): false overwrites the
+//   gradient instead (the first micro-batch of a step, so that no pass zeroes the gradients
+//   first), without reading its old contents (which may be garbage, even NaN).
 // - Ops may run asynchronously (CUDA stream order); synchronize() waits for them.
 #pragma once
 
@@ -53,6 +56,7 @@ struct LinearCrossEntropyArgs {
   float grad_scale = 0.0f;  // d(total loss)/d(loss_sum); 0 = forward only
   Tensor grad_hidden;       // (N, H) overwritten (when grad_scale != 0)
   Tensor grad_weight;       // (V, H) accumulate (when grad_scale != 0)
+  bool accumulate_grad_weight = true;  // false: grad_weight is overwritten
   Tensor logits;            // (N, V) fp32, optional: written when defined (parity tests)
 };
 
@@ -72,6 +76,25 @@ class Backend {
   // that must be ordered with the ops (dist::Communicator calls) are enqueued on it.
   virtual void* stream() const { return nullptr; }
 
+  // ---- a second stream (communication beside the ops) ----------------------------------
+  // Work enqueued on a side stream (collectives: its handle() goes to dist::Communicator
+  // calls) runs concurrently with the ops; two one-way fences order the streams:
+  // wait_for_ops(): work enqueued on the side stream from now on starts after every op
+  // enqueued so far (an event recorded on stream(), waited for by the side stream);
+  // join(): ops enqueued from now on start after every side-stream work enqueued so far.
+  // Neither blocks the host. Memory a side-stream operation touches must stay allocated
+  // and untouched by the ops until the join() that follows it.
+  class SideStream {
+   public:
+    virtual ~SideStream() = default;
+    virtual void* handle() const = 0;  // a cudaStream_t as void*
+    virtual void wait_for_ops() = 0;
+    virtual void join() = 0;
+  };
+  // nullptr when the backend has no streams (CPU: everything is synchronous); callers then
+  // enqueue on stream() as before.
+  virtual std::unique_ptr<SideStream> make_side_stream() { return nullptr; }
+
   // ---- dense math ----------------------------------------------------------------------
   // c = alpha * op(a) @ op(b) + beta * c, 2-D, fp32 accumulation; op(x) = x or x^T.
   // A Linear layer y = x W^T is gemm(x, false, W, true, y).
@@ -79,9 +102,10 @@ class Backend {
                     const Tensor& c, float alpha = 1.0f, float beta = 0.0f) = 0;
   // out = a + b (elementwise, same shape; out may alias a or b)
   virtual void add(const Tensor& out, const Tensor& a, const Tensor& b) = 0;
-  // bias (D) added to every row of x (rows, D); bias_backward: dbias += column sums of dy.
+  // bias (D) added to every row of x (rows, D); bias_backward: dbias += column sums of dy
+  // (= with accumulate false).
   virtual void add_bias(const Tensor& x, const Tensor& bias) = 0;
-  virtual void bias_backward(const Tensor& dy, const Tensor& dbias) = 0;
+  virtual void bias_backward(const Tensor& dy, const Tensor& dbias, bool accumulate = true) = 0;
 
   // ---- embedding -----------------------------------------------------------------------
   // out (N, H) = table (V, H) [ids (N)];   backward: dtable[ids[n]] += dout[n] (accumulate)
@@ -96,10 +120,10 @@ class Backend {
   virtual void add_rmsnorm_forward(const Tensor& residual, const Tensor& delta,
                                    const Tensor& weight, float eps, const Tensor& out,
                                    const Tensor& rstd) = 0;
-  // dx = (or +=, with accumulate_dx) d/dx;  dweight += d/dweight
+  // dx = (or +=, with accumulate_dx) d/dx;  dweight += (or =) d/dweight
   virtual void rmsnorm_backward(const Tensor& dout, const Tensor& x, const Tensor& weight,
                                 const Tensor& rstd, const Tensor& dx, const Tensor& dweight,
-                                bool accumulate_dx) = 0;
+                                bool accumulate_dx, bool accumulate_dweight = true) = 0;
 
   // ---- rotary position embedding (HF rotate_half convention), in place ----------------
   // x (N, heads, D); positions (N) I32; inv_freq (D/2) fp32, any scaling already applied.
@@ -175,9 +199,11 @@ class Backend {
   // (M, P) and a is (M, Q)), else c is (M, Q) and a is (M, P).
   virtual void grouped_gemm(const Tensor& a, const Tensor& w, bool transpose_w,
                             const Tensor& offsets, const Tensor& c) = 0;
-  // dw[e] (P, Q) += dy[R_e]^T @ x[R_e]   (dy (M, P), x (M, Q)): weight gradient of a @ w[e]^T
+  // dw[e] (P, Q) += dy[R_e]^T @ x[R_e]   (dy (M, P), x (M, Q)): weight gradient of a @ w[e]^T.
+  // accumulate false: dw[e] = ..., and experts without rows get dw[e] = 0 (on the device:
+  // the offsets never come to the host).
   virtual void grouped_gemm_weight_grad(const Tensor& dy, const Tensor& x, const Tensor& offsets,
-                                        const Tensor& dw) = 0;
+                                        const Tensor& dw, bool accumulate = true) = 0;
 
   // ---- loss ----------------------------------------------------------------------------
   virtual void linear_cross_entropy(const LinearCrossEntropyArgs& args) = 0;

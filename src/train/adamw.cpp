@@ -4,7 +4,7 @@
 namespace moetune {
 
 AdamW::AdamW(std::span<const Parameter> parameters, Backend& backend, const AdamWConfig& config)
-    : backend_(backend), config_(config) {
+    : backend_(backend), config_(config), parameters_(parameters) {
   const Device device = backend.device();
   storage_.reserve(parameters.size() * 3);
   for (const Parameter& parameter : parameters) {
@@ -27,14 +27,23 @@ AdamW::AdamW(std::span<const Parameter> parameters, Backend& backend, const Adam
 }
 
 void AdamW::step(double lr, float grad_scale) {
-  ++step_count_;
+  begin_step();
+  update(0, params_.size(), lr, grad_scale);
+}
+
+void AdamW::begin_step() { ++step_count_; }
+
+void AdamW::update(size_t begin, size_t end, double lr, float grad_scale) {
+  MOETUNE_CHECK(begin <= end && end <= params_.size(), "AdamW::update: bad parameter range");
+  for (size_t i = begin; i < end; ++i) params_[i].grad = parameters_[i].grad;
   AdamWHyper hyper;
   hyper.lr = lr;
   hyper.beta1 = config_.beta1;
   hyper.beta2 = config_.beta2;
   hyper.eps = config_.eps;
   hyper.step = step_count_;
-  backend_.adamw_update(params_, hyper, grad_scale);
+  backend_.adamw_update(std::span<const AdamWParam>(params_).subspan(begin, end - begin), hyper,
+                        grad_scale);
 }
 
 std::vector<AdamW::StateTensor> AdamW::state_tensors() const {

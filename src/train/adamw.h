@@ -1,5 +1,8 @@
 // AdamW over a model's parameters: torch.optim.AdamW semantics (decoupled weight decay,
-// bias correction), one Backend::adamw_update call per step for all parameters.
+// bias correction), one Backend::adamw_update call per step for all parameters, or (optimizer
+// in the backward) one per gradient group: begin_step(), then update(begin, end) for each
+// group inside the model's gradient-ready hook; the result is bit-identical (AdamW is
+// elementwise).
 // State: exp_avg and exp_avg_sq in fp32 per parameter, the step counter, and fp32 master
 // weights for parameters stored in a lower precision. The state tensors are exposed by
 // name for checkpointing ("exp_avg.NAME", "exp_avg_sq.NAME", "master.NAME").
@@ -31,6 +34,11 @@ class AdamW {
   // overridden per step (schedules).
   void step(double lr, float grad_scale = 1.0f);
   void step() { step(config_.lr); }
+  // The same step in pieces: begin_step() counts it, then update() applies it to parameters
+  // [begin, end) (indices of the span given to the constructor), reading each parameter's
+  // gradient from its Parameter::grad at that moment (per-group gradients move).
+  void begin_step();
+  void update(size_t begin, size_t end, double lr, float grad_scale = 1.0f);
 
   int64_t step_count() const { return step_count_; }
   void set_step_count(int64_t steps) { step_count_ = steps; }
@@ -49,6 +57,7 @@ class AdamW {
   std::vector<std::string> names_;
   std::vector<Buffer> storage_;
   std::vector<AdamWParam> params_;
+  std::span<const Parameter> parameters_;
 };
 
 }  // namespace moetune

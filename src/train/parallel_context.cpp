@@ -27,11 +27,6 @@ dist::ParallelLayout resolve_layout(int world, int64_t expert_parallel, int64_t 
   if (data_parallel != 0 && data_parallel != implied)
     fail(keys.data_parallel, ": ", data_parallel, " does not match the job: ", world, " ranks / ",
          keys.expert_parallel, " ", expert_parallel, " = ", implied, " (leave it out to use that)");
-  // TODO(ep): delete this check when expert-parallel dispatch (ModelOptions::expert_comm)
-  // lands; the rest of the data-parallel code already handles expert_parallel > 1.
-  if (expert_parallel > 1)
-    fail(keys.expert_parallel, ": ", expert_parallel,
-         " is not supported yet (expert-parallel dispatch is being built); use 1");
   return dist::ParallelLayout::make(world, static_cast<int>(expert_parallel),
                                     static_cast<int>(num_experts));
 }

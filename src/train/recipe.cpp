@@ -23,7 +23,7 @@ namespace {
 constexpr std::array<std::string_view, 8> kSections = {
     "model", "data", "training", "optimizer", "scheduler", "checkpoint", "logging", "parallel"};
 constexpr std::array<std::string_view, 4> kModelKeys = {"path", "config", "tokenizer", "dtype"};
-constexpr std::array<std::string_view, 11> kTrainingKeys = {"max_steps",
+constexpr std::array<std::string_view, 12> kTrainingKeys = {"max_steps",
                                                             "epochs",
                                                             "global_batch_sequences",
                                                             "global_batch_tokens",
@@ -33,7 +33,8 @@ constexpr std::array<std::string_view, 11> kTrainingKeys = {"max_steps",
                                                             "eval_every",
                                                             "eval_batches",
                                                             "max_bad_steps",
-                                                            "recompute"};
+                                                            "recompute",
+                                                            "optimizer_in_backward"};
 constexpr std::array<std::string_view, 7> kOptimizerKeys = {
     "lr", "betas", "eps", "weight_decay", "no_decay", "grad_clip", "master_weights"};
 constexpr std::array<std::string_view, 5> kSchedulerKeys = {"type", "warmup_steps", "warmup_ratio",
@@ -41,8 +42,8 @@ constexpr std::array<std::string_view, 5> kSchedulerKeys = {"type", "warmup_step
 constexpr std::array<std::string_view, 4> kCheckpointKeys = {"every", "keep_last",
                                                              "hf_export_every", "save_final_hf"};
 constexpr std::array<std::string_view, 2> kLoggingKeys = {"every", "progress"};
-constexpr std::array<std::string_view, 4> kParallelKeys = {"device", "data_parallel",
-                                                           "expert_parallel", "zero_stage"};
+constexpr std::array<std::string_view, 5> kParallelKeys = {
+    "device", "data_parallel", "expert_parallel", "zero_stage", "overlap_communication"};
 constexpr std::array<std::string_view, 2> kFloatDtypes = {"fp32", "bf16"};
 
 DType float_dtype(const std::string& name) { return name == "bf16" ? DType::BF16 : DType::F32; }
@@ -271,6 +272,13 @@ Recipe parse_recipe(const YAML::Node& input, const fs::path& base_dir, const fs:
   t.max_bad_steps = get_int(training, "max_bad_steps", "training", t.max_bad_steps);
   check_range(t.max_bad_steps, int64_t{1}, int64_t{1} << 30, "training.max_bad_steps");
   t.recompute = get_bool(training, "recompute", "training", t.recompute);
+  {
+    constexpr std::array<std::string_view, 3> choices = {"auto", "true", "false"};
+    const std::string choice =
+        get_choice(training, "optimizer_in_backward", "training", choices, "auto");
+    t.optimizer_in_backward =
+        choice == "auto" ? std::nullopt : std::optional<bool>(choice == "true");
+  }
 
   // ---- data (its own schema) ----
   const YAML::Node data = root["data"];
@@ -294,6 +302,12 @@ Recipe parse_recipe(const YAML::Node& input, const fs::path& base_dir, const fs:
   check_range(o.grad_clip, 0.0, 1e12, "optimizer.grad_clip");
   o.master_weights =
       float_dtype(get_choice(optimizer, "master_weights", "optimizer", kFloatDtypes, "fp32"));
+  if (t.optimizer_in_backward.value_or(false) && (t.grad_accumulation() != 1 || o.grad_clip != 0))
+    fail("training.optimizer_in_backward: true needs one micro-batch per optimizer step "
+         "(gradient accumulation is ",
+         t.grad_accumulation(), ") and optimizer.grad_clip: 0 (it is ", o.grad_clip,
+         "): each gradient group is applied as soon as the backward finishes it; set it to auto "
+         "or false");
   if (o.master_weights == DType::BF16 && recipe.model.dtype != DType::BF16)
     fail(
         "optimizer.master_weights: bf16 master weights need model.dtype: bf16 (the weights are "
@@ -358,6 +372,8 @@ Recipe parse_recipe(const YAML::Node& input, const fs::path& base_dir, const fs:
   p.zero_stage = get_int(parallel, "zero_stage", "parallel", p.zero_stage);
   if (p.zero_stage < 0 || p.zero_stage > 2)
     fail("parallel.zero_stage: expected 0, 1 or 2, got ", p.zero_stage);
+  p.overlap_communication =
+      get_bool(parallel, "overlap_communication", "parallel", p.overlap_communication);
   // How data_parallel x expert_parallel fits the job's ranks is checked when the run starts
   // (resolve_layout in train/parallel_context.h): the world size is known only then.
   return recipe;
@@ -403,6 +419,8 @@ std::string resolved_recipe_yaml(const Recipe& recipe) {
   out << YAML::Key << "eval_batches" << YAML::Value << t.eval_batches;
   out << YAML::Key << "max_bad_steps" << YAML::Value << t.max_bad_steps;
   out << YAML::Key << "recompute" << YAML::Value << t.recompute;
+  out << YAML::Key << "optimizer_in_backward" << YAML::Value
+      << (t.optimizer_in_backward ? (*t.optimizer_in_backward ? "true" : "false") : "auto");
   out << YAML::EndMap;
 
   const auto& o = recipe.optimizer;
@@ -447,9 +465,16 @@ std::string resolved_recipe_yaml(const Recipe& recipe) {
     out << YAML::Key << "data_parallel" << YAML::Value << recipe.parallel.data_parallel;
   out << YAML::Key << "expert_parallel" << YAML::Value << recipe.parallel.expert_parallel;
   out << YAML::Key << "zero_stage" << YAML::Value << recipe.parallel.zero_stage;
+  out << YAML::Key << "overlap_communication" << YAML::Value
+      << recipe.parallel.overlap_communication;
   out << YAML::EndMap;
   out << YAML::EndMap;
   return std::string(out.c_str()) + "\n";
+}
+
+bool Recipe::optimizer_in_backward() const {
+  if (training.optimizer_in_backward) return *training.optimizer_in_backward;
+  return training.grad_accumulation() == 1 && optimizer.grad_clip == 0;
 }
 
 }  // namespace moetune

@@ -22,6 +22,12 @@
 //     max_bad_steps: 5           # stop after this many non-finite steps in a row
 //     recompute: false           # activation checkpointing per decoder layer (less memory,
 //                                # one more forward per layer)
+//     optimizer_in_backward: auto # auto | true | false: AdamW updates each gradient group as
+//                                # soon as the backward finishes it, and the gradients live
+//                                # only per group (memory: ~2 layers of gradients instead of
+//                                # all). Needs one micro-batch per step and no clipping; auto:
+//                                # on exactly then (true otherwise is an error). The non-finite
+//                                # guard then stops the run but cannot skip the update.
 //   optimizer:
 //     lr: 1e-4
 //     betas: [0.9, 0.999]
@@ -57,6 +63,8 @@
 //                                #    its shard's reduced gradient (half the traffic of 1)
 //                                # (expert weights: N = data_parallel, the replicas of an
 //                                # expert slice; every other weight: N = the world)
+//     overlap_communication: true  # gradient reductions on a communication stream beside
+//                                  # the backward (CUDA; false: on the compute stream)
 #pragma once
 
 #include <yaml-cpp/yaml.h>
@@ -92,6 +100,7 @@ struct TrainingRecipe {
   int64_t eval_batches = 8;
   int64_t max_bad_steps = 5;
   bool recompute = false;
+  std::optional<bool> optimizer_in_backward;  // nullopt: auto
 
   // Rows per optimizer step (from global_batch_sequences or global_batch_tokens).
   int64_t global_batch_rows() const;
@@ -140,9 +149,13 @@ struct ParallelRecipe {
   int64_t data_parallel = 0;  // 0: not given (world / expert_parallel)
   int64_t expert_parallel = 1;
   int64_t zero_stage = 1;
+  bool overlap_communication = true;
 };
 
 struct Recipe {
+  // training.optimizer_in_backward resolved: auto = one micro-batch per step and no clipping.
+  bool optimizer_in_backward() const;
+
   std::filesystem::path source;  // the recipe file (absolute)
   ModelRecipe model;
   DataConfig data;

@@ -1,7 +1,8 @@
 // Sharded data-parallel AdamW (see sharded_adamw.h). One Slot per parameter: its
 // communicator, its shard range, views of its gradient/weights over that range and the
 // AdamW state of the range. Flattened 1-D views (Tensor::view + slice_rows) give element
-// ranges of any tensor without copies.
+// ranges of any tensor without copies. Overlap: the reductions go to a side stream, joined
+// (one event) before anything reads the reduced gradients.
 #include "train/sharded_adamw.h"
 
 #include <algorithm>
@@ -47,6 +48,7 @@ DataParallelAdamW::DataParallelAdamW(std::span<const Parameter> parameters,
     fail("parallel.zero_stage: expected 0, 1 or 2, got ", options.zero_stage);
   const Device device = backend.device();
   const bool sharded = options.zero_stage >= 1;
+  if (options.overlap_communication) side_stream_ = backend.make_side_stream();
   size_t scratch_bytes = 0;
   slots_.resize(parameters.size());
   for (size_t i = 0; i < parameters.size(); ++i) {
@@ -60,6 +62,10 @@ DataParallelAdamW::DataParallelAdamW(std::span<const Parameter> parameters,
     slot.chunk = (slot.numel + slot.shards - 1) / slot.shards;
     slot.begin = std::min(slot.numel, slot.shard_rank * slot.chunk);
     slot.end = std::min(slot.numel, slot.begin + slot.chunk);
+    // Stage 2 reduce-scatters into a gradient shard; with overlap, not the tensors the
+    // ranks do not divide (they are all-reduced in place: no scratch while in flight).
+    const bool shard_gradient =
+        options.zero_stage == 2 && slot.shards > 1 && !(side_stream_ && slot.padded());
     if (slot.padded() && slot.shards > 1)
       scratch_bytes = std::max(scratch_bytes, static_cast<size_t>(slot.chunk * slot.shards) *
                                                   std::max(dtype_size(parameter.value.dtype),
@@ -70,7 +76,7 @@ DataParallelAdamW::DataParallelAdamW(std::span<const Parameter> parameters,
     const int64_t count = last - first;
     AdamWParam& adam = slot.adam;
     adam.param = range_of(parameter.value, first, last);
-    if (options.zero_stage == 2 && slot.shards > 1) {
+    if (shard_gradient) {
       storage_.emplace_back(parameter.grad.dtype, Shape{slot.chunk}, device);
       slot.grad_shard = storage_.back().tensor();
       backend.fill(slot.grad_shard, 0.0f);
@@ -98,8 +104,12 @@ DataParallelAdamW::DataParallelAdamW(std::span<const Parameter> parameters,
   norm_squared_ = Buffer(DType::F32, {1}, device);
   // Every parameter must be in exactly one group (finish_reduction reduces by group).
   std::vector<int> covered(slots_.size(), 0);
-  for (const GradientGroup& group : groups_)
-    for (size_t i = group.begin; i < group.end && i < covered.size(); ++i) ++covered[i];
+  for (const GradientGroup& group : groups_) {
+    if (group.begin > group.end || group.end > slots_.size())
+      fail("data parallel: gradient group ", group.name, " [", group.begin, ", ", group.end,
+           ") is outside the ", slots_.size(), " parameters");
+    for (size_t i = group.begin; i < group.end; ++i) ++covered[i];
+  }
   for (size_t i = 0; i < covered.size(); ++i)
     if (covered[i] != 1)
       fail("data parallel: parameter ", slots_[i].param.name, " is in ", covered[i],
@@ -112,13 +122,13 @@ Tensor DataParallelAdamW::padded_scratch(int64_t elements, DType dtype) {
   return Tensor(scratch_.tensor().data, dtype, {elements}, backend_.device());
 }
 
-// Sums the slot's gradient over its communicator: in place (stages 0, 1) or into the
-// slot's gradient shard (stage 2).
-void DataParallelAdamW::reduce_slot(Slot& slot) {
+// Sums the slot's gradient over its communicator on `stream`: in place (stages 0, 1, and
+// stage 2 without a gradient shard) or into the slot's gradient shard (stage 2). The padded
+// path (scratch copies on the backend's stream) is only taken without overlap.
+void DataParallelAdamW::reduce_slot(Slot& slot, void* stream) {
   if (slot.shards == 1 || slot.numel == 0) return;
-  void* stream = backend_.stream();
   const Tensor grad = flat(slot.param.grad);
-  if (options_.zero_stage < 2) {
+  if (!slot.grad_shard.data) {
     slot.comm->all_reduce_sum(grad, grad, stream);
     return;
   }
@@ -130,6 +140,13 @@ void DataParallelAdamW::reduce_slot(Slot& slot) {
   backend_.copy(padded.slice_rows(0, slot.numel), grad);
   backend_.fill(padded.slice_rows(slot.numel, padded.numel()), 0.0f);
   slot.comm->reduce_scatter_sum(padded, slot.grad_shard, stream);
+}
+
+// The ops enqueued from now on wait for every reduction enqueued on the side stream.
+void DataParallelAdamW::join_communication() {
+  if (!communication_pending_) return;
+  side_stream_->join();
+  communication_pending_ = false;
 }
 
 // Every rank's updated shard of the weights to every rank (stages 1, 2).
@@ -155,14 +172,27 @@ void DataParallelAdamW::reduce_group(size_t index) {
   if (index >= groups_.size()) fail("data parallel: no gradient group ", index);
   if (group_reduced_[index]) return;
   group_reduced_[index] = true;
-  for (size_t i = groups_[index].begin; i < groups_[index].end; ++i) reduce_slot(slots_[i]);
+  const GradientGroup& group = groups_[index];
+  const bool communicates =
+      std::any_of(slots_.begin() + group.begin, slots_.begin() + group.end,
+                  [](const Slot& slot) { return slot.shards > 1 && slot.numel > 0; });
+  if (!communicates) return;
+  void* stream = backend_.stream();
+  if (side_stream_) {
+    side_stream_->wait_for_ops();  // the group's gradients are complete on the ops' stream
+    stream = side_stream_->handle();
+    communication_pending_ = true;
+  }
+  for (size_t i = group.begin; i < group.end; ++i) reduce_slot(slots_[i], stream);
 }
 
 void DataParallelAdamW::finish_reduction() {
   for (size_t index = 0; index < groups_.size(); ++index) reduce_group(index);
+  join_communication();
 }
 
 double DataParallelAdamW::grad_norm_squared() {
+  join_communication();
   // Each element once: every rank sums its shard's range of each reduced gradient.
   std::vector<Tensor> owned;
   for (const Slot& slot : slots_) {
@@ -202,6 +232,7 @@ void DataParallelAdamW::step(double lr, float grad_scale) {
 }
 
 void DataParallelAdamW::discard() {
+  join_communication();  // the next zero_grads must not race a reduction still reading
   std::fill(group_reduced_.begin(), group_reduced_.end(), false);
 }
 

@@ -24,17 +24,31 @@
 // Driving it during the backward: reduce_group(i) from Model's gradient-ready hook of the
 // LAST micro-batch of a step (earlier micro-batches only accumulate), finish_reduction()
 // after forward_backward returns (reduces groups the hook did not), then
-// grad_norm_squared() (global, over all ranks) and step(). Collectives are enqueued on the
-// backend's stream (ordered with the ops, no events needed). Overlap on a communication
-// stream later: reduce_group records an event on the compute stream and makes the comm
-// stream wait for it; step() makes the compute stream wait for the comm stream; the padded
-// scratch then needs one buffer per in-flight group (see Slot::padded).
+// grad_norm_squared() (global, over all ranks) and step().
+//
+// Overlap (DataParallelOptions::overlap_communication, on by default; needs a backend with
+// side streams, Backend::make_side_stream: CUDA; the CPU runs as without it): the
+// reductions run on a communication stream beside the backward. reduce_group makes that
+// stream wait for the ops enqueued so far (the group's gradients are final: later groups'
+// backward never writes them) and enqueues the group's collectives there, so the rest of
+// the backward runs while they transfer; finish_reduction() (also called by
+// grad_norm_squared, step and discard) makes the ops' stream wait for the communication
+// stream before anything reads the reduced gradients or touches a gradient again. Nothing
+// in flight needs scratch memory: with stage 2, a tensor that the ranks do not divide
+// evenly is all-reduced in place (and its shard read from the full gradient) instead of
+// going through the padded scratch; the scratch then only serves step()'s all-gathers, on
+// the ops' stream. Collectives of a group are enqueued in group order, the same on every
+// rank (the hook order is the backward's); the weight all-gathers and the norm's
+// all-reduce stay on the ops' stream, after the join.
+// Without overlap every collective is enqueued on the backend's stream (ordered with the
+// ops, no events).
 //
 // The update of each element is the same Backend::adamw_update math as the unsharded AdamW
 // (bit-identical on the CPU given the same reduced gradient).
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
@@ -48,9 +62,10 @@
 namespace moetune {
 
 struct DataParallelOptions {
-  int zero_stage = 1;              // 0, 1 or 2
-  DType state_dtype = DType::F32;  // exp_avg / exp_avg_sq storage (bench: the param dtype)
-  bool master_weights = true;      // fp32 master copy (of the shard) of non-fp32 parameters
+  int zero_stage = 1;                 // 0, 1 or 2
+  DType state_dtype = DType::F32;     // exp_avg / exp_avg_sq storage (bench: the param dtype)
+  bool master_weights = true;         // fp32 master copy (of the shard) of non-fp32 parameters
+  bool overlap_communication = true;  // gradient reductions on a side stream (see above)
 };
 
 class DataParallelAdamW {
@@ -64,11 +79,15 @@ class DataParallelAdamW {
   DataParallelAdamW(const DataParallelAdamW&) = delete;
   DataParallelAdamW& operator=(const DataParallelAdamW&) = delete;
 
-  // Reduces the gradients of gradient group `index` (enqueued on the backend's stream).
+  // Reduces the gradients of gradient group `index` (enqueued on the communication stream
+  // when overlapping, else on the backend's stream). The group's gradients must not be
+  // written until finish_reduction().
   void reduce_group(size_t index);
-  // Reduces every group not reduced since the last step()/discard(): call after the
-  // step's last forward_backward.
+  // Reduces every group not reduced since the last step()/discard() and orders the ops
+  // after every reduction: call after the step's last forward_backward.
   void finish_reduction();
+  // True when the reductions run on a side stream (overlap requested and available).
+  bool overlapping() const { return side_stream_ != nullptr; }
   // Sum over all ranks of the squares of the reduced gradients (each element counted once):
   // a collective over the world; every rank gets the same value.
   double grad_norm_squared();
@@ -100,7 +119,8 @@ class DataParallelAdamW {
 
  private:
   struct Slot;
-  void reduce_slot(Slot& slot);
+  void reduce_slot(Slot& slot, void* stream);
+  void join_communication();
   void gather_slot(Slot& slot);
   Tensor padded_scratch(int64_t elements, DType dtype);
 
@@ -112,7 +132,9 @@ class DataParallelAdamW {
   std::vector<Slot> slots_;
   std::vector<bool> group_reduced_;
   std::vector<Buffer> storage_;
-  Buffer scratch_;       // padded collectives (one at a time: stream-ordered)
+  std::unique_ptr<Backend::SideStream> side_stream_;  // null: no overlap
+  bool communication_pending_ = false;                // side-stream work not yet joined
+  Buffer scratch_;       // padded collectives on the backend's stream (one at a time)
   Buffer norm_squared_;  // (1) fp32 on the device
   int64_t step_count_ = 0;
 };

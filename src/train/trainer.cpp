@@ -26,6 +26,7 @@
 #include <cstdio>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <random>
 #include <sstream>
 
@@ -135,13 +136,20 @@ std::string format_bytes(int64_t bytes) {
 
 // The HF folder (config, weights, tokenizer files, generation_config.json), written into
 // FOLDER.tmp and renamed, so a kill never leaves half a folder under the real name.
-void export_hf(const Model& model, const Recipe& recipe, const fs::path& folder) {
+// With expert parallelism (`expert_group` of size > 1) every rank of the group calls this:
+// each writes its experts' shard files into the same folder (save_hf_folder), the group's
+// rank 0 the rest, then renames the finished folder.
+void export_hf(const Model& model, const Recipe& recipe, const fs::path& folder,
+               dist::Communicator* expert_group) {
   const fs::path temporary = folder.string() + ".tmp";
-  fs::remove_all(temporary);
+  const bool lead = !expert_group || expert_group->rank() == 0;
+  if (lead) fs::remove_all(temporary);
+  if (expert_group) expert_group->barrier(model.backend().stream());
   SaveOptions save;
   save.dtype = recipe.model.dtype;
   save.tokenizer_source = recipe.model.tokenizer;
-  model.save_hf_folder(temporary, save);
+  model.save_hf_folder(temporary, save);  // with expert parallelism: returns after the group's
+  if (!lead) return;
   if (!fs::exists(temporary / "generation_config.json")) {
     const fs::path source =
         recipe.model.path ? *recipe.model.path : recipe.model.config->parent_path();
@@ -165,8 +173,9 @@ struct EvalResult {
 
 // Loss and token accuracy on the held-out split, from its start every time.
 // Several ranks: rank r evaluates batches b % world == r; the sums are all-reduced.
-// TODO(ep): with expert_parallel > 1 every rank of an EP group must run the same number of
-// forwards (the all-to-all): pad with empty forwards when batches % world != 0.
+// With expert parallelism every rank of an EP group must run the same number of forwards
+// (each one exchanges tokens): a rank without a batch in the last round evaluates that
+// round's first batch again and discards the result.
 EvalResult evaluate(Model& model, DataLoader& loader, const nlohmann::json& start_state,
                     const TrainingRecipe& t, ParallelContext* parallel) {
   const int rank = parallel ? parallel->rank() : 0, world = parallel ? parallel->world() : 1;
@@ -174,18 +183,25 @@ EvalResult evaluate(Model& model, DataLoader& loader, const nlohmann::json& star
   const int64_t rows = loader.rows_per_epoch();
   const int64_t batches =
       t.eval_batches > 0 ? t.eval_batches : (rows + t.micro_batch - 1) / t.micro_batch;
+  const bool lockstep = parallel && parallel->layout().expert_parallel > 1;
   double loss_sum = 0, correct = 0;
-  int64_t tokens = 0, rows_done = 0;
-  for (int64_t b = 0; b < batches && rows_done < rows; ++b) {
+  int64_t tokens = 0, rows_done = 0, b = 0;
+  std::optional<Batch> round_first;
+  bool evaluated_in_round = false;
+  for (; b < batches && rows_done < rows; ++b) {
     const int64_t size = std::min(t.micro_batch, rows - rows_done);
-    const Batch batch = loader.next(size);
+    Batch batch = loader.next(size);
     rows_done += size;
+    if (b % world == 0) round_first = batch, evaluated_in_round = false;
     if (b % world != rank) continue;
     const StepResult result = model.evaluate(view_of(batch));
+    evaluated_in_round = true;
     loss_sum += result.loss_sum;
     correct += result.correct;
     tokens += result.trained_tokens;
   }
+  if (lockstep && b % world != 0 && !evaluated_in_round && round_first)
+    model.evaluate(view_of(*round_first));  // keeps the EP group's all-to-alls paired
   if (parallel) {
     double sums[3] = {loss_sum, correct, static_cast<double>(tokens)};
     all_reduce_host(*parallel->groups.world, model.backend(), sums);
@@ -273,8 +289,14 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
   model_options.param_dtype = recipe.model.dtype;
   model_options.grad_dtype = DType::F32;
   model_options.recompute_layers = t.recompute;
-  // TODO(ep): once ModelOptions::expert_comm lands:
-  //   if (parallel) model_options.expert_comm = parallel->groups.expert.get();
+  if (parallel) model_options.expert_comm = parallel->groups.expert.get();  // size 1: all experts
+  // Optimizer in the backward (one process): AdamW per gradient group inside the
+  // gradient-ready hook, the gradients held per group only (the hook is installed below).
+  if (parallel && recipe.training.optimizer_in_backward.value_or(false))
+    fail("training.optimizer_in_backward: true is not supported with data parallelism yet; "
+         "set it to auto or false");
+  const bool optimizer_in_backward = !parallel && recipe.optimizer_in_backward();
+  if (optimizer_in_backward) model_options.grad_storage = GradientStorage::PerGroup;
   std::unique_ptr<Model> model =
       recipe.model.path ? Model::from_hf_folder(*recipe.model.path, *backend, model_options)
                         : Model::random_init(load_model_config(*recipe.model.config), t.seed,
@@ -302,6 +324,7 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
   if (parallel) {
     DataParallelOptions dp_options;
     dp_options.zero_stage = static_cast<int>(recipe.parallel.zero_stage);
+    dp_options.overlap_communication = recipe.parallel.overlap_communication;
     dp_optimizer = std::make_unique<DataParallelAdamW>(
         model->parameters(), model->gradient_groups(), *backend, adamw_config,
         *parallel->groups.world, *parallel->groups.expert_dp, dp_options);
@@ -321,6 +344,24 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
   std::vector<Tensor> grads;
   for (const Parameter& parameter : model->parameters()) grads.push_back(parameter.grad);
   Buffer grad_norm_squared(DType::F32, {1}, backend->device());
+  // Optimizer in the backward: each group's squared norm (for the log and the non-finite
+  // guard, which can then only stop the run) and its update, while its gradients exist.
+  const size_t group_count = model->gradient_groups().size();
+  Buffer group_norms_squared(DType::F32, {static_cast<int64_t>(group_count)}, backend->device());
+  double in_backward_lr = 0;
+  if (optimizer_in_backward)
+    model->set_gradient_ready_hook([&](size_t index) {
+      const GradientGroup& group = model->gradient_groups()[index];
+      std::vector<Tensor> group_grads;
+      for (size_t i = group.begin; i < group.end; ++i)
+        group_grads.push_back(model->parameters()[i].grad);
+      backend->grad_norm_squared(group_grads,
+                                 group_norms_squared.tensor().view({static_cast<int64_t>(group_count), 1})
+                                     .slice_rows(static_cast<int64_t>(index),
+                                                 static_cast<int64_t>(index) + 1)
+                                     .view({1}));
+      single_optimizer->update(group.begin, group.end, in_backward_lr);
+    });
 
   // What a checkpoint holds, by name (the tensors stay where they live). With experts split
   // over EP ranks, expert weights go to rank-R/experts.safetensors instead.
@@ -429,6 +470,7 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
     plan_options.grad_dtype = DType::F32;
     plan_options.batch = t.micro_batch;
     plan_options.seq = t.seq_len;
+    plan_options.per_group_grads = optimizer_in_backward;
     const MemoryPlan plan = plan_memory(model->config(), plan_options);
     std::printf("moetune train: %s (%s, %.2fM parameters) on %s\n",
                 model->config().model_type.c_str(),
@@ -520,11 +562,14 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
     // No barrier after: the other ranks go on and wait in the next collective while rank 0
     // writes the model (which can take longer than the store's timeout for a large model).
   };
-  // The HF folder. TODO(ep): with expert_parallel > 1 each rank of the first replica
-  // (dp_rank 0) writes its expert slice through save_hf_folder; until then rank 0 alone
-  // (the others go on to the next collective, no barrier: see save_checkpoint).
+  // The HF folder: the first data-parallel replica's ranks (rank 0 alone without expert
+  // parallelism, else its EP group, each rank its experts); the others go on to the next
+  // collective, no barrier (see save_checkpoint).
   auto export_hf_folder = [&](const fs::path& folder) {
-    if (main_rank) export_hf(*model, recipe, folder);
+    if (!parallel) return export_hf(*model, recipe, folder, nullptr);
+    if (parallel->layout().dp_rank(rank) != 0) return;  // the first replica writes
+    dist::Communicator* experts = parallel->groups.expert.get();
+    export_hf(*model, recipe, folder, experts->size() > 1 ? experts : nullptr);
   };
   auto run_eval = [&] {
     if (!eval_loader) return;
@@ -569,6 +614,10 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
     // 2. Forward and backward, gradients accumulating over the micro-batches (this rank's:
     //    m % world == rank); several ranks: the last one's backward starts the reductions.
     model->zero_grads();
+    if (optimizer_in_backward) {
+      single_optimizer->begin_step();
+      in_backward_lr = static_cast<float>(schedule.lr(step));  // as optimizer.step gets it
+    }
     double loss_sum = 0, aux_loss = 0;
     bool has_aux = false;
     for (int64_t m = rank; m < accumulation; m += world) {
@@ -594,7 +643,14 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
 
     // 3. Global gradient norm, the non-finite guard, clipping.
     double grad_norm = 0;
-    if (dp_optimizer) {
+    if (optimizer_in_backward) {
+      std::vector<float> norms(group_count);
+      backend->copy(Tensor(norms.data(), DType::F32, {static_cast<int64_t>(group_count)}),
+                    group_norms_squared);
+      backend->synchronize();
+      for (float norm : norms) grad_norm += norm;
+      grad_norm = std::sqrt(grad_norm);
+    } else if (dp_optimizer) {
       grad_norm = std::sqrt(dp_optimizer->grad_norm_squared());
     } else {
       backend->grad_norm_squared(grads, grad_norm_squared);
@@ -620,10 +676,10 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
       bad_in_row = 0;
       const double max_norm = recipe.optimizer.grad_clip;
       const double clip = max_norm > 0 ? std::min(1.0, max_norm / (grad_norm + 1e-6)) : 1.0;
-      // 4. AdamW at the schedule's lr.
+      // 4. AdamW at the schedule's lr (done in the backward with optimizer_in_backward).
       if (dp_optimizer)
         dp_optimizer->step(static_cast<float>(lr), static_cast<float>(clip));
-      else
+      else if (!optimizer_in_backward)
         single_optimizer->step(static_cast<float>(lr), static_cast<float>(clip));
     }
     ++step;

@@ -67,10 +67,11 @@ class PackedAttention : public ::testing::TestWithParam<DType> {
     gpu_->copy(Tensor(values.data(), DType::F32, buffer.shape()), buffer);
     return values;
   }
+  // max |actual - expected| / max(max |expected|, floor) <= tolerance
   static void expect_close(const std::vector<float>& actual, const std::vector<float>& expected,
-                           double tolerance, const std::string& what) {
+                           double tolerance, const std::string& what, double floor = 1e-12) {
     ASSERT_EQ(actual.size(), expected.size()) << what;
-    double max_diff = 0, max_ref = 1e-12;
+    double max_diff = 0, max_ref = floor;
     for (size_t i = 0; i < actual.size(); ++i) {
       ASSERT_TRUE(std::isfinite(actual[i])) << what << ": element " << i << " is " << actual[i];
       max_diff = std::max(max_diff, std::abs(double(actual[i]) - expected[i]));
@@ -151,7 +152,14 @@ TEST_P(PackedAttention, MatchesCpuAndSeparateRows) {
     expect_close(dk, ref_dk, bwd_tol(), "packed dk vs cpu");
     expect_close(dv, ref_dv, bwd_tol(), "packed dv vs cpu");
 
-    // 2. each document alone as one row (B = 1, T = its length, no mask) on the GPU
+    // 2. each document alone as one row (B = 1, T = its length, no mask) on the GPU. A
+    // 1-token document's dq and dk are 0 up to rounding, so errors are relative to the
+    // largest element of the whole packed tensor.
+    auto largest = [](const std::vector<float>& values) {
+      double m = 0;
+      for (float x : values) m = std::max(m, double(std::abs(x)));
+      return m;
+    };
     for (size_t d = 0; d + 1 < offsets.size(); ++d) {
       const int64_t begin = offsets[d], length = offsets[d + 1] - offsets[d];
       const int64_t row = begin / T, t0 = begin % T;
@@ -175,9 +183,9 @@ TEST_P(PackedAttention, MatchesCpuAndSeparateRows) {
       for (int64_t h = 0; h < Hq; ++h)
         for (int64_t t = 0; t < length; ++t) packed_lse.push_back(lse[(row * Hq + h) * T + t0 + t]);
       expect_close(packed_lse, download(slse), fwd_tol(), what + "lse");
-      expect_close(slice(dq, Hq), download(sdq), bwd_tol(), what + "dq");
-      expect_close(slice(dk, Hkv), download(sdk), bwd_tol(), what + "dk");
-      expect_close(slice(dv, Hkv), download(sdv), bwd_tol(), what + "dv");
+      expect_close(slice(dq, Hq), download(sdq), bwd_tol(), what + "dq", largest(dq));
+      expect_close(slice(dk, Hkv), download(sdk), bwd_tol(), what + "dk", largest(dk));
+      expect_close(slice(dv, Hkv), download(sdv), bwd_tol(), what + "dv", largest(dv));
     }
   }
 }

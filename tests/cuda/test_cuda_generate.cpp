@@ -1,19 +1,20 @@
 // KV-cache generation on the CUDA backend against the CPU: the same random tiny models (a
 // Qwen3-MoE and a dense Qwen3, GQA, qk-norm; weights drawn on the host from one seed) must
 // produce the same greedy tokens in fp32, with the logits of every step close (1e-3); in bf16
-// the prefill logits stay within bf16 noise of the CPU's (5e-2), and the cached decode
-// logits match a full recompute on the GPU (Model::evaluate) within the same bound.
+// the prefill logits stay within bf16 noise of the CPU's (5e-2), and (dense model: a MoE's
+// routing may flip under bf16 rounding) the cached decode logits match a full recompute on
+// the GPU (Model::evaluate) within the same bound.
 // The init range is widened (0.2) so that logits are spread and greedy ties do not occur.
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
 #include <random>
 
+#include "../test_util.h"
 #include "io/model_config.h"
 #include "model/generate.h"
 #include "model/model.h"
 #include "ops/backend.h"
-#include "test_util.h"
 
 namespace moetune {
 namespace {
@@ -99,6 +100,9 @@ void check_generation(bool moe) {
   const std::vector<float> prefill = bf16_cache.forward(prompt);
   const std::vector<float> cpu_prefill = KvCache(*cpu_model, 64).forward(prompt);
   EXPECT_LT(testing::relative_error(prefill.data(), cpu_prefill.data(), prefill.size()), 5e-2);
+  // Decode steps against a full bf16 recompute: dense only, since in a MoE a bf16 rounding
+  // difference between the one-row and the whole-sequence GEMMs can flip a top-k choice.
+  if (moe) return;
   std::vector<int32_t> tokens = prompt;
   std::vector<float> cached = prefill;
   for (int step = 0; step < 6; ++step) {

@@ -397,6 +397,71 @@ TEST_P(CudaOps, GroupedGemmLarge) {
   expect_close(dw, bwd_tol(), "grouped_gemm_weight_grad large");
 }
 
+// Overwritten parameter gradients (accumulate false: the first micro-batch of a step, no
+// zeroing pass): the old gradient (NaN on the GPU here) is never read, and experts without
+// rows end at zero (sm90: zero_empty_experts_kernel; WMMA: the empty expert's blocks; run
+// again with MOETUNE_GROUPED_GEMM=wmma for the fallback).
+TEST_P(CudaOps, GradientsOverwritten) {
+  const int64_t e = 6, hidden = 264, width = 136;
+  const std::vector<int32_t> counts = {300, 0, 1, 129, 0, 77};
+  std::vector<int32_t> off(e + 1, 0);
+  for (int64_t i = 0; i < e; ++i) off[i + 1] = off[i] + counts[i];
+  const int64_t rows = off[e];
+  Dual& offsets = ints(Shape{e + 1}, off);
+  Dual& a = random(Shape{rows, hidden});
+  Dual& dc = random(Shape{rows, width});
+  Dual& dw = out(Shape{e, width, hidden});
+  cpu_->grouped_gemm_weight_grad(dc.c(), a.c(), offsets.c(), dw.c(), false);
+  gpu_->grouped_gemm_weight_grad(dc.g(), a.g(), offsets.g(), dw.g(), false);
+  expect_close(dw, bwd_tol(), "grouped_gemm_weight_grad (overwrite)");
+  cpu_->grouped_gemm_weight_grad(dc.c(), a.c(), offsets.c(), dw.c(), true);  // then +=
+  gpu_->grouped_gemm_weight_grad(dc.g(), a.g(), offsets.g(), dw.g(), true);
+  expect_close(dw, bwd_tol(), "grouped_gemm_weight_grad (overwrite, then accumulate)");
+
+  Dual& dy = random(Shape{7, 13});
+  Dual& dbias = out(Shape{13});
+  cpu_->bias_backward(dy.c(), dbias.c(), false);
+  gpu_->bias_backward(dy.g(), dbias.g(), false);
+  expect_close(dbias, fwd_tol(), "bias_backward (overwrite)");
+
+  const int64_t d = 40, norm_rows = 5;
+  Dual& x = random(Shape{norm_rows, d}, 2.0f);
+  Dual& w = random(Shape{d});
+  Dual& y = out(Shape{norm_rows, d});
+  Dual& rstd = out_f32(Shape{norm_rows});
+  cpu_->rmsnorm_forward(x.c(), w.c(), 1e-6f, y.c(), rstd.c());
+  gpu_->rmsnorm_forward(x.g(), w.g(), 1e-6f, y.g(), rstd.g());
+  Dual& dnorm = random(Shape{norm_rows, d});
+  Dual& dx = out(Shape{norm_rows, d});
+  Dual& dweight = out(Shape{d});
+  cpu_->rmsnorm_backward(dnorm.c(), x.c(), w.c(), rstd.c(), dx.c(), dweight.c(), false, false);
+  gpu_->rmsnorm_backward(dnorm.g(), x.g(), w.g(), rstd.g(), dx.g(), dweight.g(), false, false);
+  expect_close(dweight, bwd_tol(), "rmsnorm_backward dweight (overwrite)");
+
+  const int64_t n = 9, h = 32, v = 300;
+  Dual& hid = random(Shape{n, h});
+  Dual& head = random(Shape{v, h}, 0.5f);
+  Dual& labels = ints(Shape{n}, {5, -100, 299, 0, 17, 17, -100, 250, 1});
+  Dual& loss = zeros(Shape{1}, DType::F32);
+  Dual& dhidden = out(Shape{n, h});
+  Dual& dhead = out(Shape{v, h});
+  for (Backend* backend : {cpu_.get(), gpu_.get()}) {
+    const bool on_gpu = backend == gpu_.get();
+    auto pick = [&](Dual& dual) { return on_gpu ? dual.g() : dual.c(); };
+    LinearCrossEntropyArgs args;
+    args.hidden = pick(hid);
+    args.weight = pick(head);
+    args.labels = pick(labels);
+    args.loss_sum = pick(loss);
+    args.grad_scale = 1.0f / 7.0f;
+    args.grad_hidden = pick(dhidden);
+    args.grad_weight = pick(dhead);
+    args.accumulate_grad_weight = false;
+    backend->linear_cross_entropy(args);
+  }
+  expect_close(dhead, bwd_tol(), "linear_cross_entropy grad_weight (overwrite)");
+}
+
 TEST_P(CudaOps, LinearCrossEntropy) {
   const int64_t n = 9, h = 32, v = 300;
   Dual& hidden = random(Shape{n, h});

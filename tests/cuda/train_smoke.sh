@@ -2,12 +2,17 @@
 # End-to-end `moetune train` on CUDA against the CPU fp32 run, on recipes/demo.yaml (tiny
 # Qwen3-MoE, packed rows, so the document-masked attention runs) for STEPS steps (default 200):
 #   1. cpu fp32 (the reference curve)
-#   2. cuda fp32                         per-step loss within 1% of the CPU's
-#   3. cuda bf16 (fp32 master weights)   10-step moving average within 10% of the CPU's
-#   4. cuda bf16, training.recompute     same bound, against run 3
+#   2. cuda fp32                         steps 1-30 within 1e-4 of the CPU's, then the 20-step
+#                                        mean loss within 8%
+#   3. cuda bf16 (fp32 master weights)   steps 1-30 within 2e-2, 20-step mean within 12%
+#   4. cuda bf16, training.recompute     every step within 1% of run 3 (same forward)
 #   5. cuda bf16 stopped at STEPS/2 with a checkpoint, then --resume to STEPS: the resumed
-#      steps within the same bound of run 3, hf/ written; `moetune generate` on the exported
-#      hf/ folder on cuda and cpu (printed)
+#      steps within 1% of run 3, hf/ written; `moetune generate` on the exported hf/ folder on
+#      cuda and cpu (printed)
+# Two correct fp32 runs agree to ~1e-7 per step until the optimisation's chaos (a loss spike
+# near step 50 in this recipe) amplifies summation-order differences; after that only means
+# compare. Seen on H100/H200: fp32 2.6e-7 over steps 1-30 and 4.6% in 20-step means; bf16
+# 3.7e-3 and 8.3%; recompute and resume matched run 3 exactly.
 # Prints the final losses and the max relative differences; exits non-zero when one is off.
 #   tests/cuda/train_smoke.sh BIN_DIR OUT_DIR [STEPS]
 set -euo pipefail
@@ -53,7 +58,7 @@ def curve(name):
         if not row.get("eval") and "loss" in row:
             losses[row["step"]] = row["loss"]
     return [losses[s] for s in sorted(losses)]
-def smooth(values, window=10):
+def smooth(values, window=20):
     return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
             for i in range(len(values))]
 def max_rel(a, b):
@@ -70,12 +75,15 @@ def check(name, against, values_a, values_b, bound, what):
 curves = {name: curve(name) for name in ["cuda_fp32", "cuda_bf16", "cuda_bf16_recompute", "cuda_bf16_resume"]}
 assert len(ref) == steps, f"cpu run logged {len(ref)} steps"
 print(f"cpu fp32 loss: first {ref[0]:.4f}, final {ref[-1]:.4f}")
-check("cuda_fp32", "cpu_fp32", curves["cuda_fp32"], ref, 1e-2, "per step")
-check("cuda_bf16", "cpu_fp32", smooth(curves["cuda_bf16"]), smooth(ref), 0.10, "10-step mean")
-check("cuda_bf16_recompute", "cuda_bf16", smooth(curves["cuda_bf16_recompute"]),
-      smooth(curves["cuda_bf16"]), 0.10, "10-step mean")
+early = 30
+check("cuda_fp32", "cpu_fp32", curves["cuda_fp32"][:early], ref[:early], 1e-4, "steps 1-30")
+check("cuda_fp32", "cpu_fp32", smooth(curves["cuda_fp32"]), smooth(ref), 0.08, "20-step mean")
+check("cuda_bf16", "cpu_fp32", curves["cuda_bf16"][:early], ref[:early], 2e-2, "steps 1-30")
+check("cuda_bf16", "cpu_fp32", smooth(curves["cuda_bf16"]), smooth(ref), 0.12, "20-step mean")
+check("cuda_bf16_recompute", "cuda_bf16", curves["cuda_bf16_recompute"], curves["cuda_bf16"],
+      0.01, "per step")
 half = steps // 2
-check("cuda_bf16_resume", "cuda_bf16", smooth(curves["cuda_bf16_resume"])[half:],
-      smooth(curves["cuda_bf16"])[half:], 0.10, "10-step mean, resumed half")
+check("cuda_bf16_resume", "cuda_bf16", curves["cuda_bf16_resume"][half:],
+      curves["cuda_bf16"][half:], 0.01, "per step, resumed half")
 sys.exit(0 if ok else 1)
 PY

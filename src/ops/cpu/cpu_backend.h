@@ -43,7 +43,7 @@ class CpuBackend final : public Backend {
             float alpha, float beta) override;
   void add(const Tensor& out, const Tensor& a, const Tensor& b) override;
   void add_bias(const Tensor& x, const Tensor& bias) override;
-  void bias_backward(const Tensor& dy, const Tensor& dbias) override;
+  void bias_backward(const Tensor& dy, const Tensor& dbias, bool accumulate) override;
   void embedding_forward(const Tensor& ids, const Tensor& table, const Tensor& out) override;
   void embedding_backward(const Tensor& ids, const Tensor& dout, const Tensor& dtable) override;
   void swiglu_forward(const Tensor& gate_up, const Tensor& out) override;
@@ -56,7 +56,7 @@ class CpuBackend final : public Backend {
                            float eps, const Tensor& out, const Tensor& rstd) override;
   void rmsnorm_backward(const Tensor& dout, const Tensor& x, const Tensor& weight,
                         const Tensor& rstd, const Tensor& dx, const Tensor& dweight,
-                        bool accumulate_dx) override;
+                        bool accumulate_dx, bool accumulate_dweight) override;
   void rope_forward(const Tensor& x, const Tensor& positions, const Tensor& inv_freq) override;
   void rope_backward(const Tensor& dx, const Tensor& positions, const Tensor& inv_freq) override;
 
@@ -91,7 +91,7 @@ class CpuBackend final : public Backend {
   void grouped_gemm(const Tensor& a, const Tensor& w, bool transpose_w, const Tensor& offsets,
                     const Tensor& c) override;
   void grouped_gemm_weight_grad(const Tensor& dy, const Tensor& x, const Tensor& offsets,
-                                const Tensor& dw) override;
+                                const Tensor& dw, bool accumulate) override;
 
   // cpu_loss.cpp
   void linear_cross_entropy(const LinearCrossEntropyArgs& args) override;

@@ -61,7 +61,7 @@ void CpuBackend::add_bias(const Tensor& x, const Tensor& bias) {
     for (int64_t j = 0; j < width; ++j) x_data[r * width + j] += bias_data[j];
 }
 
-void CpuBackend::bias_backward(const Tensor& dy, const Tensor& dbias) {
+void CpuBackend::bias_backward(const Tensor& dy, const Tensor& dbias, bool accumulate) {
   const char* op = "bias_backward";
   const float* dy_data = f32(dy, op, "dy");
   float* dbias_data = f32(dbias, op, "dbias");
@@ -72,7 +72,8 @@ void CpuBackend::bias_backward(const Tensor& dy, const Tensor& dbias) {
   std::vector<double> sums(width, 0.0);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < width; ++j) sums[j] += dy_data[r * width + j];
-  for (int64_t j = 0; j < width; ++j) dbias_data[j] += static_cast<float>(sums[j]);
+  for (int64_t j = 0; j < width; ++j)
+    dbias_data[j] = static_cast<float>(sums[j]) + (accumulate ? dbias_data[j] : 0.0f);
 }
 
 void CpuBackend::embedding_forward(const Tensor& ids, const Tensor& table, const Tensor& out) {

@@ -1,11 +1,11 @@
 // CPU fused LM head + cross-entropy. Tokens are processed in chunks of kChunkRows rows:
 // one GEMM makes the chunk's logits (rows, V), the loss and the logit gradient are
 // computed in place, and two more GEMMs push the gradient into grad_hidden (overwritten)
-// and grad_weight (accumulated). So the full (N, V) logits exist only when the caller
-// asks for them (args.logits, for parity tests).
-// Per trained token: loss = logsumexp(logits) - logits[label]; correct when the first
-// maximum is the label; dlogits = (softmax - onehot(label)) * grad_scale. Label -100
-// contributes nothing (its dlogits row is zero).
+// and grad_weight (accumulated, or overwritten with accumulate_grad_weight false). So the full (N,
+// V) logits exist only when the caller asks for them (args.logits, for parity tests). Per trained
+// token: loss = logsumexp(logits) - logits[label]; correct when the first maximum is the label;
+// dlogits = (softmax - onehot(label)) * grad_scale. Label -100 contributes nothing (its dlogits row
+// is zero).
 #include <cblas.h>
 
 #include <algorithm>
@@ -53,6 +53,9 @@ void CpuBackend::linear_cross_entropy(const LinearCrossEntropyArgs& args) {
     grad_weight = f32(args.grad_weight, op, "grad_weight");
     expect_shape(args.grad_hidden, args.hidden.shape, op, "grad_hidden");
     expect_shape(args.grad_weight, args.weight.shape, op, "grad_weight");
+    // Overwriting = zeroing first, then the chunks accumulate.
+    if (!args.accumulate_grad_weight)
+      std::fill(grad_weight, grad_weight + args.grad_weight.numel(), 0.0f);
   }
   for (int64_t n = 0; n < tokens; ++n)
     if (labels[n] != kIgnoreIndex && (labels[n] < 0 || labels[n] >= vocab))

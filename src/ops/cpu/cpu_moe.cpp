@@ -326,7 +326,7 @@ void CpuBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool transpose_w
 }
 
 void CpuBackend::grouped_gemm_weight_grad(const Tensor& dy, const Tensor& x, const Tensor& offsets,
-                                          const Tensor& dw) {
+                                          const Tensor& dw, bool accumulate) {
   const char* op = "grouped_gemm_weight_grad";
   const float* dy_data = f32(dy, op, "dy");
   const float* x_data = f32(x, op, "x");
@@ -340,6 +340,8 @@ void CpuBackend::grouped_gemm_weight_grad(const Tensor& dy, const Tensor& x, con
   expect_shape(x, Shape{rows, q}, op, "x");
   expect_shape(offsets, Shape{experts + 1}, op, "offsets");
   expect_offsets(offset_data, experts, rows, op, "offsets");
+  // Overwriting = zeroing first (experts without rows end with zero gradients), then +=.
+  if (!accumulate) std::fill(dw_data, dw_data + dw.numel(), 0.0f);
   if (p == 0 || q == 0) return;
   for (int64_t e = 0; e < experts; ++e) {
     const int64_t begin = offset_data[e], count = offset_data[e + 1] - begin;

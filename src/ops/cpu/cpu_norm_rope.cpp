@@ -81,7 +81,7 @@ void CpuBackend::add_rmsnorm_forward(const Tensor& residual, const Tensor& delta
 
 void CpuBackend::rmsnorm_backward(const Tensor& dout, const Tensor& x, const Tensor& weight,
                                   const Tensor& rstd, const Tensor& dx, const Tensor& dweight,
-                                  bool accumulate_dx) {
+                                  bool accumulate_dx, bool accumulate_dweight) {
   const char* op = "rmsnorm_backward";
   const float* dout_data = f32(dout, op, "dout");
   const float* x_data = f32(x, op, "x");
@@ -96,7 +96,7 @@ void CpuBackend::rmsnorm_backward(const Tensor& dout, const Tensor& x, const Ten
   const int64_t width = shape.width;
 
   // y = w * x * r with r = (mean(x^2) + eps)^-1/2:
-  //   dweight += sum_rows dy * x * r
+  //   dweight += (or =) sum_rows dy * x * r
   //   dx = r * (dy*w - x * r^2 * mean(dy*w*x))
   std::vector<double> dweight_sums(width, 0.0);
   for (int64_t r = 0; r < shape.rows; ++r) {
@@ -116,7 +116,9 @@ void CpuBackend::rmsnorm_backward(const Tensor& dout, const Tensor& x, const Ten
       d_row[j] = accumulate_dx ? d_row[j] + grad : grad;
     }
   }
-  for (int64_t j = 0; j < width; ++j) dweight_data[j] += static_cast<float>(dweight_sums[j]);
+  for (int64_t j = 0; j < width; ++j)
+    dweight_data[j] =
+        static_cast<float>(dweight_sums[j]) + (accumulate_dweight ? dweight_data[j] : 0.0f);
 }
 
 namespace {

@@ -25,7 +25,7 @@ size_t round_size(size_t bytes) {
 
 class CachingAllocator {
  public:
-  void* allocate(size_t bytes) {
+  void* allocate(size_t bytes, bool zero_fill) {
     const size_t size = round_size(bytes);
     std::lock_guard<std::mutex> lock(mutex_);
     auto& list = free_[size];
@@ -49,7 +49,7 @@ class CachingAllocator {
       stats_.reserved += size;
       stats_.peak_reserved = std::max(stats_.peak_reserved, stats_.reserved);
     }
-    if (stream_) {
+    if (stream_ && zero_fill) {
       const cudaError_t status = cudaMemsetAsync(pointer, 0, size, stream_);
       if (status != cudaSuccess)
         fail("zero-filling a device allocation: ", cudaGetErrorString(status));
@@ -114,7 +114,9 @@ CachingAllocator& allocator() {
 
 }  // namespace
 
-void* device_allocate(size_t bytes) { return allocator().allocate(bytes); }
+void* device_allocate(size_t bytes, bool zero_fill) {
+  return allocator().allocate(bytes, zero_fill);
+}
 void device_free(void* pointer) { allocator().deallocate(pointer); }
 DeviceMemoryStats device_memory_stats() { return allocator().stats(); }
 void reset_device_memory_peak() { allocator().reset_peak(); }

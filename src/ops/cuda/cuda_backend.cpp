@@ -1,5 +1,6 @@
 // The CUDA backend: the Backend interface (ops/backend.h) on one GPU. This file holds the
-// class, its resources (one stream, the cuBLASLt handle and workspace, cuDNN attention),
+// class, its resources (one stream, the cuBLASLt handle and workspace, cuDNN attention;
+// side streams with their events for communication beside the ops),
 // the dense GEMM through cuBLASLt (bf16 in, fp32 accumulate; fp32 in, fp32 math, no TF32,
 // for parity), copies, the fused LM head + cross-entropy (token chunks: the [N, V] logits
 // never exist), and the dispatch of every other op to its kernel family (*.cu).
@@ -21,7 +22,7 @@
 
 namespace moetune {
 namespace cuda {
-void* device_allocate(size_t bytes);
+void* device_allocate(size_t bytes, bool zero_fill);
 void device_free(void* pointer);
 }  // namespace cuda
 
@@ -72,6 +73,40 @@ int alignment_of(const void* pointer) {
     if (address % a == 0) return a;
   return 2;
 }
+
+// A non-blocking stream beside the backend's, with one reusable event per direction
+// (cudaStreamWaitEvent captures the event's state when it is called, so re-recording it
+// afterwards is safe). Gradient collectives run here while the backward goes on.
+class CudaSideStream final : public Backend::SideStream {
+ public:
+  explicit CudaSideStream(cudaStream_t ops) : ops_(ops) {
+    MOETUNE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    MOETUNE_CUDA_CHECK(cudaEventCreateWithFlags(&ops_done_, cudaEventDisableTiming));
+    MOETUNE_CUDA_CHECK(cudaEventCreateWithFlags(&side_done_, cudaEventDisableTiming));
+  }
+  ~CudaSideStream() override {
+    cudaStreamSynchronize(stream_);
+    cudaEventDestroy(ops_done_);
+    cudaEventDestroy(side_done_);
+    cudaStreamDestroy(stream_);
+  }
+  CudaSideStream(const CudaSideStream&) = delete;
+  CudaSideStream& operator=(const CudaSideStream&) = delete;
+
+  void* handle() const override { return stream_; }
+  void wait_for_ops() override {
+    MOETUNE_CUDA_CHECK(cudaEventRecord(ops_done_, ops_));
+    MOETUNE_CUDA_CHECK(cudaStreamWaitEvent(stream_, ops_done_, 0));
+  }
+  void join() override {
+    MOETUNE_CUDA_CHECK(cudaEventRecord(side_done_, stream_));
+    MOETUNE_CUDA_CHECK(cudaStreamWaitEvent(ops_, side_done_, 0));
+  }
+
+ private:
+  cudaStream_t ops_ = nullptr, stream_ = nullptr;
+  cudaEvent_t ops_done_ = nullptr, side_done_ = nullptr;
+};
 
 class CudaBackend final : public Backend {
  public:
@@ -168,6 +203,9 @@ class CudaBackend final : public Backend {
 
   void synchronize() override { MOETUNE_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
   void* stream() const override { return stream_; }
+  std::unique_ptr<SideStream> make_side_stream() override {
+    return std::make_unique<CudaSideStream>(stream_);
+  }
 
   // ---- dense math --------------------------------------------------------------------------
   void gemm(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b, const Tensor& c,
@@ -184,9 +222,9 @@ class CudaBackend final : public Backend {
     PhaseScope scope(this, Phase::OtherOps);
     cuda::launch_add_bias(x, bias, stream_);
   }
-  void bias_backward(const Tensor& dy, const Tensor& dbias) override {
+  void bias_backward(const Tensor& dy, const Tensor& dbias, bool accumulate) override {
     PhaseScope scope(this, Phase::OtherOps);
-    cuda::launch_bias_backward(dy, dbias, stream_);
+    cuda::launch_bias_backward(dy, dbias, accumulate, stream_);
   }
 
   void embedding_forward(const Tensor& ids, const Tensor& table, const Tensor& out) override {
@@ -211,11 +249,11 @@ class CudaBackend final : public Backend {
   }
   void rmsnorm_backward(const Tensor& dout, const Tensor& x, const Tensor& weight,
                         const Tensor& rstd, const Tensor& dx, const Tensor& dweight,
-                        bool accumulate_dx) override {
+                        bool accumulate_dx, bool accumulate_dweight) override {
     PhaseScope scope(this, Phase::OtherOps);
     BufferScratch scratch;
-    cuda::launch_rmsnorm_backward(dout, x, weight, rstd, dx, dweight, accumulate_dx, scratch,
-                                  stream_);
+    cuda::launch_rmsnorm_backward(dout, x, weight, rstd, dx, dweight, accumulate_dx,
+                                  accumulate_dweight, scratch, stream_);
   }
 
   void rope_forward(const Tensor& x, const Tensor& positions, const Tensor& inv_freq) override {
@@ -244,9 +282,9 @@ class CudaBackend final : public Backend {
                           const Tensor& dv) override {
     PhaseScope scope(this, Phase::Attention);
     BufferScratch scratch;
-    if (dout.shape == q.shape && dout.dtype == q.dtype &&
-        out.shape == q.shape && dq.shape == q.shape && dq.dtype == q.dtype && dk.shape == k.shape &&
-        dk.dtype == k.dtype && dv.shape == v.shape && dv.dtype == v.dtype && v.shape == k.shape &&
+    if (dout.shape == q.shape && dout.dtype == q.dtype && out.shape == q.shape &&
+        dq.shape == q.shape && dq.dtype == q.dtype && dk.shape == k.shape && dk.dtype == k.dtype &&
+        dv.shape == v.shape && dv.dtype == v.dtype && v.shape == k.shape &&
         lse.dtype == DType::F32 && lse.numel() == q.size(0) * q.size(1) * q.size(2) &&
         attention_->backward(dout, q, k, v, out, lse, scale, doc_offsets, dq, dk, dv,
                              BufferScratch::workspace, &scratch))
@@ -322,9 +360,22 @@ class CudaBackend final : public Backend {
     cuda::launch_grouped_gemm(a, w, transpose_w, offsets, c, stream_);
   }
   void grouped_gemm_weight_grad(const Tensor& dy, const Tensor& x, const Tensor& offsets,
-                                const Tensor& dw) override {
+                                const Tensor& dw, bool accumulate) override {
     PhaseScope scope(this, Phase::Experts);
-    cuda::launch_grouped_gemm_weight_grad(dy, x, offsets, dw, stream_);
+    if (dw.dtype == DType::F32 && dy.dtype != DType::F32) {
+      // fp32 gradients of bf16 experts (the trainer's bf16 weights): the kernels take one
+      // dtype, so this micro-batch's dw is formed (fp32 accumulation) in a scratch of the
+      // inputs' dtype, then added to (or, on the first micro-batch, copied into) the fp32
+      // gradient.
+      Buffer partial(dy.dtype, dw.shape, Device::CUDA);
+      cuda::launch_grouped_gemm_weight_grad(dy, x, offsets, partial, /*accumulate=*/false, stream_);
+      if (accumulate)
+        cuda::launch_add(dw, dw, partial, stream_);
+      else
+        copy(dw, partial);
+      return;
+    }
+    cuda::launch_grouped_gemm_weight_grad(dy, x, offsets, dw, accumulate, stream_);
   }
 
   void linear_cross_entropy(const LinearCrossEntropyArgs& args) override {
@@ -346,12 +397,19 @@ class CudaBackend final : public Backend {
            args.grad_weight.shape.str(), " must match hidden and weight");
     if (cuda::present(args.logits) && args.logits.numel() != tokens * vocab)
       fail("linear_cross_entropy: logits ", args.logits.shape.str(), " must be (N, V)");
-    if (tokens == 0) return;
+    if (tokens == 0) {
+      if (backward && !args.accumulate_grad_weight && args.grad_weight.numel())
+        MOETUNE_CUDA_CHECK(
+            cudaMemsetAsync(args.grad_weight.data, 0, args.grad_weight.bytes(), stream_));
+      return;
+    }
     // Chunk of rows whose logits take at most ~640 MB (bf16: 2048 rows at a 151,936 vocab).
     const int64_t row_bytes = vocab * static_cast<int64_t>(dtype_size(hidden.dtype));
     const int64_t chunk =
         std::max<int64_t>(1, std::min<int64_t>(tokens, (int64_t(640) << 20) / row_bytes));
     Buffer logits(hidden.dtype, Shape{chunk, vocab}, Device::CUDA);
+    // The first chunk overwrites grad_weight unless accumulating (beta 0: not read).
+    float grad_weight_beta = args.accumulate_grad_weight ? 1.0f : 0.0f;
     for (int64_t start = 0; start < tokens; start += chunk) {
       const int64_t end = std::min(tokens, start + chunk);
       const Tensor h = hidden.slice_rows(start, end);
@@ -365,7 +423,8 @@ class CudaBackend final : public Backend {
                                        stream_);
       if (!backward) continue;
       gemm_impl(l, false, weight, false, args.grad_hidden.slice_rows(start, end), 1.0f, 0.0f);
-      gemm_impl(l, true, h, false, args.grad_weight, 1.0f, 1.0f);
+      gemm_impl(l, true, h, false, args.grad_weight, 1.0f, grad_weight_beta);
+      grad_weight_beta = 1.0f;
     }
   }
 

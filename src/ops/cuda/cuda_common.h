@@ -47,7 +47,8 @@ void launch_fill(const Tensor& dst, float value, cudaStream_t stream);
 void launch_convert(const Tensor& dst, const Tensor& src, cudaStream_t stream);  // float dtypes
 void launch_add(const Tensor& out, const Tensor& a, const Tensor& b, cudaStream_t stream);
 void launch_add_bias(const Tensor& x, const Tensor& bias, cudaStream_t stream);
-void launch_bias_backward(const Tensor& dy, const Tensor& dbias, cudaStream_t stream);
+void launch_bias_backward(const Tensor& dy, const Tensor& dbias, bool accumulate,
+                          cudaStream_t stream);
 void launch_embedding_forward(const Tensor& ids, const Tensor& table, const Tensor& out,
                               cudaStream_t stream);
 void launch_embedding_backward(const Tensor& ids, const Tensor& dout, const Tensor& dtable,
@@ -57,7 +58,8 @@ void launch_rmsnorm_forward(const Tensor* residual, const Tensor* delta, const T
                             cudaStream_t stream);
 void launch_rmsnorm_backward(const Tensor& dout, const Tensor& x, const Tensor& weight,
                              const Tensor& rstd, const Tensor& dx, const Tensor& dweight,
-                             bool accumulate_dx, Scratch& scratch, cudaStream_t stream);
+                             bool accumulate_dx, bool accumulate_dweight, Scratch& scratch,
+                             cudaStream_t stream);
 void launch_rope(const Tensor& x, const Tensor& positions, const Tensor& inv_freq, bool inverse,
                  cudaStream_t stream);
 void launch_swiglu_forward(const Tensor& gate_up, const Tensor& out, cudaStream_t stream);
@@ -89,8 +91,9 @@ void launch_moe_combine_backward(const Tensor& dout, const Tensor& y, const Tens
 // ---- grouped_gemm.cu ----
 void launch_grouped_gemm(const Tensor& a, const Tensor& w, bool transpose_w, const Tensor& offsets,
                          const Tensor& c, cudaStream_t stream);
+// accumulate false: dw overwritten, experts without rows zeroed (device-side offsets).
 void launch_grouped_gemm_weight_grad(const Tensor& dy, const Tensor& x, const Tensor& offsets,
-                                     const Tensor& dw, cudaStream_t stream);
+                                     const Tensor& dw, bool accumulate, cudaStream_t stream);
 
 // ---- attention.cu (reference kernels: any dtype, document masks) ----
 void launch_attention_forward_simple(const Tensor& q, const Tensor& k, const Tensor& v, float scale,

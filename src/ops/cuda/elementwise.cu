@@ -42,13 +42,14 @@ __global__ void add_bias_kernel(void* x, Kind kx, const void* bias, Kind kb, int
     store_any(x, kx, i, load_any(x, kx, i) + load_any(bias, kb, i % d));
 }
 // One thread per column, rows walked in order (coalesced across the warp).
+// accumulate false overwrites dbias without reading it.
 __global__ void bias_backward_kernel(const void* dy, Kind kdy, void* dbias, Kind kb, int64_t rows,
-                                     int64_t d) {
+                                     int64_t d, bool accumulate) {
   const int64_t col = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (col >= d) return;
   float sum = 0.0f;
   for (int64_t r = 0; r < rows; ++r) sum += load_any(dy, kdy, r * d + col);
-  store_any(dbias, kb, col, load_any(dbias, kb, col) + sum);
+  store_any(dbias, kb, col, accumulate ? load_any(dbias, kb, col) + sum : sum);
 }
 
 __global__ void embedding_forward_kernel(const int32_t* ids, const void* table, Kind kt,
@@ -159,13 +160,13 @@ __global__ void rmsnorm_backward_kernel(const scalar_t* dout, const scalar_t* x,
     dweight_partial[blockIdx.x * d + c] = dw_local[c];
 }
 
-__global__ void sum_partials_kernel(const float* partial, int blocks, void* out, Kind ko,
-                                    int64_t d) {
+__global__ void sum_partials_kernel(const float* partial, int blocks, void* out, Kind ko, int64_t d,
+                                    bool accumulate) {
   const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (c >= d) return;
   float sum = 0.0f;
   for (int b = 0; b < blocks; ++b) sum += partial[b * d + c];
-  store_any(out, ko, c, load_any(out, ko, c) + sum);
+  store_any(out, ko, c, accumulate ? load_any(out, ko, c) + sum : sum);
 }
 
 // HF rotate_half: pairs (i, i + D/2) rotate by angle position * inv_freq[i] (fp32 math).
@@ -274,12 +275,13 @@ void launch_add_bias(const Tensor& x, const Tensor& bias, cudaStream_t stream) {
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
 
-void launch_bias_backward(const Tensor& dy, const Tensor& dbias, cudaStream_t stream) {
+void launch_bias_backward(const Tensor& dy, const Tensor& dbias, bool accumulate,
+                          cudaStream_t stream) {
   const int64_t d = dbias.numel();
   if (d == 0 || dy.numel() % d != 0)
     fail("bias_backward: dbias ", dbias.shape.str(), " does not fit ", dy.shape.str());
-  bias_backward_kernel<<<ceil_div(d, 256), 256, 0, stream>>>(dy.data, kind_of(dy), dbias.data,
-                                                             kind_of(dbias), dy.numel() / d, d);
+  bias_backward_kernel<<<ceil_div(d, 256), 256, 0, stream>>>(
+      dy.data, kind_of(dy), dbias.data, kind_of(dbias), dy.numel() / d, d, accumulate);
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
 
@@ -334,7 +336,8 @@ void launch_rmsnorm_forward(const Tensor* residual, const Tensor* delta, const T
 
 void launch_rmsnorm_backward(const Tensor& dout, const Tensor& x, const Tensor& weight,
                              const Tensor& rstd, const Tensor& dx, const Tensor& dweight,
-                             bool accumulate_dx, Scratch& scratch, cudaStream_t stream) {
+                             bool accumulate_dx, bool accumulate_dweight, Scratch& scratch,
+                             cudaStream_t stream) {
   check_float(x, "rmsnorm_backward x");
   const int64_t d = weight.numel();
   if (d == 0 || x.numel() % d != 0 || dout.numel() != x.numel() || dx.numel() != x.numel() ||
@@ -342,7 +345,10 @@ void launch_rmsnorm_backward(const Tensor& dout, const Tensor& x, const Tensor& 
     fail("rmsnorm_backward: shapes/dtypes do not fit: x ", x.shape.str(), " dout ",
          dout.shape.str(), " dx ", dx.shape.str(), " weight ", weight.shape.str());
   const int64_t rows = x.numel() / d;
-  if (rows == 0) return;
+  if (rows == 0) {
+    if (!accumulate_dweight) launch_fill(dweight, 0.0f, stream);
+    return;
+  }
   const int blocks = static_cast<int>(std::min<int64_t>(rows, 264));
   auto* partial = static_cast<float*>(scratch.get(sizeof(float) * blocks * d));
   const size_t smem = sizeof(float) * d;
@@ -356,8 +362,8 @@ void launch_rmsnorm_backward(const Tensor& dout, const Tensor& x, const Tensor& 
         dx.ptr<scalar_t>(), accumulate_dx, partial, rows, d);
   });
   MOETUNE_CUDA_LAUNCH_CHECK();
-  sum_partials_kernel<<<ceil_div(d, 256), 256, 0, stream>>>(partial, blocks, dweight.data,
-                                                            kind_of(dweight), d);
+  sum_partials_kernel<<<ceil_div(d, 256), 256, 0, stream>>>(
+      partial, blocks, dweight.data, kind_of(dweight), d, accumulate_dweight);
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
 

@@ -8,14 +8,19 @@
 //   forward     c[R_e] = a[R_e] @ w[e]^T      (A k-major, B k-major)
 //   data grad   c[R_e] = a[R_e] @ w[e]        (A k-major, B n-major)
 //   weight grad dw[e] += dy[R_e]^T @ x[R_e]   (A m-major, B n-major, K = rows of e)
+//               (or dw[e] = ... with accumulate false: the old dw is not read, and the
+//               blocks of an expert without rows write zeros)
 // Row tiles of the forward/data-grad GEMMs are scheduled on the device: block y = t finds
 // its expert by a warp prefix scan of ceil(rows_e / 128) over the offsets; blocks past the
 // last tile exit. fp32 tensors, and bf16 shapes whose contiguous dims are not multiples of
 // 8, take a simple one-thread-per-output kernel (the parity path).
 // On Hopper, bf16 calls go to the wgmma kernels of grouped_gemm_sm90.cu first; these
-// kernels are the fallback (launch_grouped_gemm_wmma / _weight_grad_wmma).
+// kernels are the fallback (launch_grouped_gemm_wmma / _weight_grad_wmma). Overwriting weight
+// gradients on sm90 leaves the experts without rows to zero_empty_experts_kernel (the CUTLASS
+// grouped GEMM has no tiles for them), which reads the offsets on the device too.
 #include <mma.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -82,6 +87,7 @@ struct GemmArgs {
   int64_t m_dim;  // weight grad only
   const int32_t* offsets;
   int experts;
+  bool accumulate;  // weight grad only: dw += (true) or dw = (false)
 };
 
 template <bool AKMajor, bool BKMajor, bool KGrouped>
@@ -102,7 +108,18 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GemmArgs args) {
     m_limit = args.m_dim;
     k_begin = args.offsets[expert];
     k_end = args.offsets[expert + 1];
-    if (k_begin >= k_end) return;  // no rows: dw[e] += 0
+    if (k_begin >= k_end) {  // no rows: dw[e] += 0, or the block's tile of dw[e] = 0
+      if (!args.accumulate) {
+        const int64_t n_begin = int64_t(blockIdx.x) * kBN;
+        bf16* c_base = args.c + expert * args.c_expert_stride;
+        for (int e = threadIdx.x; e < kBM * kBN; e += kThreads) {
+          const int64_t row = m0 + e / kBN, col = n_begin + e % kBN;
+          if (row < m_limit && col < args.n)
+            c_base[row * args.ldc + col] = __float2bfloat16_rn(0.0f);
+        }
+      }
+      return;
+    }
   } else {
     __shared__ int tile_expert, tile_first;
     if (threadIdx.x < 32) {
@@ -220,7 +237,8 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GemmArgs args) {
         const int64_t row = row0 + e / 16, col = col0 + e % 16;
         if (row < m_limit && col < args.n) {
           float value = scratch[e];
-          if constexpr (KGrouped) value += __bfloat162float(c_base[row * args.ldc + col]);
+          if constexpr (KGrouped)
+            if (args.accumulate) value += __bfloat162float(c_base[row * args.ldc + col]);
           c_base[row * args.ldc + col] = __float2bfloat16_rn(value);
         }
       }
@@ -264,7 +282,7 @@ __global__ void grouped_gemm_simple_kernel(const scalar_t* a, const scalar_t* w,
 template <typename scalar_t>
 __global__ void grouped_weight_grad_simple_kernel(const scalar_t* dy, const scalar_t* x,
                                                   const int32_t* offsets, int64_t p, int64_t q,
-                                                  scalar_t* dw) {
+                                                  bool accumulate, scalar_t* dw) {
   const int e = blockIdx.y;
   const int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (index >= p * q) return;
@@ -273,7 +291,19 @@ __global__ void grouped_weight_grad_simple_kernel(const scalar_t* dy, const scal
   for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r)
     sum += to_float(dy[r * p + i]) * to_float(x[r * q + j]);
   scalar_t* out = dw + e * p * q + index;
-  *out = from_float<scalar_t>(to_float(*out) + sum);
+  *out = from_float<scalar_t>(accumulate ? to_float(*out) + sum : sum);
+}
+
+// dw[e] = 0 for every expert e without rows (offsets[e] == offsets[e + 1]); blocks of experts
+// with rows exit at once. grid (chunks, E).
+__global__ void zero_empty_experts_kernel(const int32_t* offsets, bf16* dw, int64_t expert_size) {
+  const int e = blockIdx.y;
+  if (offsets[e] != offsets[e + 1]) return;
+  bf16* expert = dw + e * expert_size;
+  const bf16 zero = __float2bfloat16_rn(0.0f);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < expert_size;
+       i += int64_t(gridDim.x) * blockDim.x)
+    expert[i] = zero;
 }
 
 bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data) % 16 == 0; }
@@ -311,9 +341,21 @@ void launch_grouped_gemm(const Tensor& a, const Tensor& w, bool transpose_w, con
 }
 
 void launch_grouped_gemm_weight_grad(const Tensor& dy, const Tensor& x, const Tensor& offsets,
-                                     const Tensor& dw, cudaStream_t stream) {
-  if (!sm90_allowed() || !launch_grouped_gemm_weight_grad_sm90(dy, x, offsets, dw, stream))
-    launch_grouped_gemm_weight_grad_wmma(dy, x, offsets, dw, stream);
+                                     const Tensor& dw, bool accumulate, cudaStream_t stream) {
+  if (sm90_allowed() &&
+      launch_grouped_gemm_weight_grad_sm90(dy, x, offsets, dw, stream, accumulate)) {
+    // The sm90 kernel has no tiles for experts without rows: overwriting zeroes them here.
+    if (!accumulate) {
+      const int64_t experts = dw.size(0), expert_size = dw.size(1) * dw.size(2);
+      const unsigned chunks =
+          static_cast<unsigned>(std::min<int64_t>(ceil_div(expert_size, 1024), 64));
+      zero_empty_experts_kernel<<<dim3(chunks, static_cast<unsigned>(experts)), 256, 0, stream>>>(
+          offsets.ptr<int32_t>(), dw.ptr<bf16>(), expert_size);
+      MOETUNE_CUDA_LAUNCH_CHECK();
+    }
+    return;
+  }
+  launch_grouped_gemm_weight_grad_wmma(dy, x, offsets, dw, stream, accumulate);
 }
 
 void launch_grouped_gemm_wmma(const Tensor& a, const Tensor& w, bool transpose_w,
@@ -363,7 +405,7 @@ void launch_grouped_gemm_wmma(const Tensor& a, const Tensor& w, bool transpose_w
 }
 
 void launch_grouped_gemm_weight_grad_wmma(const Tensor& dy, const Tensor& x, const Tensor& offsets,
-                                          const Tensor& dw, cudaStream_t stream) {
+                                          const Tensor& dw, cudaStream_t stream, bool accumulate) {
   check_float(dy, "grouped_gemm_weight_grad dy");
   check_i32(offsets, "grouped_gemm_weight_grad offsets");
   if (dw.rank() != 3 || dy.rank() != 2 || x.rank() != 2 || dy.dtype != x.dtype ||
@@ -383,7 +425,7 @@ void launch_grouped_gemm_weight_grad_wmma(const Tensor& dy, const Tensor& x, con
     MOETUNE_DISPATCH_FLOAT(dy.dtype, "grouped_gemm_weight_grad", {
       grouped_weight_grad_simple_kernel<scalar_t>
           <<<dim3(static_cast<unsigned>(ceil_div(p * q, 256)), experts), 256, 0, stream>>>(
-              dy.ptr<scalar_t>(), x.ptr<scalar_t>(), offsets.ptr<int32_t>(), p, q,
+              dy.ptr<scalar_t>(), x.ptr<scalar_t>(), offsets.ptr<int32_t>(), p, q, accumulate,
               dw.ptr<scalar_t>());
     });
     MOETUNE_CUDA_LAUNCH_CHECK();
@@ -401,6 +443,7 @@ void launch_grouped_gemm_weight_grad_wmma(const Tensor& dy, const Tensor& x, con
   args.m_dim = p;
   args.offsets = offsets.ptr<int32_t>();
   args.experts = experts;
+  args.accumulate = accumulate;
   const dim3 grid(static_cast<unsigned>(ceil_div(q, kBN)), static_cast<unsigned>(ceil_div(p, kBM)),
                   experts);
   launch_tiled<false, false, true>(args, grid, stream);

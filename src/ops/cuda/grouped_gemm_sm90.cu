@@ -12,8 +12,11 @@
 //   forward     c[R_e] = a[R_e] @ w[e]^T    A row-major (rows, K), B = w[e] (N, K) k-major
 //   data grad   c[R_e] = a[R_e] @ w[e]      A row-major (rows, K), B = w[e] (K, N) n-major
 //   weight grad dw[e] += dy[R_e]^T @ x[R_e] A = dy^T (P, rows_e) m-major, B = x (rows_e, Q)
-//               n-major, K = rows of e; epilogue D = acc + 1 * C with C = D = dw[e] (bf16,
+//               n-major, K = rows of e; epilogue D = acc + beta * C with C = D = dw[e] (bf16,
 //               like the WMMA path); experts without rows get M = 0 (no tiles: dw[e] += 0).
+//               beta 0 (overwrite, accumulate false) is a run-time value: LinearCombination's
+//               is_C_load_needed() is false when beta == 0 (Sm90ScalarBroadcastPtrArray::
+//               is_zero), so the epilogue never loads C; the caller zeroes empty experts.
 // Built only with CUTLASS headers (scripts/setup.sh: pinned nvidia-cutlass wheel) and an
 // sm_90a target; otherwise the launchers return false and grouped_gemm.cu's WMMA kernels run.
 #include "ops/cuda/device_utils.cuh"
@@ -269,7 +272,7 @@ bool launch_grouped_gemm_sm90(const Tensor& a, const Tensor& w, bool transpose_w
 }
 
 bool launch_grouped_gemm_weight_grad_sm90(const Tensor& dy, const Tensor& x, const Tensor& offsets,
-                                          const Tensor& dw, cudaStream_t stream) {
+                                          const Tensor& dw, cudaStream_t stream, bool accumulate) {
   if (dy.dtype != DType::BF16 || x.dtype != DType::BF16 || dw.dtype != DType::BF16 ||
       offsets.dtype != DType::I32)
     return false;
@@ -284,7 +287,7 @@ bool launch_grouped_gemm_weight_grad_sm90(const Tensor& dy, const Tensor& x, con
   if (rows > INT32_MAX || p > INT32_MAX || q > INT32_MAX || experts > INT32_MAX) return false;
   int device = 0, sms = 0;
   if (!hopper_device(device, sms)) return false;
-  if (rows == 0) return true;  // every expert is empty: dw += 0
+  if (rows == 0) return true;  // every expert is empty: dw += 0 (the caller zeroes them)
 
   GroupPlan plan{};
   plan.offsets = offsets.ptr<int32_t>();
@@ -300,7 +303,7 @@ bool launch_grouped_gemm_weight_grad_sm90(const Tensor& dy, const Tensor& x, con
   plan.c_expert = p * q;
   using G = WeightGradGemm;
   run_grouped<G>(plan, typename G::StrideA{_1{}, p, _0{}}, typename G::StrideB{_1{}, q, _0{}},
-                 typename G::StrideC{q, _1{}, _0{}}, 1.0f, device, sms, stream);
+                 typename G::StrideC{q, _1{}, _0{}}, accumulate ? 1.0f : 0.0f, device, sms, stream);
   return true;
 }
 
@@ -314,7 +317,7 @@ bool launch_grouped_gemm_sm90(const Tensor&, const Tensor&, bool, const Tensor&,
   return false;
 }
 bool launch_grouped_gemm_weight_grad_sm90(const Tensor&, const Tensor&, const Tensor&,
-                                          const Tensor&, cudaStream_t) {
+                                          const Tensor&, cudaStream_t, bool) {
   return false;
 }
 }  // namespace moetune::cuda

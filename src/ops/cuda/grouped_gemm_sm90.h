@@ -16,14 +16,18 @@ namespace moetune::cuda {
 // R_e = rows offsets[e] .. offsets[e+1] of a (rows, K) and c (rows, N); bf16, fp32 accumulation.
 bool launch_grouped_gemm_sm90(const Tensor& a, const Tensor& w, bool transpose_w,
                               const Tensor& offsets, const Tensor& c, cudaStream_t stream);
-// dw[e] (P, Q) += dy[R_e]^T @ x[R_e] (dy (rows, P), x (rows, Q), dw bf16, fp32 accumulation).
+// dw[e] (P, Q) += dy[R_e]^T @ x[R_e] (dy (rows, P), x (rows, Q), dw bf16, fp32 accumulation);
+// accumulate false: dw[e] = ... (epilogue beta 0: CUTLASS skips loading C), and experts
+// without rows are NOT written (no tiles): the caller zeroes them.
 bool launch_grouped_gemm_weight_grad_sm90(const Tensor& dy, const Tensor& x, const Tensor& offsets,
-                                          const Tensor& dw, cudaStream_t stream);
+                                          const Tensor& dw, cudaStream_t stream,
+                                          bool accumulate = true);
 
 // The WMMA kernels of grouped_gemm.cu alone (the fallback path), for tests and benchmarks.
 void launch_grouped_gemm_wmma(const Tensor& a, const Tensor& w, bool transpose_w,
                               const Tensor& offsets, const Tensor& c, cudaStream_t stream);
 void launch_grouped_gemm_weight_grad_wmma(const Tensor& dy, const Tensor& x, const Tensor& offsets,
-                                          const Tensor& dw, cudaStream_t stream);
+                                          const Tensor& dw, cudaStream_t stream,
+                                          bool accumulate = true);
 
 }  // namespace moetune::cuda
