@@ -155,8 +155,9 @@ class Model {
   // first data-parallel replica's; the other replicas hold the same values and must not
   // write): each rank writes the shard file(s) of its own experts, EP rank 0 also the other
   // tensors, config.json, the tokenizer files and the index naming every tensor, so the
-  // folder is one standard HF checkpoint. Returns when every rank of the group has written
-  // (a barrier on the group).
+  // folder is one standard HF checkpoint. Starts and ends with a barrier on the group: EP
+  // rank 0 may prepare the folder before the call (e.g. clear a FOLDER.tmp) and rename it
+  // after; every rank returns once all files are written.
   void save_hf_folder(const std::filesystem::path& folder, const SaveOptions& options) const;
   // Copies every on-disk tensor's value (or gradient) to host fp32, under its HF name
   // (with expert parallelism: only this rank's experts, under their global names).

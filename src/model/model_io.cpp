@@ -190,6 +190,8 @@ void Model::save_hf_folder(const std::filesystem::path& folder, const SaveOption
     write_checkpoint(folder, to_host(hf_checkpoint_tensors(config_)),
                      static_cast<uint64_t>(options.max_shard_bytes));
   } else {
+    // Everyone enters before anyone writes (EP rank 0 may have cleared the folder first).
+    options_.expert_comm->barrier(backend_.stream());
     const int ep = options_.expert_comm->size();
     const std::vector<PlannedShard> shards = plan_expert_parallel_shards(
         config_, ep, options.dtype, static_cast<uint64_t>(options.max_shard_bytes));
