@@ -263,6 +263,7 @@ void expect_same_run(const RunResult& ranks_result, const RunResult& alone,
 class DataParallelStages : public ::testing::TestWithParam<std::pair<int, int>> {};
 
 TEST_P(DataParallelStages, RanksMatchOneProcess) {
+  MOETUNE_SKIP_FORKED_RANKS_UNDER_ASAN();
   const auto [world, stage] = GetParam();
   const std::vector<RunResult> ranks = run_ranks(world, stage);
   const RunResult alone = train_alone();
@@ -279,6 +280,7 @@ INSTANTIATE_TEST_SUITE_P(ZeroStages, DataParallelStages,
                                            std::pair{3, 2}, std::pair{3, 1}));
 
 TEST(DataParallel, LayoutErrorsNameTheKey) {
+  MOETUNE_SKIP_FORKED_RANKS_UNDER_ASAN();
   auto message = [](int world, int64_t ep, int64_t dp, int64_t experts) {
     try {
       resolve_layout(world, ep, dp, experts);
@@ -312,6 +314,7 @@ TEST(DataParallel, LayoutErrorsNameTheKey) {
 }
 
 TEST(DataParallel, OptimizerShardsAreRecutAndCheckedOnLoad) {
+  MOETUNE_SKIP_FORKED_RANKS_UNDER_ASAN();
   testing::TempDir dir;
   auto backend = make_cpu_backend();
   // Parameter "w" of 10 elements saved by two ranks: [0, 5) and [5, 10), value = index.
