@@ -180,7 +180,7 @@ class Model {
   // GradientStorage::PerGroup: gives group `index`'s gradients memory / takes it back.
   void bind_group_grads(size_t index);
   void release_group_grads(size_t index);
-  size_t group_bytes(size_t index) const;          // its gradients, each 256-byte aligned
+  size_t group_bytes(size_t index) const;         // its gradients, each 256-byte aligned
   bool tied_embedding_group(size_t index) const;  // the embedding group of a tied model
   // Calls the hook for group `index`, then releases its per-group gradients.
   void finish_group(size_t index);
@@ -196,7 +196,7 @@ class Model {
   std::unique_ptr<ModelActivations> activations_;
   std::vector<GradientGroup> gradient_groups_;
   GradientReadyHook gradient_ready_hook_;
-  bool overwrite_grads_ = true;                   // set by zero_grads(), cleared by a backward
+  bool overwrite_grads_ = true;      // set by zero_grads(), cleared by a backward
   std::vector<Buffer> group_grads_;  // PerGroup: each group's live gradients (one arena)
   size_t group_arena_bytes_ = 0;     // the largest group's gradients, each 256-byte aligned
   static constexpr size_t kGradAlignment = 256;

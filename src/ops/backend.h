@@ -57,7 +57,7 @@ struct LinearCrossEntropyArgs {
   Tensor grad_hidden;       // (N, H) overwritten (when grad_scale != 0)
   Tensor grad_weight;       // (V, H) accumulate (when grad_scale != 0)
   bool accumulate_grad_weight = true;  // false: grad_weight is overwritten
-  Tensor logits;            // (N, V) fp32, optional: written when defined (parity tests)
+  Tensor logits;                       // (N, V) fp32, optional: written when defined (parity tests)
 };
 
 class Backend {

@@ -36,8 +36,8 @@ struct CheckpointContents {
   nlohmann::json trainer_state;
   // Several ranks (dist_checkpoint.h): called on rank 0 with the temporary folder as soon
   // as it exists (before the model is written), while the other ranks write their rank-R/
-  // parts into it; the folder is renamed to step-N only after this returns. An empty `optimizer` writes no
-  // optimizer.safetensors (the state is in the ranks' parts).
+  // parts into it; the folder is renamed to step-N only after this returns. An empty `optimizer`
+  // writes no optimizer.safetensors (the state is in the ranks' parts).
   std::function<void(const std::filesystem::path& temporary)> add_parts;
 };
 
