@@ -53,13 +53,13 @@ ModelConfig tiny_moe(bool tied) {
 
 enum class Path { Plain, InBackward, Overlapped };
 
-struct Run {
+struct TrainedRun {
   std::vector<double> losses, norms;
   std::vector<Model::NamedHostTensor> weights;
   std::vector<std::vector<float>> state;  // AdamW state tensors, host fp32
 };
 
-Run train(Backend& backend, Path path, bool tied, bool recompute) {
+TrainedRun train(Backend& backend, Path path, bool tied, bool recompute) {
   const ModelConfig config = tiny_moe(tied);
   ModelOptions options;
   options.param_dtype = DType::BF16;
@@ -77,7 +77,7 @@ Run train(Backend& backend, Path path, bool tied, bool recompute) {
     in_backward = std::make_unique<InBackwardOptimizer>(*model, adamw, in_backward_options);
     EXPECT_EQ(in_backward->overlapping(), path == Path::Overlapped);
   }
-  Run run;
+  TrainedRun run;
   const int64_t B = 2, T = 256;
   for (int step = 0; step < 4; ++step) {
     const auto noise = testing::random_floats(static_cast<size_t>(B * T), 77 + step, 1.0f);
@@ -104,7 +104,7 @@ Run train(Backend& backend, Path path, bool tied, bool recompute) {
   return run;
 }
 
-void expect_same(const Run& a, const Run& b, const char* what) {
+void expect_same(const TrainedRun& a, const TrainedRun& b, const char* what) {
   EXPECT_EQ(a.losses, b.losses) << what;
   ASSERT_EQ(a.weights.size(), b.weights.size());
   for (size_t i = 0; i < a.weights.size(); ++i)
@@ -119,9 +119,9 @@ class CudaOptimizerInBackward : public ::testing::TestWithParam<std::tuple<bool,
 TEST_P(CudaOptimizerInBackward, OverlappedInlineAndPlainAreBitIdentical) {
   const auto [tied, recompute] = GetParam();
   auto backend = make_cuda_backend(0);
-  const Run plain = train(*backend, Path::Plain, tied, recompute);
-  const Run in_backward = train(*backend, Path::InBackward, tied, recompute);
-  const Run overlapped = train(*backend, Path::Overlapped, tied, recompute);
+  const TrainedRun plain = train(*backend, Path::Plain, tied, recompute);
+  const TrainedRun in_backward = train(*backend, Path::InBackward, tied, recompute);
+  const TrainedRun overlapped = train(*backend, Path::Overlapped, tied, recompute);
   expect_same(plain, in_backward, "inline vs plain");
   expect_same(in_backward, overlapped, "overlapped vs inline");
   EXPECT_EQ(in_backward.norms, overlapped.norms);
