@@ -501,7 +501,9 @@ class CudaBackend final : public Backend {
                     float grad_scale) override {
     PhaseScope scope(this, Phase::Optimizer);
     BufferScratch scratch;
-    cuda::launch_adamw(params, hyper, grad_scale, scratch, stream_);
+    // On a side stream: short blocks (adamw.cu), so the ops' kernels are not locked out.
+    cuda::launch_adamw(params, hyper, grad_scale, scratch, stream_,
+                       /*block_per_chunk_grid=*/stream_ != ops_stream_);
   }
 
  private:
