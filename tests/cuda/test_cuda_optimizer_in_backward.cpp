@@ -133,25 +133,27 @@ INSTANTIATE_TEST_SUITE_P(TiedRecompute, CudaOptimizerInBackward,
 
 TEST(CudaSideStream, FreedBlockWaitsForTheSideStream) {
   auto backend = make_cuda_backend(0);
-  // Keep the ops' stream busy (~10 ms of 1 GiB fills), so the side stream (which starts after
-  // every op enqueued so far) cannot have passed the free when the host allocates again.
-  Buffer big(DType::F32, {int64_t(1) << 28}, Device::CUDA);  // 1 GiB
+  const int64_t floats = 777 * 512 / 4;  // a size no other allocation here uses
+  // Two cached blocks of that size, so no cudaMalloc (which may synchronise) runs below.
+  { Buffer a(DType::F32, {floats}, Device::CUDA), b(DType::F32, {floats}, Device::CUDA); }
+  // Keep the ops' stream busy (~10 ms of 1 GiB fills), so the side stream (which starts
+  // after every op enqueued so far) cannot have passed the free when the host allocates again.
+  Buffer big(DType::F32, {int64_t(1) << 28}, Device::CUDA);
   for (int i = 0; i < 32; ++i) backend->fill(big, float(i));
   auto side = backend->make_side_stream(Backend::SideStreamPriority::Low);
   ASSERT_NE(side, nullptr);
-  const int64_t bytes = 777 * 512;  // a size no other allocation here uses
   void* side_block = nullptr;
   {
     SideStreamOps on_side(side.get());
-    Buffer scratch(DType::F32, {bytes / 4}, Device::CUDA);
+    Buffer scratch(DType::F32, {floats}, Device::CUDA);
     backend->fill(scratch, 2.0f);
     side_block = scratch.data();
-  }  // freed on the side stream
-  Buffer reused(DType::F32, {bytes / 4}, Device::CUDA);
+  }  // freed on the side stream: the newest cached block without the rule
+  Buffer reused(DType::F32, {floats}, Device::CUDA);
   EXPECT_NE(reused.data(), side_block) << "a block still in use on the side stream was reused";
   side->join();
   backend->synchronize();
-  Buffer again(DType::F32, {bytes / 4}, Device::CUDA);  // the side stream has passed it now
+  Buffer again(DType::F32, {floats}, Device::CUDA);  // the side stream has passed it now
   EXPECT_EQ(again.data(), side_block);
 }
 
