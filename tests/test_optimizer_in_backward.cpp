@@ -2,9 +2,16 @@
 // group inside the gradient-ready hook gives weights bit-identical to the whole-model step
 // after several steps (tied and untied embeddings); gradients exist only inside the hook
 // (Parameter::grad valid there, for data-parallel reductions); a second micro-batch without
-// zero_grads() is refused; the memory plan counts one group; the recipe key resolves auto and
-// rejects true with accumulation or clipping; the trainer's run matches the normal path.
+// zero_grads() is refused; the memory plan counts one group (two with side-stream updates);
+// the recipe key resolves auto and rejects true with accumulation or clipping; the trainer's
+// run matches the normal path. InBackwardOptimizer (the class the trainer and the bench use)
+// gives the same weights and the whole-model gradient norm; with a side stream the model
+// rotates the groups through two arenas and orders them with fences (a recording fake side
+// stream on the CPU checks the sequence; tests/cuda/test_cuda_optimizer_in_backward.cpp runs
+// the real overlap).
 #include <gtest/gtest.h>
+
+#include <cmath>
 
 #include "core/error.h"
 #include "model/memory_plan.h"
@@ -12,6 +19,7 @@
 #include "test_util.h"
 #include "train/adamw.h"
 #include "train/metrics.h"
+#include "train/optimizer_in_backward.h"
 #include "train/recipe.h"
 #include "train/trainer.h"
 
@@ -147,8 +155,177 @@ TEST(OptimizerInBackwardPlan, GradientsOfOneGroup) {
       largest = std::max(largest, layer_parameters(config, l));
     EXPECT_EQ(per_group.grads, (largest + (tied ? V * H : 0)) * 4) << tied;
     EXPECT_LT(per_group.grads, all.grads);
+    options.gradient_arenas = 2;  // updates on a side stream: a ring of two arenas
+    EXPECT_EQ(plan_memory(config, options).grads, (2 * largest + (tied ? V * H : 0)) * 4) << tied;
   }
 }
+
+// ---- InBackwardOptimizer ----------------------------------------------------------------
+
+float host_value(Backend& backend, const Tensor& scalar) {
+  float value = 0;
+  backend.copy(Tensor(&value, DType::F32, {1}), scalar);
+  backend.synchronize();
+  return value;
+}
+
+class InBackwardOptimizerTest : public ::testing::TestWithParam<bool> {};
+
+TEST_P(InBackwardOptimizerTest, SameWeightsAndGradNormAsTheWholeModelStep) {
+  const bool tied = GetParam();
+  auto backend = make_cpu_backend();
+  const ModelConfig config = tiny_config(tied);
+  ModelOptions per_group_options;
+  per_group_options.grad_storage = GradientStorage::PerGroup;
+  auto normal = Model::random_init(config, 7, *backend);
+  auto in_backward = Model::random_init(config, 7, *backend, per_group_options);
+  AdamWConfig adamw_config;
+  adamw_config.lr = 1e-2;
+  adamw_config.weight_decay = 0.1;
+  AdamW normal_adamw(normal->parameters(), *backend, adamw_config);
+  AdamW in_backward_adamw(in_backward->parameters(), *backend, adamw_config);
+  std::vector<Tensor> normal_grads;
+  for (const Parameter& parameter : normal->parameters()) normal_grads.push_back(parameter.grad);
+  Buffer norm_squared(DType::F32, {1}, backend->device());
+  {
+    InBackwardOptimizer optimizer(*in_backward, in_backward_adamw, InBackwardOptions{});
+    EXPECT_FALSE(optimizer.overlapping());  // the CPU has no streams: inline in the hook
+    EXPECT_EQ(in_backward->gradient_arenas(), 1);
+    for (unsigned step = 0; step < 3; ++step) {
+      const double lr = 2e-2 * (step + 1);  // a schedule
+      const Tokens tokens = make_tokens(2 * 7, 300 + step, config.vocab_size);
+      const BatchView batch{2, 7, tokens.ids, tokens.labels, {}, {}};
+      normal->zero_grads();
+      const StepResult a = normal->forward_backward(batch, 0.1f);
+      backend->grad_norm_squared(normal_grads, norm_squared);
+      const double normal_norm = std::sqrt(host_value(*backend, norm_squared));
+      normal_adamw.step(lr);
+      optimizer.begin_step(lr);
+      in_backward->zero_grads();
+      const StepResult b = in_backward->forward_backward(batch, 0.1f);
+      EXPECT_EQ(a.loss_sum, b.loss_sum) << "step " << step;
+      EXPECT_GT(normal_norm, 0.0);
+      EXPECT_NEAR(optimizer.grad_norm(), normal_norm, 1e-5 * normal_norm) << "step " << step;
+    }
+  }
+  EXPECT_EQ(in_backward_adamw.step_count(), 3);
+  for (size_t i = 0; i < normal->parameters().size(); ++i) {
+    const Tensor x = normal->parameters()[i].value, y = in_backward->parameters()[i].value;
+    EXPECT_TRUE(std::equal(x.ptr<float>(), x.ptr<float>() + x.numel(), y.ptr<float>()))
+        << normal->parameters()[i].name;
+  }
+  // The destructor removed the hook: a step now leaves the weights alone.
+  std::vector<std::vector<float>> before;
+  for (const Parameter& parameter : in_backward->parameters())
+    before.emplace_back(parameter.value.ptr<float>(),
+                        parameter.value.ptr<float>() + parameter.value.numel());
+  const Tokens tokens = make_tokens(7, 9, config.vocab_size);
+  in_backward->zero_grads();
+  in_backward->forward_backward({1, 7, tokens.ids, tokens.labels, {}, {}}, 0.1f);
+  for (size_t i = 0; i < before.size(); ++i) {
+    const Tensor y = in_backward->parameters()[i].value;
+    EXPECT_TRUE(std::equal(before[i].begin(), before[i].end(), y.ptr<float>()));
+  }
+}
+
+TEST(InBackwardOptimizerNorms, OffRefusesGradNorm) {
+  auto backend = make_cpu_backend();
+  ModelOptions options;
+  options.grad_storage = GradientStorage::PerGroup;
+  auto model = Model::random_init(tiny_config(false), 7, *backend, options);
+  AdamW adamw(model->parameters(), *backend, AdamWConfig{});
+  InBackwardOptions in_backward_options;
+  in_backward_options.grad_norm = false;
+  InBackwardOptimizer optimizer(*model, adamw, in_backward_options);
+  EXPECT_THROW(optimizer.grad_norm(), Error);
+}
+
+// A side stream that only records what the model asks of it (the CPU runs everything in
+// order, so the ops stay correct): checks the ring of arenas and the fences around it.
+class RecordingSideStream final : public Backend::SideStream {
+ public:
+  std::vector<std::string> calls;
+  void* handle() const override { return nullptr; }
+  void wait_for_ops() override { calls.push_back("wait"); }
+  void join() override { calls.push_back("join"); }
+  void record_fence(int fence) override { calls.push_back("record " + std::to_string(fence)); }
+  void join_fence(int fence) override { calls.push_back("join " + std::to_string(fence)); }
+  void begin_ops() override { calls.push_back("begin"); }
+  void end_ops() override { calls.push_back("end"); }
+};
+
+TEST_P(InBackwardOptimizerTest, SideStreamRingOfTwoArenasWithFences) {
+  const bool tied = GetParam();
+  auto backend = make_cpu_backend();
+  const ModelConfig config = tiny_config(tied);
+  ModelOptions per_group_options;
+  per_group_options.grad_storage = GradientStorage::PerGroup;
+  auto normal = Model::random_init(config, 11, *backend);
+  auto model = Model::random_init(config, 11, *backend, per_group_options);
+  AdamWConfig adamw_config;
+  adamw_config.lr = 1e-2;
+  AdamW normal_adamw(normal->parameters(), *backend, adamw_config);
+  AdamW adamw(model->parameters(), *backend, adamw_config);
+  RecordingSideStream side;
+  model->set_gradient_side_stream(&side);
+  EXPECT_EQ(model->gradient_arenas(), 2);
+  std::vector<const void*> arena_of_group;  // the group's first gradient's address
+  const double lr = 3e-2;
+  model->set_gradient_ready_hook([&](size_t index) {
+    const GradientGroup& group = model->gradient_groups()[index];
+    arena_of_group.push_back(model->parameters()[group.begin].grad.data);
+    side.calls.push_back("hook " + group.name);
+    SideStreamOps on_side(&side);
+    adamw.update(group.begin, group.end, lr);
+  });
+  for (unsigned step = 0; step < 2; ++step) {
+    const Tokens tokens = make_tokens(2 * 6, 500 + step, config.vocab_size);
+    const BatchView batch{2, 6, tokens.ids, tokens.labels, {}, {}};
+    normal->zero_grads();
+    normal->forward_backward(batch, 0.1f);
+    normal_adamw.step(lr);
+    side.calls.clear();
+    arena_of_group.clear();
+    model->zero_grads();
+    adamw.begin_step();
+    model->forward_backward(batch, 0.1f);
+
+    // head, layer.2, layer.1, layer.0, embedding: the ring alternates 0, 1, 0, 1 (, 0); each
+    // bind joins its slot's fence, each hook's side work is followed by the slot's record;
+    // a tied embedding has its own arena (no fence); the step ends with a join.
+    std::vector<std::string> expected = {"join 0"};
+    const auto& groups = model->gradient_groups();
+    int slot = 0;
+    for (size_t g = 0; g < groups.size(); ++g) {
+      const bool tied_group = tied && groups[g].name == "embedding";
+      if (g > 0 && !tied_group) expected.push_back("join " + std::to_string(slot));
+      expected.insert(expected.end(), {"hook " + groups[g].name, "begin", "end"});
+      if (!tied_group) expected.push_back("record " + std::to_string(slot));
+      if (!tied_group) slot = 1 - slot;
+    }
+    expected.push_back("join");
+    EXPECT_EQ(side.calls, expected) << "step " << step;
+
+    ASSERT_EQ(arena_of_group.size(), groups.size());
+    for (size_t g = 2; g < groups.size(); ++g) {
+      if (tied && g + 1 == groups.size()) continue;
+      EXPECT_EQ(arena_of_group[g], arena_of_group[g - 2]) << groups[g].name;
+      EXPECT_NE(arena_of_group[g], arena_of_group[g - 1]) << groups[g].name;
+    }
+    if (tied)
+      for (size_t g = 0; g + 1 < groups.size(); ++g)
+        EXPECT_NE(arena_of_group.back(), arena_of_group[g]);
+  }
+  for (size_t i = 0; i < normal->parameters().size(); ++i) {
+    const Tensor x = normal->parameters()[i].value, y = model->parameters()[i].value;
+    EXPECT_TRUE(std::equal(x.ptr<float>(), x.ptr<float>() + x.numel(), y.ptr<float>()))
+        << normal->parameters()[i].name;
+  }
+  model->set_gradient_side_stream(nullptr);
+  EXPECT_EQ(model->gradient_arenas(), 1);
+}
+
+INSTANTIATE_TEST_SUITE_P(Tied, InBackwardOptimizerTest, ::testing::Bool());
 
 // ---- recipe and trainer -----------------------------------------------------------------
 

@@ -11,12 +11,18 @@
 // reductions overlapped with the backward on a communication stream unless --no-overlap-comm),
 // and rank 0 prints one line with "gpus", tps per GPU and the largest peak memory of any rank.
 // --optimizer-in-backward: AdamW per gradient group inside the gradient-ready hook and
-// per-group gradient storage (GradientStorage::PerGroup), as training.optimizer_in_backward.
+// per-group gradient storage (GradientStorage::PerGroup), as training.optimizer_in_backward
+// (InBackwardOptimizer; no gradient norm, as the other paths here), the updates on a
+// low-priority side stream beside the backward unless --no-overlap-optimizer.
 // grouped_gemm_tflops: the profiled step's expert GEMMs (forward + data grad, weight grad).
+// The profiled step's time per op (outermost Backend ops by name; side-stream ops apart,
+// their time overlaps) goes to stderr as a table and to the JSON line as ops_ms and
+// side_ops_ms.
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
@@ -27,6 +33,8 @@
 #include "model/memory_plan.h"
 #include "model/model.h"
 #include "ops/backend.h"
+#include "train/adamw.h"
+#include "train/optimizer_in_backward.h"
 #include "train/parallel_context.h"
 #include "train/sharded_adamw.h"
 
@@ -67,7 +75,7 @@ int run_bench(int argc, char** argv) {
   int64_t layers = 0, seq = 4096, micro_batch = 1, steps = 5, warmup = 2;
   bool recompute = false, optimizer_in_backward = false;
   int64_t expert_parallel = 1, zero_stage = 1;
-  bool overlap_comm = true;
+  bool overlap_comm = true, overlap_optimizer = true;
   app.add_option("--config", config_path, "HF config.json of the model shape")->required();
   app.add_option("--layers", layers, "keep the first N decoder layers (default: all)");
   app.add_option("--seq", seq, "tokens per row");
@@ -89,6 +97,9 @@ int run_bench(int argc, char** argv) {
   app.add_flag("--overlap-comm,!--no-overlap-comm", overlap_comm,
                "several GPUs: gradient reductions on a communication stream beside the "
                "backward (default) or on the compute stream");
+  app.add_flag("--overlap-optimizer,!--no-overlap-optimizer", overlap_optimizer,
+               "with --optimizer-in-backward: each group's update on a low-priority side stream "
+               "beside the backward (default) or between the layers on the compute stream");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& error) {
@@ -111,6 +122,8 @@ int run_bench(int argc, char** argv) {
       start_parallel(device, expert_parallel, 0, config.num_experts,
                      LayoutKeys{"--expert-parallel", "--data-parallel", "--device"});
   const int world = parallel ? parallel->world() : 1;
+  if (parallel && optimizer_in_backward)
+    fail("bench: --optimizer-in-backward runs on one GPU only (as training.optimizer_in_backward)");
   auto backend = make_backend(parallel ? parallel->device : device);
   ModelOptions options;
   options.param_dtype = DType::BF16;
@@ -146,23 +159,23 @@ int run_bench(int argc, char** argv) {
         *parallel->groups.world, *parallel->groups.expert_dp, dp_options);
     model->set_gradient_ready_hook([&](size_t group) { dp_optimizer->reduce_group(group); });
   }
-  std::vector<Buffer> state;
-  std::vector<AdamWParam> adamw;
-  for (const Parameter& parameter : model->parameters()) {
-    if (dp_optimizer) break;
-    state.emplace_back(parameter.value.dtype, parameter.value.shape, Device::CUDA);
-    state.emplace_back(parameter.value.dtype, parameter.value.shape, Device::CUDA);
-    AdamWParam entry;
-    entry.param = parameter.value;
-    entry.grad = parameter.grad;
-    entry.exp_avg = state[state.size() - 2];
-    entry.exp_avg_sq = state.back();
-    entry.weight_decay = parameter.decay ? 0.01f : 0.0f;
-    adamw.push_back(entry);
-  }
-  for (const AdamWParam& entry : adamw) {
-    backend->fill(entry.exp_avg, 0.0f);
-    backend->fill(entry.exp_avg_sq, 0.0f);
+  // One GPU: AdamW (state in bf16, no master weights) per step, or per group in the backward.
+  constexpr double kLr = 1e-5;
+  std::unique_ptr<AdamW> adamw;
+  std::unique_ptr<InBackwardOptimizer> in_backward;
+  if (!dp_optimizer) {
+    AdamWConfig adamw_config;
+    adamw_config.lr = kLr;
+    adamw_config.weight_decay = 0.01;
+    adamw_config.state_dtype = DType::BF16;
+    adamw_config.master_weights = false;
+    adamw = std::make_unique<AdamW>(model->parameters(), *backend, adamw_config);
+    if (optimizer_in_backward) {
+      InBackwardOptions in_backward_options;
+      in_backward_options.overlap = overlap_optimizer;
+      in_backward_options.grad_norm = false;
+      in_backward = std::make_unique<InBackwardOptimizer>(*model, *adamw, in_backward_options);
+    }
   }
 
   const int64_t tokens = micro_batch * seq;
@@ -177,26 +190,15 @@ int run_bench(int argc, char** argv) {
   batch.labels = ids;
   const float loss_scale = 1.0f / static_cast<float>(micro_batch * (seq - 1));
 
-  AdamWHyper hyper;
-  hyper.lr = 1e-5;
-  if (optimizer_in_backward)
-    model->set_gradient_ready_hook([&](size_t index) {
-      const GradientGroup& group = model->gradient_groups()[index];
-      for (size_t i = group.begin; i < group.end; ++i) adamw[i].grad = model->parameters()[i].grad;
-      backend->adamw_update(
-          std::span<const AdamWParam>(adamw).subspan(group.begin, group.end - group.begin), hyper,
-          1.0f);
-    });
   double last_loss = 0;
   auto train_step = [&]() {
     model->zero_grads();
+    if (in_backward) in_backward->begin_step(kLr);
     const StepResult result = model->forward_backward(batch, loss_scale);
-    if (dp_optimizer) {
-      dp_optimizer->step(hyper.lr, 1.0f);
-    } else if (!optimizer_in_backward) {
-      backend->adamw_update(adamw, hyper, 1.0f);
-    }
-    ++hyper.step;
+    if (dp_optimizer)
+      dp_optimizer->step(kLr, 1.0f);
+    else if (!in_backward)
+      adamw->step(kLr);
     backend->synchronize();
     last_loss = result.trained_tokens ? result.loss_sum / double(result.trained_tokens) : 0.0;
   };
@@ -221,8 +223,13 @@ int run_bench(int argc, char** argv) {
   // The memory plan's prediction for this run: weights, grads, activations and scratch from
   // plan_memory, AdamW state in the parameter dtype (not the plan's fp32 state), plus the
   // backend's LM-head logits chunk (at most ~640 MB, cuda_backend.cpp).
-  MemoryPlanOptions plan_options{DType::BF16, DType::BF16, micro_batch,
-                                 seq,         recompute,   optimizer_in_backward};
+  MemoryPlanOptions plan_options{DType::BF16,
+                                 DType::BF16,
+                                 micro_batch,
+                                 seq,
+                                 recompute,
+                                 optimizer_in_backward,
+                                 model->gradient_arenas()};
   const MemoryPlan plan = plan_memory(config, plan_options);
   const int64_t logits_row = config.vocab_size * 2;
   const int64_t logits_chunk =
@@ -248,6 +255,36 @@ int run_bench(int argc, char** argv) {
     }
     if (parallel->rank() != 0) return 0;
   }
+  // Per op: a table on stderr, sorted by time (side-stream ops marked, their time overlaps),
+  // and two JSON objects in ms.
+  struct OpRow {
+    std::string name;
+    cuda::OpTime time;
+    bool side;
+  };
+  std::vector<OpRow> op_rows;
+  for (const auto& [name, time] : phases.ops) op_rows.push_back({name, time, false});
+  for (const auto& [name, time] : phases.side_ops) op_rows.push_back({name, time, true});
+  std::sort(op_rows.begin(), op_rows.end(),
+            [](const OpRow& a, const OpRow& b) { return a.time.seconds > b.time.seconds; });
+  std::fprintf(stderr, "%-34s %8s %10s %8s\n", "op (profiled step)", "calls", "total ms", "% step");
+  for (const OpRow& row : op_rows)
+    std::fprintf(stderr, "%-34s %8lld %10.3f %7.1f%%\n",
+                 ((row.side ? "side: " : "") + row.name).c_str(), (long long)row.time.calls,
+                 row.time.seconds * 1e3, 100.0 * row.time.seconds / profiled_s);
+  const auto ops_json = [](const std::map<std::string, cuda::OpTime>& ops) {
+    std::string json = "{";
+    for (const auto& [name, time] : ops) {
+      char entry[160];
+      std::snprintf(entry, sizeof(entry), "%s\"%s\": %.3f", json.size() > 1 ? ", " : "",
+                    name.c_str(), time.seconds * 1e3);
+      json += entry;
+    }
+    return json + "}";
+  };
+  double side_s = 0;
+  for (double s : phases.side_seconds) side_s += s;
+
   const double tps = double(tokens) / step_s_all;  // per GPU: each rank trains `tokens`
   const double tflops = tps * flops_per_token(config, seq) / 1e12;
   const auto seconds = [&](cuda::Phase phase) { return phases.seconds[static_cast<int>(phase)]; };
@@ -265,7 +302,9 @@ int run_bench(int argc, char** argv) {
       "\"router_dispatch\": %.4f, \"experts\": %.4f, \"loss\": %.4f, \"optimizer\": %.4f, "
       "\"dense_gemm\": %.4f, "
       "\"other_ops\": %.4f, \"host_gaps\": %.4f}, \"profiled_step_s\": %.4f, "
-      "\"grouped_gemm_tflops\": {\"fwd_dgrad\": %.1f, \"wgrad\": %.1f}}\n",
+      "\"grouped_gemm_tflops\": {\"fwd_dgrad\": %.1f, \"wgrad\": %.1f}, "
+      "\"overlap_optimizer\": %s, \"grad_arena_gib\": %.3f, \"side_stream_s\": %.4f, "
+      "\"ops_ms\": %s, \"side_ops_ms\": %s}\n",
       cuda::device_name(), world, (long long)(parallel ? expert_parallel : 1),
       (long long)(parallel ? zero_stage : 0),
       dp_optimizer && dp_optimizer->overlapping() ? "true" : "false",
@@ -277,7 +316,10 @@ int run_bench(int argc, char** argv) {
       seconds(cuda::Phase::DenseGemm), seconds(cuda::Phase::OtherOps),
       std::max(0.0, profiled_s - measured), profiled_s,
       phases.tflops(phases.grouped_gemm_flops, phases.grouped_gemm_s),
-      phases.tflops(phases.weight_grad_flops, phases.weight_grad_s));
+      phases.tflops(phases.weight_grad_flops, phases.weight_grad_s),
+      in_backward && in_backward->overlapping() ? "true" : "false",
+      optimizer_in_backward ? double(model->gradient_arena_bytes()) / double(1ull << 30) : 0.0,
+      side_s, ops_json(phases.ops).c_str(), ops_json(phases.side_ops).c_str());
   return 0;
 #endif
 }

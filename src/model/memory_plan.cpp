@@ -19,14 +19,15 @@ MemoryPlan plan_memory(const ModelConfig& config, const MemoryPlanOptions& optio
     // the embedding. One group lives at a time in an arena of the largest group's size (it
     // returns to the allocator after the group's update and the next group reuses it), plus a
     // tied embedding's arena from the loss to the end of the backward (256-byte alignment of
-    // each tensor not counted).
+    // each tensor not counted). Updates on a side stream: a ring of gradient_arenas of them.
     const int64_t H = config.hidden_size, V = config.vocab_size;
     const int64_t embed = V * H;
     const int64_t head = H + (config.tie_word_embeddings ? 0 : V * H);
     int64_t largest = std::max(head, config.tie_word_embeddings ? 0 : embed);
     for (int64_t l = 0; l < config.num_hidden_layers; ++l)
       largest = std::max(largest, layer_parameters(config, l));
-    const int64_t held = largest + (config.tie_word_embeddings ? embed : 0);
+    const int64_t held = largest * std::max<int64_t>(1, options.gradient_arenas) +
+                         (config.tie_word_embeddings ? embed : 0);
     plan.grads = held * static_cast<int64_t>(dtype_size(options.grad_dtype));
   }
   plan.master_weights = options.param_dtype == DType::F32 ? 0 : parameters * 4;

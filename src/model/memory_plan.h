@@ -21,6 +21,9 @@ struct MemoryPlanOptions {
   // GradientStorage::PerGroup (optimizer in the backward): gradients are held per gradient
   // group, so the plan counts the largest group plus a tied embedding's gradient.
   bool per_group_grads = false;
+  // With per_group_grads: the arenas the groups rotate through (Model::gradient_arenas():
+  // 1, or 2 when the updates run on a side stream beside the backward).
+  int64_t gradient_arenas = 1;
 };
 
 struct MemoryPlan {

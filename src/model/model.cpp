@@ -116,15 +116,42 @@ bool Model::tied_embedding_group(size_t index) const {
   return config_.tie_word_embeddings && index + 1 == gradient_groups_.size();
 }
 
+void Model::set_gradient_side_stream(Backend::SideStream* side) {
+  if (grad_side_stream_) grad_side_stream_->join();
+  backend_.synchronize();  // nothing may still use the old arenas
+  grad_side_stream_ = side;
+  arena_ring_.clear();
+  tied_arena_ = Buffer();
+  next_arena_ = 0;
+}
+
 void Model::bind_group_grads(size_t index) {
   if (options_.grad_storage != GradientStorage::PerGroup) return;
   release_group_grads(index);
   const GradientGroup& group = gradient_groups_[index];
   // Uninitialised: the backward overwrites every gradient (zero_grads() semantics).
-  const size_t bytes = tied_embedding_group(index) ? group_bytes(index) : group_arena_bytes_;
-  group_grads_[index] =
-      Buffer::uninitialized(DType::U8, {static_cast<int64_t>(bytes)}, backend_.device());
-  char* next = static_cast<char*>(group_grads_[index].data());
+  const bool tied = tied_embedding_group(index);
+  const size_t bytes = tied ? group_bytes(index) : group_arena_bytes_;
+  const auto arena = [&] {
+    return Buffer::uninitialized(DType::U8, {static_cast<int64_t>(bytes)}, backend_.device());
+  };
+  char* next = nullptr;
+  group_slot_.resize(gradient_groups_.size(), -1);
+  group_slot_[index] = -1;
+  if (!grad_side_stream_) {
+    group_grads_[index] = arena();
+    next = static_cast<char*>(group_grads_[index].data());
+  } else if (tied) {
+    if (!tied_arena_.data()) tied_arena_ = arena();
+    next = static_cast<char*>(tied_arena_.data());
+  } else {
+    const int slot = static_cast<int>(next_arena_++ % kGradientArenas);
+    if (arena_ring_.empty()) arena_ring_.resize(kGradientArenas);
+    if (!arena_ring_[slot].data()) arena_ring_[slot] = arena();
+    grad_side_stream_->join_fence(slot);  // the side work that last read this arena is done
+    group_slot_[index] = slot;
+    next = static_cast<char*>(arena_ring_[slot].data());
+  }
   for (size_t i = group.begin; i < group.end; ++i) {
     weights_->bind_grad(i, next);
     const size_t bytes = weights_->parameters()[i].grad.bytes();
@@ -141,6 +168,8 @@ void Model::release_group_grads(size_t index) {
 
 void Model::finish_group(size_t index) {
   if (gradient_ready_hook_) gradient_ready_hook_(index);
+  if (grad_side_stream_ && index < group_slot_.size() && group_slot_[index] >= 0)
+    grad_side_stream_->record_fence(group_slot_[index]);  // after the hook's side work
   release_group_grads(index);
 }
 
@@ -452,6 +481,7 @@ StepResult Model::run(const BatchView& batch, bool backward, float loss_scale, f
   loss_args.logits = logits;
   const Tensor dnormed = a.scratch.dnormed;
   if (backward) {
+    next_arena_ = 0;
     bind_group_grads(0);                                                            // head
     if (config_.tie_word_embeddings) bind_group_grads(static_cast<size_t>(L + 1));  // embedding
   }
@@ -488,7 +518,8 @@ StepResult Model::run(const BatchView& batch, bool backward, float loss_scale, f
     if (!accumulate && !config_.tie_word_embeddings) backend_.fill(g.embed, 0.0f);
     backend_.embedding_backward(a.input_ids, a.dresidual, g.embed);
     overwrite_grads_ = false;
-    finish_group(static_cast<size_t>(L + 1));  // embedding
+    finish_group(static_cast<size_t>(L + 1));          // embedding
+    if (grad_side_stream_) grad_side_stream_->join();  // the hooks' side work (the updates)
   }
 
   float loss_sum = 0, correct = 0;

@@ -146,6 +146,25 @@ class Model {
   // work on another stream must be ordered before the next allocation). Empty function = none.
   using GradientReadyHook = std::function<void(size_t index)>;
   void set_gradient_ready_hook(GradientReadyHook hook) { gradient_ready_hook_ = std::move(hook); }
+  // A hook that hands each group's gradients to work on a side
+  // stream (optimizer updates beside the backward: InBackwardOptimizer), which may still read
+  // them after the hook returns. The groups' gradients then rotate through a ring of
+  // kGradientArenas arenas kept for the model's life (instead of returning to the allocator
+  // after each hook): after a group's hook the model records fence `slot` on `side`, and
+  // before binding a later group to the same arena the ops' stream joins that fence, so the
+  // backward overwrites an arena only once the side work that read it has finished (the
+  // side work of the group before may still run: that is the overlap). A tied embedding's
+  // gradient (alive from the loss to the end of the backward) gets an arena of its own.
+  // forward_backward joins `side` before it returns, so every later op (the next forward,
+  // reading the optimizer state, saving) sees the updates (Persistent storage: only this
+  // join). nullptr: one arena, released after each hook (the default). Call between steps;
+  // `side` must outlive its use.
+  void set_gradient_side_stream(Backend::SideStream* side);
+  static constexpr int kGradientArenas = 2;
+  // PerGroup: bytes of one gradient arena (the largest non-tied group), and how many the
+  // model holds (kGradientArenas with a side stream, else 1: the allocator caches it).
+  size_t gradient_arena_bytes() const { return group_arena_bytes_; }
+  int gradient_arenas() const { return grad_side_stream_ ? kGradientArenas : 1; }
   std::span<Parameter> parameters() { return weights_->parameters(); }
   std::span<const Parameter> parameters() const { return weights_->parameters(); }
   const ModelWeights& weights() const { return *weights_; }
@@ -199,6 +218,13 @@ class Model {
   bool overwrite_grads_ = true;      // set by zero_grads(), cleared by a backward
   std::vector<Buffer> group_grads_;  // PerGroup: each group's live gradients (one arena)
   size_t group_arena_bytes_ = 0;     // the largest group's gradients, each 256-byte aligned
+  // PerGroup with a side-stream consumer (set_gradient_side_stream): the ring of arenas, the
+  // tied embedding's arena, the ring position of the next bind, each bound group's slot.
+  Backend::SideStream* grad_side_stream_ = nullptr;
+  std::vector<Buffer> arena_ring_;
+  Buffer tied_arena_;
+  size_t next_arena_ = 0;
+  std::vector<int> group_slot_;  // -1: not in the ring
   static constexpr size_t kGradAlignment = 256;
 };
 

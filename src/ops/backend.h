@@ -76,24 +76,46 @@ class Backend {
   // that must be ordered with the ops (dist::Communicator calls) are enqueued on it.
   virtual void* stream() const { return nullptr; }
 
-  // ---- a second stream (communication beside the ops) ----------------------------------
+  // ---- a second stream (communication or optimizer updates beside the ops) ------------
   // Work enqueued on a side stream (collectives: its handle() goes to dist::Communicator
-  // calls) runs concurrently with the ops; two one-way fences order the streams:
+  // calls; backend ops between begin_ops() and end_ops()) runs concurrently with the ops;
+  // one-way fences order the streams:
   // wait_for_ops(): work enqueued on the side stream from now on starts after every op
   // enqueued so far (an event recorded on stream(), waited for by the side stream);
-  // join(): ops enqueued from now on start after every side-stream work enqueued so far.
+  // join(): ops enqueued from now on start after every side-stream work enqueued so far;
+  // record_fence(f) remembers the side-stream work enqueued so far under a small number f
+  // (>= 0; recording f again replaces it), join_fence(f) is join() up to that point only
+  // (nothing recorded under f: nothing to wait for).
   // Neither blocks the host. Memory a side-stream operation touches must stay allocated
-  // and untouched by the ops until the join() that follows it.
+  // and untouched by the ops until the join that follows it.
   class SideStream {
    public:
     virtual ~SideStream() = default;
     virtual void* handle() const = 0;  // a cudaStream_t as void*
     virtual void wait_for_ops() = 0;
     virtual void join() = 0;
+    virtual void record_fence(int fence) = 0;
+    virtual void join_fence(int fence) = 0;
+    // Backend ops on the side stream: from begin_ops() (which starts with wait_for_ops())
+    // to end_ops() every op of the backend is enqueued here instead of on stream(). For
+    // self-contained ops only (fill, add, device copies, norms, grad_norm_squared,
+    // adamw_update); ops sharing per-backend resources (gemm, attention, the loss) fail.
+    // Their temporaries stay safe: a block freed on the side stream is reused only after
+    // the side stream has passed the free (CUDA: caching_allocator.cpp).
+    virtual void begin_ops() = 0;
+    virtual void end_ops() = 0;
+  };
+  enum class SideStreamPriority {
+    Same,  // as the ops' stream (communication: its kernels must not wait behind the ops)
+    Low,   // below it: the ops' kernels get the SMs first (optimizer updates beside the backward)
   };
   // nullptr when the backend has no streams (CPU: everything is synchronous); callers then
   // enqueue on stream() as before.
-  virtual std::unique_ptr<SideStream> make_side_stream() { return nullptr; }
+  virtual std::unique_ptr<SideStream> make_side_stream(
+      SideStreamPriority priority = SideStreamPriority::Same) {
+    (void)priority;
+    return nullptr;
+  }
 
   // ---- dense math ----------------------------------------------------------------------
   // c = alpha * op(a) @ op(b) + beta * c, 2-D, fp32 accumulation; op(x) = x or x^T.
@@ -215,6 +237,23 @@ class Backend {
   // (gradient clipping). Parameters with weight_decay 0 are not decayed.
   virtual void adamw_update(std::span<const AdamWParam> params, const AdamWHyper& hyper,
                             float grad_scale) = 0;
+};
+
+// Backend ops on a side stream for the scope's life (begin_ops() .. end_ops()); with a null
+// side stream (no streams, or overlap off) the ops stay where they are.
+class SideStreamOps {
+ public:
+  explicit SideStreamOps(Backend::SideStream* side) : side_(side) {
+    if (side_) side_->begin_ops();
+  }
+  ~SideStreamOps() {
+    if (side_) side_->end_ops();
+  }
+  SideStreamOps(const SideStreamOps&) = delete;
+  SideStreamOps& operator=(const SideStreamOps&) = delete;
+
+ private:
+  Backend::SideStream* side_;
 };
 
 // The CPU reference backend (always available).

@@ -11,11 +11,11 @@ AdamW::AdamW(std::span<const Parameter> parameters, Backend& backend, const Adam
     AdamWParam entry;
     entry.param = parameter.value;
     entry.grad = parameter.grad;
-    storage_.emplace_back(DType::F32, parameter.value.shape, device);
+    storage_.emplace_back(config.state_dtype, parameter.value.shape, device);
     entry.exp_avg = storage_.back().tensor();
-    storage_.emplace_back(DType::F32, parameter.value.shape, device);
+    storage_.emplace_back(config.state_dtype, parameter.value.shape, device);
     entry.exp_avg_sq = storage_.back().tensor();
-    if (parameter.value.dtype != DType::F32) {
+    if (parameter.value.dtype != DType::F32 && config.master_weights) {
       storage_.emplace_back(DType::F32, parameter.value.shape, device);
       entry.master = storage_.back().tensor();
       backend.copy(entry.master, parameter.value);

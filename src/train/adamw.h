@@ -3,9 +3,10 @@
 // in the backward) one per gradient group: begin_step(), then update(begin, end) for each
 // group inside the model's gradient-ready hook; the result is bit-identical (AdamW is
 // elementwise).
-// State: exp_avg and exp_avg_sq in fp32 per parameter, the step counter, and fp32 master
-// weights for parameters stored in a lower precision. The state tensors are exposed by
-// name for checkpointing ("exp_avg.NAME", "exp_avg_sq.NAME", "master.NAME").
+// State: exp_avg and exp_avg_sq (fp32, or AdamWConfig::state_dtype) per parameter, the step
+// counter, and fp32 master weights for parameters stored in a lower precision (unless
+// AdamWConfig::master_weights is off). The state tensors are exposed by name for checkpointing
+// ("exp_avg.NAME", "exp_avg_sq.NAME", "master.NAME").
 #pragma once
 
 #include <span>
@@ -23,6 +24,11 @@ struct AdamWConfig {
   double beta2 = 0.999;
   double eps = 1e-8;
   double weight_decay = 0.01;  // applied to parameters with decay == true
+  // Storage of exp_avg / exp_avg_sq (F32; BF16 as torch keeps it for bf16 parameters, used
+  // by `moetune bench` for a like-for-like comparison) and whether non-F32 parameters get
+  // fp32 master weights (without: updated in place in their own dtype).
+  DType state_dtype = DType::F32;
+  bool master_weights = true;
 };
 
 class AdamW {

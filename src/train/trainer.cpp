@@ -43,6 +43,7 @@
 #include "train/dist_checkpoint.h"
 #include "train/loss_plot.h"
 #include "train/metrics.h"
+#include "train/optimizer_in_backward.h"
 #include "train/parallel_context.h"
 #include "train/progress.h"
 #include "train/sharded_adamw.h"
@@ -346,23 +347,12 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
   for (const Parameter& parameter : model->parameters()) grads.push_back(parameter.grad);
   Buffer grad_norm_squared(DType::F32, {1}, backend->device());
   // Optimizer in the backward: each group's squared norm (for the log and the non-finite
-  // guard, which can then only stop the run) and its update, while its gradients exist.
-  const size_t group_count = model->gradient_groups().size();
-  Buffer group_norms_squared(DType::F32, {static_cast<int64_t>(group_count)}, backend->device());
-  double in_backward_lr = 0;
+  // guard, which can then only stop the run) and its update, while its gradients exist; on
+  // a side stream beside the rest of the backward where the backend has streams (CUDA).
+  std::unique_ptr<InBackwardOptimizer> in_backward;
   if (optimizer_in_backward)
-    model->set_gradient_ready_hook([&](size_t index) {
-      const GradientGroup& group = model->gradient_groups()[index];
-      std::vector<Tensor> group_grads;
-      for (size_t i = group.begin; i < group.end; ++i)
-        group_grads.push_back(model->parameters()[i].grad);
-      backend->grad_norm_squared(
-          group_grads, group_norms_squared.tensor()
-                           .view({static_cast<int64_t>(group_count), 1})
-                           .slice_rows(static_cast<int64_t>(index), static_cast<int64_t>(index) + 1)
-                           .view({1}));
-      single_optimizer->update(group.begin, group.end, in_backward_lr);
-    });
+    in_backward =
+        std::make_unique<InBackwardOptimizer>(*model, *single_optimizer, InBackwardOptions{});
 
   // What a checkpoint holds, by name (the tensors stay where they live). With experts split
   // over EP ranks, expert weights go to rank-R/experts.safetensors instead.
@@ -472,6 +462,7 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
     plan_options.batch = t.micro_batch;
     plan_options.seq = t.seq_len;
     plan_options.per_group_grads = optimizer_in_backward;
+    plan_options.gradient_arenas = model->gradient_arenas();
     const MemoryPlan plan = plan_memory(model->config(), plan_options);
     std::printf("moetune train: %s (%s, %.2fM parameters) on %s\n",
                 model->config().model_type.c_str(),
@@ -615,10 +606,8 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
     // 2. Forward and backward, gradients accumulating over the micro-batches (this rank's:
     //    m % world == rank); several ranks: the last one's backward starts the reductions.
     model->zero_grads();
-    if (optimizer_in_backward) {
-      single_optimizer->begin_step();
-      in_backward_lr = static_cast<float>(schedule.lr(step));  // as optimizer.step gets it
-    }
+    if (in_backward)
+      in_backward->begin_step(static_cast<float>(schedule.lr(step)));  // as optimizer.step gets it
     double loss_sum = 0, aux_loss = 0;
     bool has_aux = false;
     for (int64_t m = rank; m < accumulation; m += world) {
@@ -644,13 +633,8 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
 
     // 3. Global gradient norm, the non-finite guard, clipping.
     double grad_norm = 0;
-    if (optimizer_in_backward) {
-      std::vector<float> norms(group_count);
-      backend->copy(Tensor(norms.data(), DType::F32, {static_cast<int64_t>(group_count)}),
-                    group_norms_squared);
-      backend->synchronize();
-      for (float norm : norms) grad_norm += norm;
-      grad_norm = std::sqrt(grad_norm);
+    if (in_backward) {
+      grad_norm = in_backward->grad_norm();
     } else if (dp_optimizer) {
       grad_norm = std::sqrt(dp_optimizer->grad_norm_squared());
     } else {

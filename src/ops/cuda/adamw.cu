@@ -14,6 +14,12 @@
 //  - scalar (any mix of dtypes, odd sizes): elements of the concatenated range in chunks,
 //    the tensor found by a binary search over the element prefix sums.
 // The gradient norm is deterministic: per-block partials summed by the last block.
+// On a low-priority side stream (optimizer updates beside the backward) the update takes one
+// block per chunk instead of a few long-lived blocks per SM: blocks then finish every few
+// microseconds, and the scheduler can hand the SMs to the ops' stream's (higher priority)
+// kernels in between, instead of the update holding every SM's registers for its whole run.
+// Each element's arithmetic is the same either way (bit-identical results).
+#include <cstdint>
 #include <vector>
 
 #include "ops/cuda/device_utils.cuh"
@@ -324,25 +330,29 @@ void launch_grad_norm_squared(std::span<const Tensor> grads, const Tensor& out, 
 
 namespace {
 template <typename ParamT, typename GradT, typename StateT, bool kMaster>
-void launch_vec(const TensorSlot* slots, int count, int64_t chunks, const AdamWScalars& h,
+void launch_vec(const TensorSlot* slots, int count, int64_t chunks, const AdamWScalars& h, int grid,
                 cudaStream_t stream) {
   adamw_vec_kernel<ParamT, GradT, StateT, kMaster>
-      <<<vec_grid_for(chunks), kVecThreads, 0, stream>>>(slots, count, chunks, h);
+      <<<grid, kVecThreads, 0, stream>>>(slots, count, chunks, h);
 }
 template <typename ParamT, typename GradT>
 void launch_vec_state(Kind state, bool master, const TensorSlot* slots, int count, int64_t chunks,
-                      const AdamWScalars& h, cudaStream_t stream) {
+                      const AdamWScalars& h, int grid, cudaStream_t stream) {
   if (state == Kind::BF16)
-    master ? launch_vec<ParamT, GradT, bf16, true>(slots, count, chunks, h, stream)
-           : launch_vec<ParamT, GradT, bf16, false>(slots, count, chunks, h, stream);
+    master ? launch_vec<ParamT, GradT, bf16, true>(slots, count, chunks, h, grid, stream)
+           : launch_vec<ParamT, GradT, bf16, false>(slots, count, chunks, h, grid, stream);
   else
-    master ? launch_vec<ParamT, GradT, float, true>(slots, count, chunks, h, stream)
-           : launch_vec<ParamT, GradT, float, false>(slots, count, chunks, h, stream);
+    master ? launch_vec<ParamT, GradT, float, true>(slots, count, chunks, h, grid, stream)
+           : launch_vec<ParamT, GradT, float, false>(slots, count, chunks, h, grid, stream);
+}
+// One block per chunk (capped by the grid's x limit; the kernels stride past it).
+int block_per_chunk(int64_t chunks) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(chunks, INT32_MAX)));
 }
 }  // namespace
 
 void launch_adamw(std::span<const AdamWParam> params, const AdamWHyper& hyper, float grad_scale,
-                  Scratch& scratch, cudaStream_t stream) {
+                  Scratch& scratch, cudaStream_t stream, bool block_per_chunk_grid) {
   std::vector<TensorSlot> slots;
   int64_t total = 0;
   for (const AdamWParam& p : params) {
@@ -405,19 +415,22 @@ void launch_adamw(std::span<const AdamWParam> params, const AdamWHyper& hyper, f
     const TensorSlot* device_slots = upload(slots, scratch, stream);
     const int count = int(slots.size());
     const Kind state = first.avg_kind;
+    const int grid = block_per_chunk_grid ? block_per_chunk(chunks) : vec_grid_for(chunks);
     if (first.param_kind == Kind::BF16 && first.grad_kind == Kind::BF16)
-      launch_vec_state<bf16, bf16>(state, master, device_slots, count, chunks, h, stream);
+      launch_vec_state<bf16, bf16>(state, master, device_slots, count, chunks, h, grid, stream);
     else if (first.param_kind == Kind::BF16)
-      launch_vec_state<bf16, float>(state, master, device_slots, count, chunks, h, stream);
+      launch_vec_state<bf16, float>(state, master, device_slots, count, chunks, h, grid, stream);
     else if (first.grad_kind == Kind::BF16)
-      launch_vec_state<float, bf16>(state, master, device_slots, count, chunks, h, stream);
+      launch_vec_state<float, bf16>(state, master, device_slots, count, chunks, h, grid, stream);
     else
-      launch_vec_state<float, float>(state, master, device_slots, count, chunks, h, stream);
+      launch_vec_state<float, float>(state, master, device_slots, count, chunks, h, grid, stream);
     MOETUNE_CUDA_LAUNCH_CHECK();
     return;
   }
-  adamw_kernel<<<grid_for(total), 256, 0, stream>>>(upload(slots, scratch, stream),
-                                                    int(slots.size()), total, h);
+  const int grid =
+      block_per_chunk_grid ? block_per_chunk(ceil_div(total, kChunk)) : grid_for(total);
+  adamw_kernel<<<grid, 256, 0, stream>>>(upload(slots, scratch, stream), int(slots.size()), total,
+                                         h);
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
 

@@ -1,9 +1,17 @@
 // The caching device allocator: cudaMalloc is slow and synchronises, so freed blocks are
 // kept in per-size free lists (sizes rounded up: 512 B steps below 1 MiB, 2 MiB steps
-// above) and handed out again. All work runs on the backend's one stream, so a block freed
-// by the host can be reused by any later launch without waiting. On out-of-memory the cache
-// is returned to the driver and the allocation retried once. Statistics (in use, reserved,
-// peaks) give `moetune bench` its peak memory.
+// above) and handed out again. The ops run on the backend's one stream, so a block freed
+// by the host can be reused by any later launch on it without waiting. On out-of-memory the
+// cache is returned to the driver and the allocation retried once. Statistics (in use,
+// reserved, peaks) give `moetune bench` its peak memory.
+// Side streams (Backend::SideStream::begin_ops: optimizer updates beside the backward): while
+// a side stream is the allocation stream, new blocks are zero-filled on it, and a block
+// freed then is not reusable at once (the side kernels may still read it when the ops'
+// stream would take it): it waits in `pending_` with an event recorded on the side stream
+// at the free, and joins the free lists once the event has completed (polled, never
+// waited for, at each allocation). Blocks the side stream takes from the free lists were
+// freed before its begin_ops() (a single host thread), and begin_ops() makes the side
+// stream wait for every op enqueued so far: their last users have finished by then.
 #include <cuda_runtime.h>
 
 #include <mutex>
@@ -28,6 +36,7 @@ class CachingAllocator {
   void* allocate(size_t bytes, bool zero_fill) {
     const size_t size = round_size(bytes);
     std::lock_guard<std::mutex> lock(mutex_);
+    recycle_pending_locked(false);
     auto& list = free_[size];
     void* pointer = nullptr;
     if (!list.empty()) {
@@ -49,8 +58,9 @@ class CachingAllocator {
       stats_.reserved += size;
       stats_.peak_reserved = std::max(stats_.peak_reserved, stats_.reserved);
     }
-    if (stream_ && zero_fill) {
-      const cudaError_t status = cudaMemsetAsync(pointer, 0, size, stream_);
+    cudaStream_t fill_stream = side_stream_ ? side_stream_ : stream_;
+    if (fill_stream && zero_fill) {
+      const cudaError_t status = cudaMemsetAsync(pointer, 0, size, fill_stream);
       if (status != cudaSuccess)
         fail("zero-filling a device allocation: ", cudaGetErrorString(status));
     }
@@ -65,7 +75,20 @@ class CachingAllocator {
     auto found = sizes_.find(pointer);
     if (found == sizes_.end()) return;  // not ours: ignore rather than corrupt the cache
     stats_.in_use -= found->second;
-    free_[found->second].push_back(pointer);
+    if (side_stream_) {
+      cudaEvent_t event = nullptr;
+      if (!spare_events_.empty()) {
+        event = spare_events_.back();
+        spare_events_.pop_back();
+      } else if (cudaEventCreateWithFlags(&event, cudaEventDisableTiming) != cudaSuccess) {
+        fail("creating a CUDA event for a side-stream free");
+      }
+      if (cudaEventRecord(event, side_stream_) != cudaSuccess)
+        fail("recording a CUDA event for a side-stream free");
+      pending_.push_back({pointer, found->second, event});
+    } else {
+      free_[found->second].push_back(pointer);
+    }
     sizes_.erase(found);
   }
 
@@ -82,14 +105,36 @@ class CachingAllocator {
     std::lock_guard<std::mutex> lock(mutex_);
     stream_ = stream;
   }
+  void set_side_stream(cudaStream_t stream) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    side_stream_ = stream;
+  }
   void release() {
     std::lock_guard<std::mutex> lock(mutex_);
     release_locked();
   }
 
  private:
+  // Pending side-stream frees whose event has completed (all of them after a device
+  // synchronisation: `all`) go back to the free lists.
+  void recycle_pending_locked(bool all) {
+    size_t kept = 0;
+    for (Pending& block : pending_) {
+      const cudaError_t status = all ? cudaSuccess : cudaEventQuery(block.event);
+      if (status == cudaSuccess) {
+        free_[block.size].push_back(block.pointer);
+        spare_events_.push_back(block.event);
+      } else {
+        if (status == cudaErrorNotReady) (void)cudaGetLastError();  // not an error: clear it
+        pending_[kept++] = block;
+      }
+    }
+    pending_.resize(kept);
+  }
+
   void release_locked() {
     cudaDeviceSynchronize();
+    recycle_pending_locked(true);
     for (auto& [size, list] : free_) {
       for (void* pointer : list) {
         cudaFree(pointer);
@@ -102,8 +147,16 @@ class CachingAllocator {
   std::mutex mutex_;
   std::unordered_map<size_t, std::vector<void*>> free_;
   std::unordered_map<void*, size_t> sizes_;
+  struct Pending {
+    void* pointer;
+    size_t size;
+    cudaEvent_t event;  // recorded on the side stream at the free
+  };
+  std::vector<Pending> pending_;
+  std::vector<cudaEvent_t> spare_events_;
   DeviceMemoryStats stats_;
-  cudaStream_t stream_ = nullptr;
+  cudaStream_t stream_ = nullptr;       // the ops' stream
+  cudaStream_t side_stream_ = nullptr;  // set while backend ops run on a side stream
 };
 
 CachingAllocator& allocator() {
@@ -123,6 +176,9 @@ void reset_device_memory_peak() { allocator().reset_peak(); }
 void release_cached_device_memory() { allocator().release(); }
 void set_allocation_stream(void* cuda_stream) {
   allocator().set_stream(static_cast<cudaStream_t>(cuda_stream));
+}
+void set_side_allocation_stream(void* cuda_stream) {
+  allocator().set_side_stream(static_cast<cudaStream_t>(cuda_stream));
 }
 
 }  // namespace moetune::cuda

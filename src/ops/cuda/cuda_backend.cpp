@@ -5,7 +5,14 @@
 // for parity), copies, the fused LM head + cross-entropy (token chunks: the [N, V] logits
 // never exist), and the dispatch of every other op to its kernel family (*.cu).
 // Temporaries come from the caching allocator and are returned when the op returns: all
-// work is ordered on the one stream, so reuse by later launches is safe.
+// work is ordered on the one stream, so reuse by later launches is safe. Side streams
+// (Backend::SideStream): `stream_` is the stream ops enqueue on, `ops_stream_` the backend's
+// own; SideStream::begin_ops() points `stream_` (and the allocator's allocation stream, see
+// caching_allocator.cpp for its rule) at the side stream until end_ops(). Ops sharing the
+// cuBLASLt workspace or cuDNN's stream (gemm, attention, the loss) refuse to run there. The
+// ops' stream has a higher priority than a Low side stream (optimizer updates).
+// Profiling (cuda_profile.h): each outermost op is bracketed by events on the stream it
+// runs on and its time added to its phase and to its name; side-stream ops are kept apart.
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
@@ -74,20 +81,27 @@ int alignment_of(const void* pointer) {
   return 2;
 }
 
+class CudaBackend;
+
 // A non-blocking stream beside the backend's, with one reusable event per direction
 // (cudaStreamWaitEvent captures the event's state when it is called, so re-recording it
-// afterwards is safe). Gradient collectives run here while the backward goes on.
+// afterwards is safe) and the numbered fences. Gradient collectives run here while the
+// backward goes on, or backend ops between begin_ops() and end_ops().
 class CudaSideStream final : public Backend::SideStream {
  public:
-  explicit CudaSideStream(cudaStream_t ops) : ops_(ops) {
-    MOETUNE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  CudaSideStream(CudaBackend* backend, cudaStream_t ops, int priority)
+      : backend_(backend), ops_(ops) {
+    MOETUNE_CUDA_CHECK(cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking, priority));
     MOETUNE_CUDA_CHECK(cudaEventCreateWithFlags(&ops_done_, cudaEventDisableTiming));
     MOETUNE_CUDA_CHECK(cudaEventCreateWithFlags(&side_done_, cudaEventDisableTiming));
   }
   ~CudaSideStream() override {
+    if (in_ops_) end_ops();
     cudaStreamSynchronize(stream_);
     cudaEventDestroy(ops_done_);
     cudaEventDestroy(side_done_);
+    for (cudaEvent_t fence : fences_)
+      if (fence) cudaEventDestroy(fence);
     cudaStreamDestroy(stream_);
   }
   CudaSideStream(const CudaSideStream&) = delete;
@@ -102,10 +116,26 @@ class CudaSideStream final : public Backend::SideStream {
     MOETUNE_CUDA_CHECK(cudaEventRecord(side_done_, stream_));
     MOETUNE_CUDA_CHECK(cudaStreamWaitEvent(ops_, side_done_, 0));
   }
+  void record_fence(int fence) override {
+    MOETUNE_CHECK(fence >= 0, "SideStream::record_fence: negative fence");
+    if (static_cast<size_t>(fence) >= fences_.size()) fences_.resize(fence + 1, nullptr);
+    cudaEvent_t& event = fences_[static_cast<size_t>(fence)];
+    if (!event) MOETUNE_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+    MOETUNE_CUDA_CHECK(cudaEventRecord(event, stream_));
+  }
+  void join_fence(int fence) override {
+    if (fence < 0 || static_cast<size_t>(fence) >= fences_.size() || !fences_[fence]) return;
+    MOETUNE_CUDA_CHECK(cudaStreamWaitEvent(ops_, fences_[static_cast<size_t>(fence)], 0));
+  }
+  void begin_ops() override;  // after CudaBackend
+  void end_ops() override;
 
  private:
+  CudaBackend* backend_;
   cudaStream_t ops_ = nullptr, stream_ = nullptr;
   cudaEvent_t ops_done_ = nullptr, side_done_ = nullptr;
+  std::vector<cudaEvent_t> fences_;  // null: never recorded
+  bool in_ops_ = false;
 };
 
 class CudaBackend final : public Backend {
@@ -120,7 +150,16 @@ class CudaBackend final : public Backend {
       fail("CUDA device ", device_index, " does not exist (", count, " found)");
     MOETUNE_CUDA_CHECK(cudaSetDevice(device_index));
     register_device_allocator(cuda::device_allocate, cuda::device_free);
-    MOETUNE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    // Priorities: numerically lower is higher; the default (0) is the least. The ops' stream
+    // takes one step above the least when the device has several, so that a Low side
+    // stream can sit below it.
+    int least = 0, greatest = 0;
+    MOETUNE_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    least_priority_ = least;
+    ops_priority_ = greatest < least ? least - 1 : least;
+    MOETUNE_CUDA_CHECK(
+        cudaStreamCreateWithPriority(&ops_stream_, cudaStreamNonBlocking, ops_priority_));
+    stream_ = ops_stream_;
     cuda::set_allocation_stream(stream_);
     MOETUNE_CUBLAS_CHECK(cublasLtCreate(&lt_));
     workspace_ = Buffer(DType::U8, Shape{kWorkspaceBytes}, Device::CUDA);
@@ -134,7 +173,7 @@ class CudaBackend final : public Backend {
     workspace_ = Buffer();
     if (lt_) cublasLtDestroy(lt_);
     cuda::set_allocation_stream(nullptr);
-    if (stream_) cudaStreamDestroy(stream_);
+    if (ops_stream_) cudaStreamDestroy(ops_stream_);
   }
 
   Device device() const override { return Device::CUDA; }
@@ -147,20 +186,29 @@ class CudaBackend final : public Backend {
   }
   cuda::PhaseTimes end_profile() {
     synchronize();
+    MOETUNE_CUDA_CHECK(cudaDeviceSynchronize());  // side streams too
     cuda::PhaseTimes times;
     for (auto& mark : marks_) {
       float ms = 0.0f;
       MOETUNE_CUDA_CHECK(cudaEventElapsedTime(&ms, mark.start, mark.stop));
-      times.seconds[static_cast<int>(mark.phase)] += ms * 1e-3;
-      if (mark.gemm == GemmKind::Grouped) {
-        times.grouped_gemm_s += ms * 1e-3;
-        times.grouped_gemm_flops += mark.flops;
-      } else if (mark.gemm == GemmKind::WeightGrad) {
-        times.weight_grad_s += ms * 1e-3;
-        times.weight_grad_flops += mark.flops;
-      }
       cudaEventDestroy(mark.start);
       cudaEventDestroy(mark.stop);
+      const double s = ms * 1e-3;
+      cuda::OpTime& op = (mark.side ? times.side_ops : times.ops)[mark.op];
+      op.seconds += s;
+      ++op.calls;
+      if (mark.side) {
+        times.side_seconds[static_cast<int>(mark.phase)] += s;
+        continue;
+      }
+      times.seconds[static_cast<int>(mark.phase)] += s;
+      if (mark.gemm == GemmKind::Grouped) {
+        times.grouped_gemm_s += s;
+        times.grouped_gemm_flops += mark.flops;
+      } else if (mark.gemm == GemmKind::WeightGrad) {
+        times.weight_grad_s += s;
+        times.weight_grad_flops += mark.flops;
+      }
     }
     marks_.clear();
     profiling_ = false;
@@ -208,10 +256,12 @@ class CudaBackend final : public Backend {
     cuda::launch_fill(dst, value, stream_);
   }
 
+  // Waits for the stream ops enqueue on now (the side stream between begin_ops/end_ops).
   void synchronize() override { MOETUNE_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
-  void* stream() const override { return stream_; }
-  std::unique_ptr<SideStream> make_side_stream() override {
-    return std::make_unique<CudaSideStream>(stream_);
+  void* stream() const override { return ops_stream_; }
+  std::unique_ptr<SideStream> make_side_stream(SideStreamPriority priority) override {
+    return std::make_unique<CudaSideStream>(
+        this, ops_stream_, priority == SideStreamPriority::Low ? least_priority_ : ops_priority_);
   }
 
   // ---- dense math --------------------------------------------------------------------------
@@ -275,6 +325,7 @@ class CudaBackend final : public Backend {
   void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale,
                          const Tensor& doc_offsets, const Tensor& out, const Tensor& lse) override {
     PhaseScope scope(this, Phase::Attention);
+    require_ops_stream("attention_forward");
     BufferScratch scratch;
     if (out.shape == q.shape && out.dtype == q.dtype && v.shape == k.shape && v.dtype == k.dtype &&
         lse.dtype == DType::F32 && lse.numel() == q.size(0) * q.size(1) * q.size(2) &&
@@ -288,6 +339,7 @@ class CudaBackend final : public Backend {
                           const Tensor& doc_offsets, const Tensor& dq, const Tensor& dk,
                           const Tensor& dv) override {
     PhaseScope scope(this, Phase::Attention);
+    require_ops_stream("attention_backward");
     BufferScratch scratch;
     if (dout.shape == q.shape && dout.dtype == q.dtype && out.shape == q.shape &&
         dq.shape == q.shape && dq.dtype == q.dtype && dk.shape == k.shape && dk.dtype == k.dtype &&
@@ -303,6 +355,7 @@ class CudaBackend final : public Backend {
   void attention_cached_forward(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                                 int64_t past, float scale, const Tensor& out) override {
     PhaseScope scope(this, Phase::Attention);
+    require_ops_stream("attention_cached_forward");
     cuda::launch_attention_cached_forward(q, k_cache, v_cache, past, scale, out, stream_);
   }
 
@@ -448,7 +501,9 @@ class CudaBackend final : public Backend {
                     float grad_scale) override {
     PhaseScope scope(this, Phase::Optimizer);
     BufferScratch scratch;
-    cuda::launch_adamw(params, hyper, grad_scale, scratch, stream_);
+    // On a side stream: short blocks (adamw.cu), so the ops' kernels are not locked out.
+    cuda::launch_adamw(params, hyper, grad_scale, scratch, stream_,
+                       /*block_per_chunk_grid=*/stream_ != ops_stream_);
   }
 
  private:
@@ -460,34 +515,51 @@ class CudaBackend final : public Backend {
     cudaEvent_t start, stop;
     GemmKind gemm = GemmKind::None;
     double flops = 0;
+    const char* op = "";  // the op's name (a string literal: __builtin_FUNCTION)
+    bool side = false;    // enqueued on a side stream
   };
-  // Records the op's start and stop on the stream while profiling; nested ops count once.
+  // Records the op's start and stop on the stream it runs on while profiling; nested ops
+  // (an op calling another, e.g. copy() inside grouped_gemm_weight_grad) count once, under
+  // the outermost op's phase and name. `op` defaults to the calling member's name.
   class PhaseScope {
    public:
-    PhaseScope(CudaBackend* backend, Phase phase, GemmKind gemm = GemmKind::None, double flops = 0)
+    PhaseScope(CudaBackend* backend, Phase phase, GemmKind gemm = GemmKind::None, double flops = 0,
+               const char* op = __builtin_FUNCTION())
         : backend_(backend) {
       if (!backend->profiling_ || backend->depth_++ > 0) return;
       active_ = true;
       mark_.phase = phase;
       mark_.gemm = gemm;
       mark_.flops = flops;
+      mark_.op = op;
+      mark_.side = backend->stream_ != backend->ops_stream_;
+      stream_ = backend->stream_;
       cudaEventCreate(&mark_.start);
       cudaEventCreate(&mark_.stop);
-      cudaEventRecord(mark_.start, backend->stream_);
+      cudaEventRecord(mark_.start, stream_);
     }
     ~PhaseScope() {
       if (!backend_->profiling_) return;
       --backend_->depth_;
       if (!active_) return;
-      cudaEventRecord(mark_.stop, backend_->stream_);
+      cudaEventRecord(mark_.stop, stream_);
       backend_->marks_.push_back(mark_);
     }
 
    private:
     CudaBackend* backend_;
+    cudaStream_t stream_ = nullptr;
     bool active_ = false;
     Mark mark_{};
   };
+
+  // Ops that share the cuBLASLt workspace or cuDNN's stream run on the ops' stream only.
+  void require_ops_stream(const char* op) const {
+    if (stream_ != ops_stream_)
+      fail(op,
+           ": not supported on a side stream (SideStream::begin_ops runs self-contained ops "
+           "only)");
+  }
 
   struct Plan {
     cublasLtMatmulDesc_t desc = nullptr;
@@ -507,6 +579,7 @@ class CudaBackend final : public Backend {
   // row-major storage.
   void gemm_impl(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b,
                  const Tensor& c, float alpha, float beta) {
+    require_ops_stream("gemm");
     if (a.rank() != 2 || b.rank() != 2 || c.rank() != 2)
       fail("gemm: a ", a.shape.str(), " b ", b.shape.str(), " c ", c.shape.str(), " must be 2-D");
     const int64_t m = transpose_a ? a.size(1) : a.size(0), k = transpose_a ? a.size(0) : a.size(1);
@@ -581,7 +654,9 @@ class CudaBackend final : public Backend {
   }
 
   int device_index_;
-  cudaStream_t stream_ = nullptr;
+  cudaStream_t ops_stream_ = nullptr;  // the backend's own stream
+  cudaStream_t stream_ = nullptr;      // where ops enqueue now: ops_stream_ or a side stream
+  int ops_priority_ = 0, least_priority_ = 0;
   cublasLtHandle_t lt_ = nullptr;
   Buffer workspace_;
   std::unique_ptr<cuda::CudnnAttention> attention_;
@@ -590,9 +665,26 @@ class CudaBackend final : public Backend {
   int depth_ = 0;
   std::vector<Mark> marks_;
 
+  friend class CudaSideStream;
   friend void cuda::begin_phase_profile(Backend&);
   friend cuda::PhaseTimes cuda::end_phase_profile(Backend&);
 };
+
+void CudaSideStream::begin_ops() {
+  MOETUNE_CHECK(!in_ops_ && backend_->stream_ == backend_->ops_stream_,
+                "SideStream::begin_ops: ops already run on a side stream");
+  wait_for_ops();
+  backend_->stream_ = stream_;
+  cuda::set_side_allocation_stream(stream_);
+  in_ops_ = true;
+}
+
+void CudaSideStream::end_ops() {
+  if (!in_ops_) return;
+  backend_->stream_ = backend_->ops_stream_;
+  cuda::set_side_allocation_stream(nullptr);
+  in_ops_ = false;
+}
 
 }  // namespace
 

@@ -131,7 +131,9 @@ void launch_cross_entropy_chunk(const Tensor& logits, const Tensor& labels, floa
 // ---- adamw.cu ----
 void launch_grad_norm_squared(std::span<const Tensor> grads, const Tensor& out, Scratch& scratch,
                               cudaStream_t stream);
+// block_per_chunk_grid: one short block per chunk instead of a few long-lived ones per SM
+// (on a low-priority side stream, so the ops' stream's kernels get SMs between blocks).
 void launch_adamw(std::span<const AdamWParam> params, const AdamWHyper& hyper, float grad_scale,
-                  Scratch& scratch, cudaStream_t stream);
+                  Scratch& scratch, cudaStream_t stream, bool block_per_chunk_grid = false);
 
 }  // namespace moetune::cuda

@@ -22,6 +22,9 @@ void reset_device_memory_peak();
 // Device allocations are zero-filled (as host ones are) by a memset on this stream, the
 // backend's one stream, so the fill is ordered after earlier work that used a reused block.
 void set_allocation_stream(void* cuda_stream);
+// While backend ops run on a side stream (nullptr: back to the ops' stream): allocations
+// are zero-filled on it, and blocks freed then are reused only once it has passed the free.
+void set_side_allocation_stream(void* cuda_stream);
 // Name of the current GPU ("NVIDIA H100 80GB HBM3").
 const char* device_name();
 // Fills a BF16/F32 device tensor with normal(0, std) values (hash of seed and index):

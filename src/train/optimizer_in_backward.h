@@ -1,0 +1,75 @@
+// The optimizer in the backward (training.optimizer_in_backward, `moetune bench
+// --optimizer-in-backward`): AdamW applied to each gradient group of a Model with
+// GradientStorage::PerGroup inside its gradient-ready hook, while the group's gradients
+// exist, plus each group's squared gradient norm (for the log and the non-finite guard).
+//
+//   InBackwardOptimizer in_backward(*model, adamw, backend, {});
+//   each step: in_backward.begin_step(lr); model->zero_grads(); model->forward_backward(...);
+//              double norm = in_backward.grad_norm();
+//
+// Overlap (InBackwardOptions::overlap, on backends with streams: CUDA): the group's norm and
+// update run on a low-priority side stream, beside the backward of the next layers, instead
+// of between them on the ops' stream. The rules that keep it correct:
+//  - order: the side stream starts a group's work after every op enqueued so far (the ops
+//    that wrote its gradients; SideStreamOps begins with wait_for_ops());
+//  - gradients: Model::set_gradient_side_stream makes the model rotate the groups through two
+//    arenas and join the fence recorded after a group's update before it binds another group
+//    to the same arena (one extra arena of memory, the largest group's gradients);
+//  - temporaries of the side ops (AdamW descriptor tables, norm partials) come from the
+//    caching allocator in its side-stream mode: a block freed there is reused only once the
+//    side stream has passed the free (ops/cuda/caching_allocator.cpp);
+//  - weights: a group's update writes only its own weights and AdamW state, which the
+//    backward reads no more this step (recompute reruns layer l's forward before layer l's
+//    group is finished; the tied lm_head is read by the loss, before every group);
+//  - the end of the step: forward_backward joins the side stream before it returns, so the
+//    next forward, grad_norm(), checkpoints and exports see every update.
+// The kernels and their order within each group are the same as without overlap, so the
+// weights are bit-identical. Without streams (CPU) or overlap off, the work runs inline in
+// the hook on the ops' stream.
+#pragma once
+
+#include <memory>
+
+#include "core/tensor.h"
+#include "model/model.h"
+#include "ops/backend.h"
+#include "train/adamw.h"
+
+namespace moetune {
+
+struct InBackwardOptions {
+  bool overlap = true;    // norms and updates on a side stream when the backend has streams
+  bool grad_norm = true;  // each group's squared gradient norm (grad_norm())
+};
+
+class InBackwardOptimizer {
+ public:
+  // Installs the gradient-ready hook on `model` (GradientStorage::PerGroup) and, with
+  // overlap, the side stream. `model` and `optimizer` (over model.parameters()) must
+  // outlive this object.
+  InBackwardOptimizer(Model& model, AdamW& optimizer, const InBackwardOptions& options = {});
+  ~InBackwardOptimizer();  // removes the hook and the model's side stream
+  InBackwardOptimizer(const InBackwardOptimizer&) = delete;
+  InBackwardOptimizer& operator=(const InBackwardOptimizer&) = delete;
+
+  // Before the step's forward_backward: counts the step (AdamW::begin_step) and sets the lr
+  // the groups' updates use.
+  void begin_step(double lr);
+  // The global gradient norm of the last step: sqrt of the sum of the groups' squared norms
+  // (one host read; needs InBackwardOptions::grad_norm).
+  double grad_norm();
+  // True when the updates run on a side stream.
+  bool overlapping() const { return side_ != nullptr; }
+
+ private:
+  void on_group_ready(size_t index);
+
+  Model& model_;
+  AdamW& optimizer_;
+  InBackwardOptions options_;
+  std::unique_ptr<Backend::SideStream> side_;  // null: inline
+  Buffer group_norms_squared_;                 // (groups) fp32
+  double lr_ = 0;
+};
+
+}  // namespace moetune
