@@ -11,6 +11,7 @@
 #include <limits>
 #include <memory>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "ops/backend.h"
@@ -159,8 +160,12 @@ TEST_P(CudaOps, ElementwiseAndEmbedding) {
 }
 
 TEST_P(CudaOps, RmsNormAndResidual) {
-  for (int64_t d : {40, 1000}) {
-    const int64_t rows = d == 40 ? 5 : 3;
+  // (d, rows): tiny rows; d not a multiple of the 16-byte vector (scalar path); Qwen3's q/k
+  // norm rows (head_dim 128, more rows than the grid's warps); a hidden-size row; a row wider
+  // than 8 warps' dweight rows fit in shared memory.
+  const std::pair<int64_t, int64_t> shapes[] = {{40, 5},     {1000, 3},   {130, 77},
+                                                {128, 9000}, {2048, 300}, {7168, 4}};
+  for (const auto& [d, rows] : shapes) {
     Dual& x = random(Shape{rows, d}, 2.0f);
     Dual& w = random(Shape{d});
     Dual& y = out(Shape{rows, d});
@@ -296,7 +301,8 @@ TEST_P(CudaOps, MoePipeline) {
   struct Case {
     int64_t n, hidden, width;
   };
-  for (const Case& c : {Case{150, 40, 24}, Case{9, 20, 12}, Case{1, 16, 8}}) {
+  // hidden 16 and 2056 (bf16 and fp32) and 20 (fp32) take the 16-byte vector path.
+  for (const Case& c : {Case{150, 40, 24}, Case{9, 20, 12}, Case{1, 16, 8}, Case{64, 2056, 16}}) {
     const int64_t e = 5, k = 2;
     std::vector<int32_t> ids(c.n * k);
     for (int64_t t = 0; t < c.n; ++t) {

@@ -9,6 +9,7 @@
 //   2. one block scans counts in (expert, block) order: base[e][block], expert_offsets;
 //   3. each block recomputes its ranks and writes sorted_slots / slot_rows.
 #include "ops/cuda/device_utils.cuh"
+#include "ops/cuda/vector_access.cuh"
 
 namespace moetune::cuda {
 
@@ -207,14 +208,22 @@ __global__ void sort_place_kernel(const int32_t* topk_ids, int64_t slots, int ex
   slot_rows[slot] = row;
 }
 
+// The row kernels below take V consecutive elements per thread access (16-byte vectors when
+// rows allow: vector_access.cuh; V = 1 otherwise); one block per row or token.
+
 // out[r] = x[sorted_slots[r] / k]
-template <typename scalar_t>
+template <typename scalar_t, int V>
 __global__ void gather_kernel(const scalar_t* x, const int32_t* sorted_slots, int top_k,
                               scalar_t* out, int64_t hidden) {
   const int64_t row = blockIdx.x;
   const int64_t token = sorted_slots[row] / top_k;
-  for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x)
-    out[row * hidden + c] = x[token * hidden + c];
+  for (int64_t c = int64_t(threadIdx.x) * V; c < hidden; c += int64_t(blockDim.x) * V) {
+    if constexpr (V * sizeof(scalar_t) == 16)
+      *reinterpret_cast<uint4*>(out + row * hidden + c) =
+          *reinterpret_cast<const uint4*>(x + token * hidden + c);
+    else
+      for (int i = 0; i < V; ++i) out[row * hidden + c + i] = x[token * hidden + c + i];
+  }
 }
 
 __global__ void invert_kernel(const int32_t* sorted_slots, int64_t rows, int32_t* slot_rows) {
@@ -223,35 +232,43 @@ __global__ void invert_kernel(const int32_t* sorted_slots, int64_t rows, int32_t
 }
 
 // dx[n] += sum_j dout[slot_rows[n*k+j]]  (deterministic: one block per token)
-template <typename scalar_t>
+template <typename scalar_t, int V>
 __global__ void gather_backward_kernel(const scalar_t* dout, const int32_t* slot_rows, int top_k,
                                        scalar_t* dx, int64_t hidden) {
   const int64_t token = blockIdx.x;
-  for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) {
-    float sum = to_float(dx[token * hidden + c]);
+  for (int64_t c = int64_t(threadIdx.x) * V; c < hidden; c += int64_t(blockDim.x) * V) {
+    float sum[V], part[V];
+    load_vec<scalar_t, V>(dx + token * hidden + c, sum);
     for (int j = 0; j < top_k; ++j) {
       const int32_t row = slot_rows[token * top_k + j];
-      if (row >= 0) sum += to_float(dout[int64_t(row) * hidden + c]);
+      if (row < 0) continue;
+      load_vec<scalar_t, V>(dout + int64_t(row) * hidden + c, part);
+#pragma unroll
+      for (int i = 0; i < V; ++i) sum[i] += part[i];
     }
-    dx[token * hidden + c] = from_float<scalar_t>(sum);
+    store_vec<scalar_t, V>(dx + token * hidden + c, sum);
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int V>
 __global__ void combine_kernel(const scalar_t* y, const float* weights, const int32_t* slot_rows,
                                int top_k, scalar_t* out, int64_t hidden) {
   const int64_t token = blockIdx.x;
-  for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) {
-    float sum = 0.0f;
+  for (int64_t c = int64_t(threadIdx.x) * V; c < hidden; c += int64_t(blockDim.x) * V) {
+    float sum[V] = {}, part[V];
     for (int j = 0; j < top_k; ++j) {
       const int32_t row = slot_rows[token * top_k + j];
-      if (row >= 0) sum += weights[token * top_k + j] * to_float(y[int64_t(row) * hidden + c]);
+      if (row < 0) continue;
+      const float w = weights[token * top_k + j];
+      load_vec<scalar_t, V>(y + int64_t(row) * hidden + c, part);
+#pragma unroll
+      for (int i = 0; i < V; ++i) sum[i] += w * part[i];
     }
-    out[token * hidden + c] = from_float<scalar_t>(sum);
+    store_vec<scalar_t, V>(out + token * hidden + c, sum);
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int V>
 __global__ void combine_backward_kernel(const scalar_t* dout, const scalar_t* y,
                                         const float* weights, const int32_t* slot_rows, int top_k,
                                         scalar_t* dy, float* dweights, int64_t hidden) {
@@ -261,10 +278,16 @@ __global__ void combine_backward_kernel(const scalar_t* dout, const scalar_t* y,
     const float w = weights[token * top_k + j];
     float dot = 0.0f;
     if (row >= 0) {
-      for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) {
-        const float d = to_float(dout[token * hidden + c]);
-        dot += d * to_float(y[int64_t(row) * hidden + c]);
-        dy[int64_t(row) * hidden + c] = from_float<scalar_t>(w * d);
+      for (int64_t c = int64_t(threadIdx.x) * V; c < hidden; c += int64_t(blockDim.x) * V) {
+        float d[V], yv[V], out[V];
+        load_vec<scalar_t, V>(dout + token * hidden + c, d);
+        load_vec<scalar_t, V>(y + int64_t(row) * hidden + c, yv);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          dot += d[i] * yv[i];
+          out[i] = w * d[i];
+        }
+        store_vec<scalar_t, V>(dy + int64_t(row) * hidden + c, out);
       }
     }
     dot = block_sum(dot);
@@ -386,8 +409,13 @@ void launch_moe_gather(const Tensor& x, const Tensor& sorted_slots, int top_k, c
          sorted_slots.shape.str(), " do not fit");
   if (rows == 0) return;
   MOETUNE_DISPATCH_FLOAT(x.dtype, "moe_gather", {
-    gather_kernel<scalar_t><<<rows, row_threads(hidden), 0, stream>>>(
-        x.ptr<scalar_t>(), sorted_slots.ptr<int32_t>(), top_k, out.ptr<scalar_t>(), hidden);
+    constexpr int kVec = 16 / int(sizeof(scalar_t));
+    if (vector_aligned(hidden, sizeof(scalar_t), {x.data, out.data}))
+      gather_kernel<scalar_t, kVec><<<rows, row_threads(hidden / kVec), 0, stream>>>(
+          x.ptr<scalar_t>(), sorted_slots.ptr<int32_t>(), top_k, out.ptr<scalar_t>(), hidden);
+    else
+      gather_kernel<scalar_t, 1><<<rows, row_threads(hidden), 0, stream>>>(
+          x.ptr<scalar_t>(), sorted_slots.ptr<int32_t>(), top_k, out.ptr<scalar_t>(), hidden);
   });
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
@@ -404,8 +432,14 @@ void launch_moe_gather_backward(const Tensor& dout, const Tensor& sorted_slots, 
                                                          slot_rows);
   MOETUNE_CUDA_LAUNCH_CHECK();
   MOETUNE_DISPATCH_FLOAT(dx.dtype, "moe_gather_backward", {
-    gather_backward_kernel<scalar_t><<<rows / top_k, row_threads(hidden), 0, stream>>>(
-        dout.ptr<scalar_t>(), slot_rows, top_k, dx.ptr<scalar_t>(), hidden);
+    constexpr int kVec = 16 / int(sizeof(scalar_t));
+    if (vector_aligned(hidden, sizeof(scalar_t), {dout.data, dx.data}))
+      gather_backward_kernel<scalar_t, kVec>
+          <<<rows / top_k, row_threads(hidden / kVec), 0, stream>>>(
+              dout.ptr<scalar_t>(), slot_rows, top_k, dx.ptr<scalar_t>(), hidden);
+    else
+      gather_backward_kernel<scalar_t, 1><<<rows / top_k, row_threads(hidden), 0, stream>>>(
+          dout.ptr<scalar_t>(), slot_rows, top_k, dx.ptr<scalar_t>(), hidden);
   });
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
@@ -421,9 +455,15 @@ void launch_moe_combine(const Tensor& y, const Tensor& weights, const Tensor& sl
          out.shape.str(), " do not fit");
   if (tokens == 0) return;
   MOETUNE_DISPATCH_FLOAT(out.dtype, "moe_combine", {
-    combine_kernel<scalar_t><<<tokens, row_threads(hidden), 0, stream>>>(
-        y.ptr<scalar_t>(), weights.ptr<float>(), slot_rows.ptr<int32_t>(), top_k,
-        out.ptr<scalar_t>(), hidden);
+    constexpr int kVec = 16 / int(sizeof(scalar_t));
+    if (vector_aligned(hidden, sizeof(scalar_t), {y.data, out.data}))
+      combine_kernel<scalar_t, kVec><<<tokens, row_threads(hidden / kVec), 0, stream>>>(
+          y.ptr<scalar_t>(), weights.ptr<float>(), slot_rows.ptr<int32_t>(), top_k,
+          out.ptr<scalar_t>(), hidden);
+    else
+      combine_kernel<scalar_t, 1><<<tokens, row_threads(hidden), 0, stream>>>(
+          y.ptr<scalar_t>(), weights.ptr<float>(), slot_rows.ptr<int32_t>(), top_k,
+          out.ptr<scalar_t>(), hidden);
   });
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
@@ -441,9 +481,15 @@ void launch_moe_combine_backward(const Tensor& dout, const Tensor& y, const Tens
          dy.shape.str(), " do not fit");
   if (tokens == 0) return;
   MOETUNE_DISPATCH_FLOAT(dout.dtype, "moe_combine_backward", {
-    combine_backward_kernel<scalar_t><<<tokens, row_threads(hidden), 0, stream>>>(
-        dout.ptr<scalar_t>(), y.ptr<scalar_t>(), weights.ptr<float>(), slot_rows.ptr<int32_t>(),
-        top_k, dy.ptr<scalar_t>(), dweights.ptr<float>(), hidden);
+    constexpr int kVec = 16 / int(sizeof(scalar_t));
+    if (vector_aligned(hidden, sizeof(scalar_t), {dout.data, y.data, dy.data}))
+      combine_backward_kernel<scalar_t, kVec><<<tokens, row_threads(hidden / kVec), 0, stream>>>(
+          dout.ptr<scalar_t>(), y.ptr<scalar_t>(), weights.ptr<float>(), slot_rows.ptr<int32_t>(),
+          top_k, dy.ptr<scalar_t>(), dweights.ptr<float>(), hidden);
+    else
+      combine_backward_kernel<scalar_t, 1><<<tokens, row_threads(hidden), 0, stream>>>(
+          dout.ptr<scalar_t>(), y.ptr<scalar_t>(), weights.ptr<float>(), slot_rows.ptr<int32_t>(),
+          top_k, dy.ptr<scalar_t>(), dweights.ptr<float>(), hidden);
   });
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
