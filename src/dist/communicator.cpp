@@ -79,6 +79,22 @@ int64_t check_all_to_all_v(const Communicator& comm, const Tensor& send,
   return row;
 }
 
+// ---- CommunicatorGroup -------------------------------------------------------------------
+
+void CommunicatorGroup::end() {
+  if (comm_ == nullptr) return;
+  Communicator* comm = comm_;
+  comm_ = nullptr;
+  comm->group_end();
+}
+
+CommunicatorGroup::~CommunicatorGroup() {
+  try {
+    end();
+  } catch (...) {  // an exception is already in flight (end() was skipped)
+  }
+}
+
 // ---- LocalCommunicator -------------------------------------------------------------------
 
 void LocalCommunicator::copy(const Tensor& dst, const Tensor& src) {

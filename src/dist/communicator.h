@@ -6,7 +6,8 @@
 //   gradients and optimizer state; weights are gathered back before use);
 // - all_to_all_v: expert-parallel dispatch and combine, rows of a (tokens, hidden) buffer
 //   sent to the rank holding their expert, with per-peer row counts known on the host
-//   (exchanged first by a fixed-size all_to_all_v of counts).
+//   (from the ranks' expert offsets, all-gathered first);
+// - group_start / group_end: a batch of collectives launched together (NCCL groups).
 // Every call takes the stream to run on (a cudaStream_t as void*; nullptr = the default
 // stream; ignored on the CPU) so that gradient reduce-scatters can run on a communication
 // stream beside the backward. Calls are asynchronous on that stream for NCCL and
@@ -57,12 +58,33 @@ class Communicator {
   virtual void all_to_all_v(const Tensor& send, std::span<const int64_t> send_rows,
                             const Tensor& recv, std::span<const int64_t> recv_rows,
                             StreamHandle stream) = 0;
+  // Collectives issued between group_start() and group_end() on this communicator may be
+  // launched together at group_end() (NCCL: ncclGroupStart/End, one fused launch instead
+  // of one per call). Inside a group, nothing may depend on a collective's result and no
+  // buffer a grouped collective reads may be rewritten before group_end(); groups nest.
+  // A no-op for the CPU implementations (their calls complete one by one).
+  virtual void group_start() {}
+  virtual void group_end() {}
   // Returns when every rank of the group has reached it (and, for NCCL, the stream's work
   // before it is done).
   virtual void barrier(StreamHandle stream) = 0;
   // A sub-group of the ranks that pass the same color, ordered by key (ncclCommSplit's
   // rule). Every rank of this group must call it, in the same order.
   virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
+};
+
+// group_start() now, group_end() at end() or, if end() was not reached (an exception),
+// at destruction (errors then ignored: the exception in flight is the one to report).
+class CommunicatorGroup {
+ public:
+  explicit CommunicatorGroup(Communicator& comm) : comm_(&comm) { comm.group_start(); }
+  ~CommunicatorGroup();
+  CommunicatorGroup(const CommunicatorGroup&) = delete;
+  CommunicatorGroup& operator=(const CommunicatorGroup&) = delete;
+  void end();
+
+ private:
+  Communicator* comm_;  // null once ended
 };
 
 // Checks shared by the implementations (shapes, dtypes, counts); fail with clear messages.

@@ -32,9 +32,8 @@ class ExpertParallelDispatcher final : public TokenDispatcher {
     if (ep_ < 1 || num_experts_ < 1 || num_experts_ % ep_ != 0)
       fail("expert parallelism: ", ep_, " ranks do not divide the ", num_experts_, " experts of ",
            config.model_type);
-    const int64_t counts = static_cast<int64_t>(ep_) * local_experts_;
-    counts_send_ = Buffer(DType::I32, {counts}, backend.device());
-    counts_recv_ = Buffer(DType::I32, {counts}, backend.device());
+    peer_offsets_ = Buffer(DType::I32, {ep_, num_experts_ + 1}, backend.device());
+    peer_offsets_host_.resize(static_cast<size_t>(ep_ * (num_experts_ + 1)));
   }
 
   void dispatch(const Tensor& x, const Tensor& topk_ids, MoeSaved& saved,
@@ -97,64 +96,41 @@ class ExpertParallelDispatcher final : public TokenDispatcher {
  private:
   dist::StreamHandle stream() const { return backend_.stream(); }
 
-  // From saved.expert_offsets: the row counts per peer, exchanged, and the permutation
-  // from received to expert-major order (saved.plan, saved.expert_rows).
+  // From saved.expert_offsets: every peer's offsets (one all_gather on the device), the
+  // row counts per peer on the host (the layer's one device->host read: the host must size
+  // the all_to_all_v), and the permutations between received and expert-major order, built
+  // on the device from the same offsets (saved.plan, saved.expert_rows).
   void plan_exchange(MoeSaved& saved) {
-    const int64_t E = num_experts_, El = local_experts_;
-    std::vector<int32_t> offsets(static_cast<size_t>(E + 1));
-    backend_.copy(host_view(offsets, DType::I32), saved.expert_offsets);
+    const int64_t width = num_experts_ + 1, El = local_experts_;
+    comm_.all_gather(saved.expert_offsets, peer_offsets_, stream());  // (ep, E + 1)
+    backend_.copy(host_view(peer_offsets_host_, DType::I32), peer_offsets_);
     backend_.synchronize();
-    // send_counts[p * El + e]: rows of this rank for peer p's local expert e
-    std::vector<int32_t> send_counts(static_cast<size_t>(E)), recv_counts(send_counts.size());
-    for (int64_t e = 0; e < E; ++e) send_counts[e] = offsets[e + 1] - offsets[e];
-    backend_.copy(counts_send_, host_view(send_counts, DType::I32));
-    const std::vector<int64_t> per_peer(static_cast<size_t>(ep_), El);
-    comm_.all_to_all_v(counts_send_, per_peer, counts_recv_, per_peer, stream());
-    backend_.copy(host_view(recv_counts, DType::I32), counts_recv_);
-    backend_.synchronize();
-
+    // offset(p, e): peer p's first row of global expert e (in its expert-sorted order)
+    auto offset = [&](int p, int64_t e) { return int64_t{peer_offsets_host_[p * width + e]}; };
+    const int rank = comm_.rank();
     ExchangePlan& plan = saved.plan;
     plan.send_rows.assign(static_cast<size_t>(ep_), 0);
     plan.recv_rows.assign(static_cast<size_t>(ep_), 0);
-    for (int p = 0; p < ep_; ++p) {
-      plan.send_rows[p] = offsets[(p + 1) * El] - offsets[p * El];
-      for (int64_t e = 0; e < El; ++e) {
-        const int32_t count = recv_counts[p * El + e];
-        if (count < 0) fail("expert parallelism: rank ", p, " announced ", count, " rows");
-        plan.recv_rows[p] += count;
-      }
-    }
     int64_t M = 0;
-    std::vector<int64_t> source_start(static_cast<size_t>(ep_));  // first received row of p
-    for (int p = 0; p < ep_; ++p) source_start[p] = M, M += plan.recv_rows[p];
+    for (int p = 0; p < ep_; ++p) {
+      for (int64_t e = 0; e < num_experts_; ++e)
+        if (offset(p, e + 1) < offset(p, e) || offset(p, 0) != 0)
+          fail("expert parallelism: rank ", p, " sent malformed expert offsets (expert ", e, ")");
+      plan.send_rows[p] = offset(rank, (p + 1) * El) - offset(rank, p * El);
+      plan.recv_rows[p] = offset(p, (rank + 1) * El) - offset(p, rank * El);
+      M += plan.recv_rows[p];
+    }
     saved.expert_rows = M;
 
-    // indices = [local_offsets (El + 1) | regroup (M) | ungroup (M)]
-    std::vector<int32_t> indices(static_cast<size_t>(El + 1 + 2 * M));
-    int32_t* local_offsets = indices.data();
-    int32_t* regroup = local_offsets + El + 1;
-    int32_t* ungroup = regroup + M;
-    std::vector<int64_t> cursor = source_start;  // next received row of (p, current e)
-    int64_t row = 0;                             // expert-major row
-    for (int64_t e = 0; e < El; ++e) {
-      local_offsets[e] = static_cast<int32_t>(row);
-      for (int p = 0; p < ep_; ++p) {
-        // p's rows for expert e follow its rows for experts < e (cursor[p] advances in e)
-        for (int32_t i = 0; i < recv_counts[p * El + e]; ++i, ++row) {
-          regroup[row] = static_cast<int32_t>(cursor[p] + i);
-          ungroup[cursor[p] + i] = static_cast<int32_t>(row);
-        }
-        cursor[p] += recv_counts[p * El + e];
-      }
-    }
-    local_offsets[El] = static_cast<int32_t>(row);
+    // indices = [local_offsets (El + 1) | regroup (M) | ungroup (M)], written on the device
     plan.indices = Buffer(DType::I32, {El + 1 + 2 * M}, backend_.device());
-    backend_.copy(plan.indices, host_view(indices, DType::I32));
     int32_t* base = plan.indices.ptr<int32_t>();
     const Device device = backend_.device();
     plan.local_offsets = Tensor(base, DType::I32, {El + 1}, device);
     plan.regroup = Tensor(base + El + 1, DType::I32, {M}, device);
     plan.ungroup = Tensor(base + El + 1 + M, DType::I32, {M}, device);
+    backend_.moe_regroup_by_expert(peer_offsets_, rank * El, plan.local_offsets, plan.regroup,
+                                   plan.ungroup);
   }
 
   Backend& backend_;
@@ -162,7 +138,8 @@ class ExpertParallelDispatcher final : public TokenDispatcher {
   int ep_;
   int64_t num_experts_, local_experts_;
   int top_k_;
-  Buffer counts_send_, counts_recv_;  // (ep * E_local) I32 on the device
+  Buffer peer_offsets_;                     // (ep, E + 1) I32 on the device
+  std::vector<int32_t> peer_offsets_host_;  // (ep * (E + 1)) its copy on the host
 };
 
 }  // namespace

@@ -6,13 +6,15 @@
 // Communicator on the backend's stream):
 //   1. counting sort of this rank's N*k slots by global expert, gather x into that order
 //      (N*k, H): rows for rank p are one contiguous block, because p's experts are;
-//   2. per-(peer, local expert) row counts to the host, exchanged with a fixed-size
-//      all_to_all_v (ep x E_local counts): each rank learns how many rows it receives from
-//      each peer for each of its experts;
+//   2. the expert offsets (E + 1) of every rank of the group, by one all_gather on the
+//      device, then one device->host copy of them (the layer's only host synchronisation:
+//      the host must know the per-peer row counts to size the all_to_all_v);
 //   3. all_to_all_v of the rows: M received rows, grouped by source rank, each source's
 //      block sorted by expert;
 //   4. a second permutation (a gather) regroups them by local expert (expert-major,
-//      source-minor) -> the (M, H) input of the grouped GEMMs over E_local experts;
+//      source-minor) -> the (M, H) input of the grouped GEMMs over E_local experts; the
+//      permutation, its inverse and the local expert offsets are built on the device from
+//      the gathered offsets (Backend::moe_regroup_by_expert): nothing is uploaded;
 //   5. after the experts, the inverse permutation, the reverse all_to_all_v (counts
 //      swapped) brings the outputs back in this rank's expert-sorted order, and the
 //      weighted combine runs locally as without expert parallelism.
@@ -20,9 +22,10 @@
 // gradients to the experts, the expert backward (weight gradients for local experts only),
 // and the reverse exchange of the input gradients, then the gather's backward.
 // M varies per step and layer: the (M, ...) buffers are sized per call (Buffer; cheap
-// with the CUDA caching allocator), never for the worst case ep*N*k. The regroup
-// permutation and the local expert offsets are computed on the host from the exchanged
-// counts (one small host read and one small upload per layer and direction-pair).
+// with the CUDA caching allocator), never for the worst case ep*N*k. The backward reuses
+// the forward's plan (counts on the host, permutations on the device): no exchange of
+// counts and no host synchronisation. (A recomputed layer, ModelOptions::recompute_layers,
+// dispatches again: one more synchronisation per MoE layer in that mode.)
 #pragma once
 
 #include <memory>

@@ -8,6 +8,8 @@
 //   sums need NCCL's numeric type.
 // - all_to_all_v is point-to-point sends/receives inside one ncclGroupStart/End, the way
 //   NCCL documents all-to-all with variable counts; peers with zero rows are skipped.
+// - group_start/group_end are ncclGroupStart/End (thread-wide in NCCL, nesting): the
+//   optimizer batches the collectives of a gradient group into one launch.
 // - NCCL_NVLS_ENABLE=0 is set before the first communicator unless the user set it:
 //   NVLink multicast is off on the machines this project uses (it can take a shared host's
 //   GPUs out of service).
@@ -130,6 +132,9 @@ class NcclCommunicator : public Communicator {
     }
     check_nccl(ncclGroupEnd(), "ncclGroupEnd", comm_);
   }
+
+  void group_start() override { check_nccl(ncclGroupStart(), "ncclGroupStart", comm_); }
+  void group_end() override { check_nccl(ncclGroupEnd(), "ncclGroupEnd", comm_); }
 
   void barrier(StreamHandle stream) override {
     check_nccl(ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, comm_, as_stream(stream)),
