@@ -29,6 +29,7 @@ class ExpertParallelDispatcher final : public TokenDispatcher {
         num_experts_(config.num_experts),
         local_experts_(config.num_experts / comm.size()),
         top_k_(static_cast<int>(config.num_experts_per_tok)) {
+    side_stream_ = backend.make_side_stream();
     if (ep_ < 1 || num_experts_ < 1 || num_experts_ % ep_ != 0)
       fail("expert parallelism: ", ep_, " ranks do not divide the ", num_experts_, " experts of ",
            config.model_type);
@@ -84,13 +85,29 @@ class ExpertParallelDispatcher final : public TokenDispatcher {
       backend_.moe_gather(dreceived, saved.plan.regroup, 1, first_rows(scratch.dexpert_out, M));
   }
 
-  void dispatch_backward(const MoeSaved& saved, MoeScratch& scratch, const Tensor& dx) override {
+  // The input gradients back to their ranks: ungrouped on the ops' stream, exchanged on
+  // the side stream when there is one (the weight gradients compute meanwhile).
+  void start_dispatch_backward(const MoeSaved& saved, MoeScratch& scratch) override {
     const int64_t slots = saved.sorted_slots.numel(), M = saved.expert_rows;
     const Tensor dreceived = first_rows(scratch.exchanged, M);  // (M, H)
     if (M > 0) backend_.moe_gather(first_rows(scratch.drows, M), saved.plan.ungroup, 1, dreceived);
     const Tensor dsorted = first_rows(scratch.sorted_rows, slots);  // (N*k, H)
-    comm_.all_to_all_v(dreceived, saved.plan.recv_rows, dsorted, saved.plan.send_rows, stream());
-    backend_.moe_gather_backward(dsorted, saved.sorted_slots, top_k_, dx);
+    void* stream = backend_.stream();
+    if (side_stream_) {
+      side_stream_->wait_for_ops();  // dreceived is complete
+      stream = side_stream_->handle();
+    }
+    comm_.all_to_all_v(dreceived, saved.plan.recv_rows, dsorted, saved.plan.send_rows, stream);
+    backward_started_ = true;
+  }
+
+  void dispatch_backward(const MoeSaved& saved, MoeScratch& scratch, const Tensor& dx) override {
+    if (!backward_started_) start_dispatch_backward(saved, scratch);
+    backward_started_ = false;
+    if (side_stream_) side_stream_->join();  // dsorted has arrived
+    const int64_t slots = saved.sorted_slots.numel();
+    backend_.moe_gather_backward(first_rows(scratch.sorted_rows, slots), saved.sorted_slots, top_k_,
+                                 dx);
   }
 
  private:
@@ -134,6 +151,11 @@ class ExpertParallelDispatcher final : public TokenDispatcher {
   }
 
   Backend& backend_;
+  // The reverse exchange of the input gradients (nullptr: the ops' stream). Between
+  // start_dispatch_backward and dispatch_backward's join it reads scratch.exchanged and
+  // writes scratch.sorted_rows, which nothing else touches until then.
+  std::unique_ptr<Backend::SideStream> side_stream_;
+  bool backward_started_ = false;
   dist::Communicator& comm_;
   int ep_;
   int64_t num_experts_, local_experts_;

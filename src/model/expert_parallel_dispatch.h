@@ -20,7 +20,10 @@
 //      weighted combine runs locally as without expert parallelism.
 // Backward mirrors it: the combine's backward, the forward-direction exchange of the row
 // gradients to the experts, the expert backward (weight gradients for local experts only),
-// and the reverse exchange of the input gradients, then the gather's backward.
+// and the reverse exchange of the input gradients, then the gather's backward. That reverse
+// exchange starts as soon as the input gradients are ready (start_dispatch_backward) and,
+// when the backend has side streams (CUDA), runs on one while the experts' weight
+// gradients compute; dispatch_backward joins it.
 // M varies per step and layer: the (M, ...) buffers are sized per call (Buffer; cheap
 // with the CUDA caching allocator), never for the worst case ep*N*k. The backward reuses
 // the forward's plan (counts on the host, permutations on the device): no exchange of

@@ -143,13 +143,20 @@ void moe_backward(Backend& backend, TokenDispatcher& dispatcher, const ModelConf
                  dgate_up = first_rows(scratch.dgate_up, M);
     const Tensor hidden = first_rows(saved.hidden, M), gate_up = first_rows(saved.gate_up, M);
     backend.grouped_gemm(dexpert_out, w.experts_down, false, offsets, dhidden);  // (M, I)
-    backend.grouped_gemm_weight_grad(dexpert_out, hidden, offsets, g.experts_down,
-                                     accumulate_grads);   // (E_local, H, I)
-    backend.swiglu_backward(dhidden, gate_up, dgate_up);  // (M, 2I)
+    backend.swiglu_backward(dhidden, gate_up, dgate_up);                         // (M, 2I)
     backend.grouped_gemm(dgate_up, w.experts_gate_up, false, offsets,
                          first_rows(scratch.drows, M));  // (M, H)
-    backend.grouped_gemm_weight_grad(dgate_up, first_rows(saved.rows, M), offsets,
-                                     g.experts_gate_up, accumulate_grads);  // (E_local, 2I, H)
+  }
+  // The input gradients start home (expert parallel: beside the weight gradients).
+  dispatcher.start_dispatch_backward(saved, scratch);
+  if (M > 0) {
+    const Tensor offsets = saved.rows_offsets();
+    backend.grouped_gemm_weight_grad(first_rows(scratch.dexpert_out, M),
+                                     first_rows(saved.hidden, M), offsets, g.experts_down,
+                                     accumulate_grads);  // (E_local, H, I)
+    backend.grouped_gemm_weight_grad(first_rows(scratch.dgate_up, M), first_rows(saved.rows, M),
+                                     offsets, g.experts_gate_up,
+                                     accumulate_grads);  // (E_local, 2I, H)
   } else if (!accumulate_grads) {  // no rows here: overwriting means zero expert gradients
     backend.fill(g.experts_down, 0.0f);
     backend.fill(g.experts_gate_up, 0.0f);

@@ -90,6 +90,11 @@ class TokenDispatcher {
   virtual void combine(MoeSaved& saved, MoeScratch& scratch, const Tensor& out) = 0;
   // From dout (N, H): scratch.dexpert_out (M, H) (sized here) and scratch.dtopk_weights.
   virtual void combine_backward(const Tensor& dout, const MoeSaved& saved, MoeScratch& scratch) = 0;
+  // Optional, once scratch.drows (M, H) is final: starts bringing it home (expert parallel:
+  // the reverse exchange, on a communication stream when the backend has one), so that the
+  // experts' weight gradients compute meanwhile. scratch.drows must not be written until
+  // dispatch_backward().
+  virtual void start_dispatch_backward(const MoeSaved&, MoeScratch&) {}
   // dx (N, H) += gradient of dispatch given scratch.drows (M, H).
   virtual void dispatch_backward(const MoeSaved& saved, MoeScratch& scratch, const Tensor& dx) = 0;
 };

@@ -9,6 +9,7 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <numeric>
 #include <vector>
@@ -309,10 +310,13 @@ void CpuBackend::moe_regroup_by_expert(const Tensor& peer_offsets, int64_t first
   if (first_expert < 0 || first_expert + local > width - 1)
     fail(op, ": experts [", first_expert, ", ", first_expert + local, ") are outside the ",
          width - 1, " experts of peer_offsets ", peer_offsets.shape.str());
+  if (rows > INT32_MAX) fail(op, ": ", rows, " rows do not fit I32 indices");
   expect_shape(regroup, Shape{rows}, op, "regroup");
   expect_shape(ungroup, Shape{rows}, op, "ungroup");
   // count(p, e): rows peer p sends for local expert e; received_start(p): p's first row.
-  auto offset = [&](int64_t p, int64_t e) { return peer_data[p * width + first_expert + e]; };
+  auto offset = [&](int64_t p, int64_t e) {
+    return int64_t{peer_data[p * width + first_expert + e]};
+  };
   std::vector<int64_t> received_start(static_cast<size_t>(peers) + 1, 0);
   for (int64_t p = 0; p < peers; ++p) {
     for (int64_t e = 0; e < local; ++e)
