@@ -43,6 +43,10 @@ class RecordingCommunicator final : public dist::Communicator {
                     std::span<const int64_t>, dist::StreamHandle) override {
     fail("not used");
   }
+  void all_to_all_v_blocks(const Tensor&, std::span<const dist::RowBlock>, const Tensor&,
+                           std::span<const dist::RowBlock>, dist::StreamHandle) override {
+    fail("not used");
+  }
   void group_start() override { log_.push_back(name_ + ":start"); }
   void group_end() override { log_.push_back(name_ + ":end"); }
   void barrier(dist::StreamHandle) override {}

@@ -37,6 +37,12 @@ class Store;
 
 using StreamHandle = void*;  // cudaStream_t; nullptr = default stream
 
+// Rows [offset, offset + rows) of a tensor (along its first dimension).
+struct RowBlock {
+  int64_t offset = 0;
+  int64_t rows = 0;
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -58,6 +64,14 @@ class Communicator {
   virtual void all_to_all_v(const Tensor& send, std::span<const int64_t> send_rows,
                             const Tensor& recv, std::span<const int64_t> recv_rows,
                             StreamHandle stream) = 0;
+  // As all_to_all_v, with each peer's rows anywhere in the tensors: rows
+  // [send_blocks[p].offset, + rows) of `send` go to peer p, peer p's rows land at
+  // recv_blocks[p] of `recv` (blocks of recv must not overlap). Counts agree pairwise as
+  // for all_to_all_v. The expert-parallel dispatch sends a chunk of its experts' rows at a
+  // time this way.
+  virtual void all_to_all_v_blocks(const Tensor& send, std::span<const RowBlock> send_blocks,
+                                   const Tensor& recv, std::span<const RowBlock> recv_blocks,
+                                   StreamHandle stream) = 0;
   // Collectives issued between group_start() and group_end() on this communicator may be
   // launched together at group_end() (NCCL: ncclGroupStart/End, one fused launch instead
   // of one per call). Inside a group, nothing may depend on a collective's result and no
@@ -92,6 +106,10 @@ void check_all_reduce(const Communicator& comm, const Tensor& in, const Tensor& 
 void check_reduce_scatter(const Communicator& comm, const Tensor& in, const Tensor& out);
 void check_all_gather(const Communicator& comm, const Tensor& in, const Tensor& out);
 // Returns the elements per row.
+int64_t check_all_to_all_v_blocks(const Communicator& comm, const Tensor& send,
+                                  std::span<const RowBlock> send_blocks, const Tensor& recv,
+                                  std::span<const RowBlock> recv_blocks);
+// Returns the elements per row.
 int64_t check_all_to_all_v(const Communicator& comm, const Tensor& send,
                            std::span<const int64_t> send_rows, const Tensor& recv,
                            std::span<const int64_t> recv_rows);
@@ -112,6 +130,9 @@ class LocalCommunicator : public Communicator {
   void all_gather(const Tensor& in, const Tensor& out, StreamHandle stream) override;
   void all_to_all_v(const Tensor& send, std::span<const int64_t> send_rows, const Tensor& recv,
                     std::span<const int64_t> recv_rows, StreamHandle stream) override;
+  void all_to_all_v_blocks(const Tensor& send, std::span<const RowBlock> send_blocks,
+                           const Tensor& recv, std::span<const RowBlock> recv_blocks,
+                           StreamHandle stream) override;
   void barrier(StreamHandle) override {}
   std::unique_ptr<Communicator> split(int, int) override;
 
@@ -134,6 +155,9 @@ class StoreCommunicator : public Communicator {
   void all_gather(const Tensor& in, const Tensor& out, StreamHandle stream) override;
   void all_to_all_v(const Tensor& send, std::span<const int64_t> send_rows, const Tensor& recv,
                     std::span<const int64_t> recv_rows, StreamHandle stream) override;
+  void all_to_all_v_blocks(const Tensor& send, std::span<const RowBlock> send_blocks,
+                           const Tensor& recv, std::span<const RowBlock> recv_blocks,
+                           StreamHandle stream) override;
   void barrier(StreamHandle stream) override;
   std::unique_ptr<Communicator> split(int color, int key) override;
 
