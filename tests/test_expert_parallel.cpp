@@ -192,6 +192,10 @@ class IdleCommunicator final : public dist::Communicator {
                     std::span<const int64_t>, dist::StreamHandle) override {
     unused();
   }
+  void all_to_all_v_blocks(const Tensor&, std::span<const dist::RowBlock>, const Tensor&,
+                           std::span<const dist::RowBlock>, dist::StreamHandle) override {
+    unused();
+  }
   void barrier(dist::StreamHandle) override { unused(); }
   std::unique_ptr<Communicator> split(int, int) override {
     unused();

@@ -76,6 +76,7 @@ int run_bench(int argc, char** argv) {
   bool recompute = false, optimizer_in_backward = false;
   int64_t expert_parallel = 1, zero_stage = 1;
   bool overlap_comm = true, overlap_optimizer = true;
+  int ep_chunks = 2;
   app.add_option("--config", config_path, "HF config.json of the model shape")->required();
   app.add_option("--layers", layers, "keep the first N decoder layers (default: all)");
   app.add_option("--seq", seq, "tokens per row");
@@ -100,6 +101,10 @@ int run_bench(int argc, char** argv) {
   app.add_flag("--overlap-optimizer,!--no-overlap-optimizer", overlap_optimizer,
                "with --optimizer-in-backward: each group's update on a low-priority side stream "
                "beside the backward (default) or between the layers on the compute stream");
+  app.add_option("--ep-chunks", ep_chunks,
+                 "expert parallel: chunks of the local experts pipelined with the all-to-all "
+                 "(1 = none)")
+      ->check(CLI::PositiveNumber);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& error) {
@@ -131,6 +136,7 @@ int run_bench(int argc, char** argv) {
   options.recompute_layers = recompute;
   options.balanced_routing = routing == "balanced";
   if (parallel) options.expert_comm = parallel->groups.expert.get();  // size 1: all experts
+  options.expert_exchange_chunks = ep_chunks;
   if (optimizer_in_backward) options.grad_storage = GradientStorage::PerGroup;
   auto model = Model::uninitialized(config, *backend, options);
   uint64_t seed = 1;

@@ -1,14 +1,14 @@
 // `moetune dist-selftest [--expert-parallel N] [--nccl]`: checks a multi-process setup end
 // to end: bootstrap from the launcher's environment, the rendezvous store (barrier, values
 // from every rank), the CPU store communicator (all_reduce, reduce_scatter, all_gather,
-// all_to_all_v, EP/DP group splits) and, with --nccl in a CUDA build, the same collectives
-// through NCCL on this rank's GPU (device tensors, group splits, a 16 MB all_reduce). Every result
-// is checked against its closed form. With --expert-parallel N (N > 1) it also runs a tiny
-// random MoE model with its experts split over each EP group, every rank on its own
-// micro-batch, against a one-rank reference each rank computes locally
-// (check_expert_parallel): on the CPU through the store, and with --nccl on this rank's GPU
-// through NCCL. Run it under the same launcher as training (srun / mpirun /
-// torchrun --no-python / moetune launch).
+// all_to_all_v, a communicator group of two collectives, EP/DP group splits) and, with
+// --nccl in a CUDA build, the same collectives through NCCL on this rank's GPU (device
+// tensors, group splits, a 16 MB all_reduce). Every result is checked against its closed
+// form. With --expert-parallel N (N > 1) it also runs a tiny random MoE model with its
+// experts split over each EP group, every rank on its own micro-batch, against a one-rank
+// reference each rank computes locally (check_expert_parallel): on the CPU through the
+// store, and with --nccl on this rank's GPU through NCCL. Run it under the same launcher
+// as training (srun / mpirun / torchrun --no-python / moetune launch).
 //
 // Fault injection for the launcher's tests: MOETUNE_SELFTEST_FAIL_RANK=r and
 // MOETUNE_SELFTEST_FAIL=exit|kill|hang|no-show|exit-early make rank r exit with status 3,
@@ -124,6 +124,19 @@ void check_collectives(dist::Communicator& comm, const std::string& group,
     for (int row = 0; row < recv_rows[p]; ++row, position += 3)
       check(recv[position] == p && recv[position + 1] == r && recv[position + 2] == row,
             "all_to_all_v" + where);
+  // A batch (communicator group): an all_reduce and an all_gather launched together.
+  std::vector<float> summed{float(r), 1.0f}, batch_gathered(n);
+  const Tensor summed_tensor = staging.put(summed, {2});
+  const Tensor batch_tensor = staging.put(batch_gathered, {n});
+  const Tensor own_tensor = staging.put(own, {1});
+  dist::CommunicatorGroup batch(comm);
+  comm.all_reduce_sum(summed_tensor, summed_tensor, stream);
+  comm.all_gather(own_tensor, batch_tensor, stream);
+  batch.end();
+  staging.get(summed, summed_tensor);
+  staging.get(batch_gathered, batch_tensor);
+  check(summed[0] == n * (n - 1) / 2.0f && summed[1] == n, "grouped all_reduce" + where);
+  for (int p = 0; p < n; ++p) check(batch_gathered[p] == p, "grouped all_gather" + where);
   comm.barrier(stream);
 }
 

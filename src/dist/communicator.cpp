@@ -79,6 +79,47 @@ int64_t check_all_to_all_v(const Communicator& comm, const Tensor& send,
   return row;
 }
 
+int64_t check_all_to_all_v_blocks(const Communicator& comm, const Tensor& send,
+                                  std::span<const RowBlock> send_blocks, const Tensor& recv,
+                                  std::span<const RowBlock> recv_blocks) {
+  check_same_kind("all_to_all_v_blocks", send, recv);
+  const size_t peers = static_cast<size_t>(comm.size());
+  if (send_blocks.size() != peers || recv_blocks.size() != peers)
+    fail("all_to_all_v_blocks: ", send_blocks.size(), " send and ", recv_blocks.size(),
+         " receive blocks for a group of ", peers);
+  if (send.rank() == 0 || recv.rank() == 0)
+    fail("all_to_all_v_blocks: tensors need a row dimension");
+  auto check = [](std::span<const RowBlock> blocks, const Tensor& tensor, const char* what) {
+    for (const RowBlock& block : blocks)
+      if (block.offset < 0 || block.rows < 0 || block.offset + block.rows > tensor.size(0))
+        fail("all_to_all_v_blocks: ", what, " block [", block.offset, ", +", block.rows,
+             ") is outside ", tensor.shape.str());
+  };
+  check(send_blocks, send, "send");
+  check(recv_blocks, recv, "receive");
+  const int64_t row = elements_per_row(send.size(0) ? send : recv);
+  if (send.size(0) && recv.size(0) && elements_per_row(recv) != row)
+    fail("all_to_all_v_blocks: rows of send ", send.shape.str(), " and recv ", recv.shape.str(),
+         " differ in size");
+  return row;
+}
+
+// ---- CommunicatorGroup -------------------------------------------------------------------
+
+void CommunicatorGroup::end() {
+  if (comm_ == nullptr) return;
+  Communicator* comm = comm_;
+  comm_ = nullptr;
+  comm->group_end();
+}
+
+CommunicatorGroup::~CommunicatorGroup() {
+  try {
+    end();
+  } catch (...) {  // an exception is already in flight (end() was skipped)
+  }
+}
+
 // ---- LocalCommunicator -------------------------------------------------------------------
 
 void LocalCommunicator::copy(const Tensor& dst, const Tensor& src) {
@@ -116,6 +157,23 @@ void LocalCommunicator::all_to_all_v(const Tensor& send, std::span<const int64_t
          recv_rows[0]);
   const Tensor from = send.view({send.size(0) * row}).slice_rows(0, send_rows[0] * row);
   const Tensor to = recv.view({recv.size(0) * row}).slice_rows(0, recv_rows[0] * row);
+  copy(to, from);
+}
+
+void LocalCommunicator::all_to_all_v_blocks(const Tensor& send,
+                                            std::span<const RowBlock> send_blocks,
+                                            const Tensor& recv,
+                                            std::span<const RowBlock> recv_blocks, StreamHandle) {
+  const int64_t row = check_all_to_all_v_blocks(*this, send, send_blocks, recv, recv_blocks);
+  if (send_blocks[0].rows != recv_blocks[0].rows)
+    fail("all_to_all_v_blocks: a single rank sends ", send_blocks[0].rows,
+         " rows to itself but receives ", recv_blocks[0].rows);
+  const Tensor from = send.view({send.size(0) * row})
+                          .slice_rows(send_blocks[0].offset * row,
+                                      (send_blocks[0].offset + send_blocks[0].rows) * row);
+  const Tensor to = recv.view({recv.size(0) * row})
+                        .slice_rows(recv_blocks[0].offset * row,
+                                    (recv_blocks[0].offset + recv_blocks[0].rows) * row);
   copy(to, from);
 }
 
@@ -277,6 +335,28 @@ void StoreCommunicator::all_to_all_v(const Tensor& send, std::span<const int64_t
            " (send and receive counts disagree)");
     std::memcpy(target, blobs[peer].data(), blobs[peer].size());
     target += blobs[peer].size();
+  }
+}
+
+void StoreCommunicator::all_to_all_v_blocks(const Tensor& send,
+                                            std::span<const RowBlock> send_blocks,
+                                            const Tensor& recv,
+                                            std::span<const RowBlock> recv_blocks, StreamHandle) {
+  const int64_t row = check_all_to_all_v_blocks(*this, send, send_blocks, recv, recv_blocks);
+  require_host("all_to_all_v_blocks", send);
+  std::vector<std::string> outgoing;
+  for (const RowBlock& block : send_blocks)
+    outgoing.push_back(bytes_of(send, block.offset * row, block.rows * row));
+  auto blobs = exchange(outgoing, true);
+  const size_t row_bytes = static_cast<size_t>(row) * dtype_size(recv.dtype);
+  for (int peer = 0; peer < size(); ++peer) {
+    const RowBlock& block = recv_blocks[peer];
+    if (blobs[peer].size() != static_cast<size_t>(block.rows) * row_bytes)
+      fail("all_to_all_v_blocks: rank ", rank_, " expected ", block.rows, " rows from rank ", peer,
+           " but got ", row_bytes ? blobs[peer].size() / row_bytes : 0,
+           " (send and receive counts disagree)");
+    std::memcpy(static_cast<char*>(recv.data) + block.offset * row_bytes, blobs[peer].data(),
+                blobs[peer].size());
   }
 }
 

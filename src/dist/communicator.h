@@ -6,7 +6,8 @@
 //   gradients and optimizer state; weights are gathered back before use);
 // - all_to_all_v: expert-parallel dispatch and combine, rows of a (tokens, hidden) buffer
 //   sent to the rank holding their expert, with per-peer row counts known on the host
-//   (exchanged first by a fixed-size all_to_all_v of counts).
+//   (from the ranks' expert offsets, all-gathered first);
+// - group_start / group_end: a batch of collectives launched together (NCCL groups).
 // Every call takes the stream to run on (a cudaStream_t as void*; nullptr = the default
 // stream; ignored on the CPU) so that gradient reduce-scatters can run on a communication
 // stream beside the backward. Calls are asynchronous on that stream for NCCL and
@@ -36,6 +37,12 @@ class Store;
 
 using StreamHandle = void*;  // cudaStream_t; nullptr = default stream
 
+// Rows [offset, offset + rows) of a tensor (along its first dimension).
+struct RowBlock {
+  int64_t offset = 0;
+  int64_t rows = 0;
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -57,6 +64,21 @@ class Communicator {
   virtual void all_to_all_v(const Tensor& send, std::span<const int64_t> send_rows,
                             const Tensor& recv, std::span<const int64_t> recv_rows,
                             StreamHandle stream) = 0;
+  // As all_to_all_v, with each peer's rows anywhere in the tensors: rows
+  // [send_blocks[p].offset, + rows) of `send` go to peer p, peer p's rows land at
+  // recv_blocks[p] of `recv` (blocks of recv must not overlap). Counts agree pairwise as
+  // for all_to_all_v. The expert-parallel dispatch sends a chunk of its experts' rows at a
+  // time this way.
+  virtual void all_to_all_v_blocks(const Tensor& send, std::span<const RowBlock> send_blocks,
+                                   const Tensor& recv, std::span<const RowBlock> recv_blocks,
+                                   StreamHandle stream) = 0;
+  // Collectives issued between group_start() and group_end() on this communicator may be
+  // launched together at group_end() (NCCL: ncclGroupStart/End, one fused launch instead
+  // of one per call). Inside a group, nothing may depend on a collective's result and no
+  // buffer a grouped collective reads may be rewritten before group_end(); groups nest.
+  // A no-op for the CPU implementations (their calls complete one by one).
+  virtual void group_start() {}
+  virtual void group_end() {}
   // Returns when every rank of the group has reached it (and, for NCCL, the stream's work
   // before it is done).
   virtual void barrier(StreamHandle stream) = 0;
@@ -65,10 +87,28 @@ class Communicator {
   virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
 };
 
+// group_start() now, group_end() at end() or, if end() was not reached (an exception),
+// at destruction (errors then ignored: the exception in flight is the one to report).
+class CommunicatorGroup {
+ public:
+  explicit CommunicatorGroup(Communicator& comm) : comm_(&comm) { comm.group_start(); }
+  ~CommunicatorGroup();
+  CommunicatorGroup(const CommunicatorGroup&) = delete;
+  CommunicatorGroup& operator=(const CommunicatorGroup&) = delete;
+  void end();
+
+ private:
+  Communicator* comm_;  // null once ended
+};
+
 // Checks shared by the implementations (shapes, dtypes, counts); fail with clear messages.
 void check_all_reduce(const Communicator& comm, const Tensor& in, const Tensor& out);
 void check_reduce_scatter(const Communicator& comm, const Tensor& in, const Tensor& out);
 void check_all_gather(const Communicator& comm, const Tensor& in, const Tensor& out);
+// Returns the elements per row.
+int64_t check_all_to_all_v_blocks(const Communicator& comm, const Tensor& send,
+                                  std::span<const RowBlock> send_blocks, const Tensor& recv,
+                                  std::span<const RowBlock> recv_blocks);
 // Returns the elements per row.
 int64_t check_all_to_all_v(const Communicator& comm, const Tensor& send,
                            std::span<const int64_t> send_rows, const Tensor& recv,
@@ -90,6 +130,9 @@ class LocalCommunicator : public Communicator {
   void all_gather(const Tensor& in, const Tensor& out, StreamHandle stream) override;
   void all_to_all_v(const Tensor& send, std::span<const int64_t> send_rows, const Tensor& recv,
                     std::span<const int64_t> recv_rows, StreamHandle stream) override;
+  void all_to_all_v_blocks(const Tensor& send, std::span<const RowBlock> send_blocks,
+                           const Tensor& recv, std::span<const RowBlock> recv_blocks,
+                           StreamHandle stream) override;
   void barrier(StreamHandle) override {}
   std::unique_ptr<Communicator> split(int, int) override;
 
@@ -112,6 +155,9 @@ class StoreCommunicator : public Communicator {
   void all_gather(const Tensor& in, const Tensor& out, StreamHandle stream) override;
   void all_to_all_v(const Tensor& send, std::span<const int64_t> send_rows, const Tensor& recv,
                     std::span<const int64_t> recv_rows, StreamHandle stream) override;
+  void all_to_all_v_blocks(const Tensor& send, std::span<const RowBlock> send_blocks,
+                           const Tensor& recv, std::span<const RowBlock> recv_blocks,
+                           StreamHandle stream) override;
   void barrier(StreamHandle stream) override;
   std::unique_ptr<Communicator> split(int color, int key) override;
 

@@ -1,11 +1,13 @@
 // The expert-parallel TokenDispatcher (see expert_parallel_dispatch.h for the steps).
 // Row order conventions: "sorted" = this rank's N*k slots sorted by global expert (what
-// moe_sort_by_expert gives, sent in rank blocks); "received" = M rows grouped by source
-// rank, each block sorted by expert; "expert-major" = the same M rows grouped by local
-// expert, then by source rank (the grouped GEMM's input). Permutations between received
-// and expert-major are moe_gather calls with top_k = 1 (out[r] = x[index[r]]).
+// moe_sort_by_expert gives, sent in per-rank, per-chunk blocks); "received" = a chunk's
+// rows grouped by source rank, each block sorted by expert; "expert-major" = the same rows
+// grouped by local expert, then by source rank (the grouped GEMM's input). Each chunk owns
+// the same row range in both orders. Permutations between received and expert-major are
+// moe_gather calls with top_k = 1 (out[r] = x[index[r]]) on the chunk's rows.
 #include "model/expert_parallel_dispatch.h"
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -22,7 +24,8 @@ Tensor host_view(std::vector<T>& values, DType dtype) {
 
 class ExpertParallelDispatcher final : public TokenDispatcher {
  public:
-  ExpertParallelDispatcher(Backend& backend, dist::Communicator& comm, const ModelConfig& config)
+  ExpertParallelDispatcher(Backend& backend, dist::Communicator& comm, const ModelConfig& config,
+                           int chunks)
       : backend_(backend),
         comm_(comm),
         ep_(comm.size()),
@@ -32,9 +35,10 @@ class ExpertParallelDispatcher final : public TokenDispatcher {
     if (ep_ < 1 || num_experts_ < 1 || num_experts_ % ep_ != 0)
       fail("expert parallelism: ", ep_, " ranks do not divide the ", num_experts_, " experts of ",
            config.model_type);
-    const int64_t counts = static_cast<int64_t>(ep_) * local_experts_;
-    counts_send_ = Buffer(DType::I32, {counts}, backend.device());
-    counts_recv_ = Buffer(DType::I32, {counts}, backend.device());
+    chunks_ = std::clamp<int64_t>(chunks, 1, local_experts_);
+    side_stream_ = backend.make_side_stream();
+    peer_offsets_ = Buffer(DType::I32, {ep_, num_experts_ + 1}, backend.device());
+    peer_offsets_host_.resize(static_cast<size_t>(ep_ * (num_experts_ + 1)));
   }
 
   void dispatch(const Tensor& x, const Tensor& topk_ids, MoeSaved& saved,
@@ -49,9 +53,13 @@ class ExpertParallelDispatcher final : public TokenDispatcher {
     const int64_t M = saved.expert_rows;
     ensure_rows(scratch.exchanged, x.dtype, M, H, backend_.device());
     ensure_rows(saved.rows, x.dtype, M, H, backend_.device());
-    const Tensor received = first_rows(scratch.exchanged, M);  // (M, H)
-    comm_.all_to_all_v(sorted, saved.plan.send_rows, received, saved.plan.recv_rows, stream());
-    if (M > 0) backend_.moe_gather(received, saved.plan.regroup, 1, first_rows(saved.rows, M));
+    send_to_experts(sorted, first_rows(scratch.exchanged, M), saved.plan);
+  }
+
+  std::vector<ExpertChunk> chunks(const MoeSaved& saved) const override {
+    std::vector<ExpertChunk> result;
+    for (const ExchangeChunk& chunk : saved.plan.chunks) result.push_back(chunk.experts);
+    return result;
   }
 
   Tensor expert_output(MoeSaved& saved, MoeScratch& scratch) override {
@@ -60,13 +68,20 @@ class ExpertParallelDispatcher final : public TokenDispatcher {
     return first_rows(scratch.expert_result, saved.expert_rows);
   }
 
-  void combine(MoeSaved& saved, MoeScratch& scratch, const Tensor& out) override {
-    const int64_t M = saved.expert_rows;
-    const Tensor results = first_rows(scratch.exchanged, M);  // (M, H) in received order
-    if (M > 0)
-      backend_.moe_gather(first_rows(scratch.expert_result, M), saved.plan.ungroup, 1, results);
-    comm_.all_to_all_v(results, saved.plan.recv_rows, saved.expert_out, saved.plan.send_rows,
-                       stream());  // back home: (N*k, H) sorted
+  // received rows of the chunk -> its expert-major rows of saved.rows
+  void chunk_ready(MoeSaved& saved, MoeScratch& scratch, size_t c) override {
+    regroup(saved.plan.chunks[c], scratch.exchanged, saved.rows, saved.expert_rows);
+  }
+
+  // the chunk's outputs -> received order -> back to their ranks (into saved.expert_out)
+  void chunk_done(MoeSaved& saved, MoeScratch& scratch, size_t c) override {
+    const ExchangeChunk& chunk = saved.plan.chunks[c];
+    ungroup(chunk, scratch.expert_result, scratch.exchanged, saved.expert_rows);
+    send_home(c, first_rows(scratch.exchanged, saved.expert_rows), saved.expert_out, saved.plan);
+  }
+
+  void combine(MoeSaved& saved, MoeScratch&, const Tensor& out) override {
+    if (side_stream_) side_stream_->join();  // every chunk is home
     backend_.moe_combine(saved.expert_out, saved.topk_weights, saved.slot_rows, out);
   }
 
@@ -79,82 +94,127 @@ class ExpertParallelDispatcher final : public TokenDispatcher {
     const Tensor dsorted = first_rows(scratch.sorted_rows, slots);  // (N*k, H)
     backend_.moe_combine_backward(dout, saved.expert_out, saved.topk_weights, saved.slot_rows,
                                   dsorted, scratch.dtopk_weights);
-    const Tensor dreceived = first_rows(scratch.exchanged, M);  // (M, H)
-    comm_.all_to_all_v(dsorted, saved.plan.send_rows, dreceived, saved.plan.recv_rows, stream());
-    if (M > 0)
-      backend_.moe_gather(dreceived, saved.plan.regroup, 1, first_rows(scratch.dexpert_out, M));
+    send_to_experts(dsorted, first_rows(scratch.exchanged, M), saved.plan);
+  }
+
+  void chunk_backward_ready(const MoeSaved& saved, MoeScratch& scratch, size_t c) override {
+    regroup(saved.plan.chunks[c], scratch.exchanged, scratch.dexpert_out, saved.expert_rows);
+  }
+
+  void chunk_backward_done(const MoeSaved& saved, MoeScratch& scratch, size_t c) override {
+    const int64_t slots = saved.sorted_slots.numel();
+    ungroup(saved.plan.chunks[c], scratch.drows, scratch.exchanged, saved.expert_rows);
+    send_home(c, first_rows(scratch.exchanged, saved.expert_rows),
+              first_rows(scratch.sorted_rows, slots), saved.plan);
   }
 
   void dispatch_backward(const MoeSaved& saved, MoeScratch& scratch, const Tensor& dx) override {
-    const int64_t slots = saved.sorted_slots.numel(), M = saved.expert_rows;
-    const Tensor dreceived = first_rows(scratch.exchanged, M);  // (M, H)
-    if (M > 0) backend_.moe_gather(first_rows(scratch.drows, M), saved.plan.ungroup, 1, dreceived);
-    const Tensor dsorted = first_rows(scratch.sorted_rows, slots);  // (N*k, H)
-    comm_.all_to_all_v(dreceived, saved.plan.recv_rows, dsorted, saved.plan.send_rows, stream());
-    backend_.moe_gather_backward(dsorted, saved.sorted_slots, top_k_, dx);
+    if (side_stream_) side_stream_->join();  // every chunk's input gradients are home
+    const int64_t slots = saved.sorted_slots.numel();
+    backend_.moe_gather_backward(first_rows(scratch.sorted_rows, slots), saved.sorted_slots, top_k_,
+                                 dx);
   }
 
  private:
-  dist::StreamHandle stream() const { return backend_.stream(); }
+  // The stream the exchanges go on: the side stream (after the ops enqueued so far) or,
+  // without one, the ops' stream.
+  void* exchange_stream() {
+    if (!side_stream_) return backend_.stream();
+    side_stream_->wait_for_ops();
+    return side_stream_->handle();
+  }
 
-  // From saved.expert_offsets: the row counts per peer, exchanged, and the permutation
-  // from received to expert-major order (saved.plan, saved.expert_rows).
-  void plan_exchange(MoeSaved& saved) {
-    const int64_t E = num_experts_, El = local_experts_;
-    std::vector<int32_t> offsets(static_cast<size_t>(E + 1));
-    backend_.copy(host_view(offsets, DType::I32), saved.expert_offsets);
-    backend_.synchronize();
-    // send_counts[p * El + e]: rows of this rank for peer p's local expert e
-    std::vector<int32_t> send_counts(static_cast<size_t>(E)), recv_counts(send_counts.size());
-    for (int64_t e = 0; e < E; ++e) send_counts[e] = offsets[e + 1] - offsets[e];
-    backend_.copy(counts_send_, host_view(send_counts, DType::I32));
-    const std::vector<int64_t> per_peer(static_cast<size_t>(ep_), El);
-    comm_.all_to_all_v(counts_send_, per_peer, counts_recv_, per_peer, stream());
-    backend_.copy(host_view(recv_counts, DType::I32), counts_recv_);
-    backend_.synchronize();
-
-    ExchangePlan& plan = saved.plan;
-    plan.send_rows.assign(static_cast<size_t>(ep_), 0);
-    plan.recv_rows.assign(static_cast<size_t>(ep_), 0);
-    for (int p = 0; p < ep_; ++p) {
-      plan.send_rows[p] = offsets[(p + 1) * El] - offsets[p * El];
-      for (int64_t e = 0; e < El; ++e) {
-        const int32_t count = recv_counts[p * El + e];
-        if (count < 0) fail("expert parallelism: rank ", p, " announced ", count, " rows");
-        plan.recv_rows[p] += count;
-      }
+  // Every chunk's rows from `sorted` (this rank's slots, expert-sorted) to the ranks of
+  // their experts, into `received` (M, H). The ops wait for chunk 0 now, for chunk c + 1 at
+  // chunk c's send_home (the exchanges are enqueued in that order, so a fence waits for
+  // exactly what was enqueued before it).
+  void send_to_experts(const Tensor& sorted, const Tensor& received, const ExchangePlan& plan) {
+    void* stream = exchange_stream();
+    for (size_t c = 0; c < plan.chunks.size(); ++c) {
+      comm_.all_to_all_v_blocks(sorted, plan.chunks[c].send, received, plan.chunks[c].recv, stream);
+      if (c == 0 && side_stream_) side_stream_->join();
     }
+  }
+
+  // Chunk c's rows of `received` (in received order, ungrouped) back to the ranks they came
+  // from, into their blocks of `home` (N*k, H).
+  void send_home(size_t c, const Tensor& received, const Tensor& home, const ExchangePlan& plan) {
+    // the ops wait for the next chunk's rows (enqueued before anything else of this chunk)
+    if (side_stream_ && c + 1 < plan.chunks.size()) side_stream_->join();
+    comm_.all_to_all_v_blocks(received, plan.chunks[c].recv, home, plan.chunks[c].send,
+                              exchange_stream());
+  }
+
+  // out[chunk rows] = received-order rows of `from` gathered into expert-major order.
+  void regroup(const ExchangeChunk& chunk, const Buffer& from, const Buffer& to, int64_t M) {
+    if (chunk.experts.rows() == 0) return;
+    const int64_t begin = chunk.experts.row_begin, end = chunk.experts.row_end;
+    backend_.moe_gather(first_rows(from, M).slice_rows(begin, end), chunk.regroup, 1,
+                        first_rows(to, M).slice_rows(begin, end));
+  }
+  // The inverse: expert-major rows of `from` back to received order in `to`.
+  void ungroup(const ExchangeChunk& chunk, const Buffer& from, const Buffer& to, int64_t M) {
+    if (chunk.experts.rows() == 0) return;
+    const int64_t begin = chunk.experts.row_begin, end = chunk.experts.row_end;
+    backend_.moe_gather(first_rows(from, M).slice_rows(begin, end), chunk.ungroup, 1,
+                        first_rows(to, M).slice_rows(begin, end));
+  }
+
+  // From saved.expert_offsets: every peer's offsets (one all_gather on the device), the
+  // row blocks per peer and chunk on the host (the layer's one device->host read: the host
+  // must size the exchanges), and each chunk's permutations between received and
+  // expert-major order, built on the device from the same offsets (saved.plan,
+  // saved.expert_rows). Chunk c holds local experts [c El / C, (c + 1) El / C); its rows
+  // follow the previous chunks' in both orders.
+  void plan_exchange(MoeSaved& saved) {
+    const int64_t width = num_experts_ + 1, El = local_experts_;
+    comm_.all_gather(saved.expert_offsets, peer_offsets_, backend_.stream());  // (ep, E + 1)
+    backend_.copy(host_view(peer_offsets_host_, DType::I32), peer_offsets_);
+    backend_.synchronize();
+    // offset(p, e): peer p's first row of global expert e (in its expert-sorted order)
+    auto offset = [&](int p, int64_t e) { return int64_t{peer_offsets_host_[p * width + e]}; };
+    for (int p = 0; p < ep_; ++p)
+      for (int64_t e = 0; e < num_experts_; ++e)
+        if (offset(p, e + 1) < offset(p, e) || offset(p, 0) != 0)
+          fail("expert parallelism: rank ", p, " sent malformed expert offsets (expert ", e, ")");
+    const int rank = comm_.rank();
+    ExchangePlan& plan = saved.plan;
+    plan.chunks.assign(static_cast<size_t>(chunks_), ExchangeChunk{});
     int64_t M = 0;
-    std::vector<int64_t> source_start(static_cast<size_t>(ep_));  // first received row of p
-    for (int p = 0; p < ep_; ++p) source_start[p] = M, M += plan.recv_rows[p];
+    for (int64_t c = 0; c < chunks_; ++c) {
+      ExchangeChunk& chunk = plan.chunks[c];
+      const int64_t first = c * El / chunks_, last = (c + 1) * El / chunks_;  // local experts
+      chunk.experts.expert_begin = first;
+      chunk.experts.expert_end = last;
+      chunk.experts.row_begin = M;
+      for (int p = 0; p < ep_; ++p) {
+        const int64_t send_begin = offset(rank, p * El + first);
+        chunk.send.push_back({send_begin, offset(rank, p * El + last) - send_begin});
+        const int64_t rows = offset(p, rank * El + last) - offset(p, rank * El + first);
+        chunk.recv.push_back({M, rows});
+        M += rows;
+      }
+      chunk.experts.row_end = M;
+    }
     saved.expert_rows = M;
 
-    // indices = [local_offsets (El + 1) | regroup (M) | ungroup (M)]
-    std::vector<int32_t> indices(static_cast<size_t>(El + 1 + 2 * M));
-    int32_t* local_offsets = indices.data();
-    int32_t* regroup = local_offsets + El + 1;
-    int32_t* ungroup = regroup + M;
-    std::vector<int64_t> cursor = source_start;  // next received row of (p, current e)
-    int64_t row = 0;                             // expert-major row
-    for (int64_t e = 0; e < El; ++e) {
-      local_offsets[e] = static_cast<int32_t>(row);
-      for (int p = 0; p < ep_; ++p) {
-        // p's rows for expert e follow its rows for experts < e (cursor[p] advances in e)
-        for (int32_t i = 0; i < recv_counts[p * El + e]; ++i, ++row) {
-          regroup[row] = static_cast<int32_t>(cursor[p] + i);
-          ungroup[cursor[p] + i] = static_cast<int32_t>(row);
-        }
-        cursor[p] += recv_counts[p * El + e];
-      }
-    }
-    local_offsets[El] = static_cast<int32_t>(row);
-    plan.indices = Buffer(DType::I32, {El + 1 + 2 * M}, backend_.device());
-    backend_.copy(plan.indices, host_view(indices, DType::I32));
-    int32_t* base = plan.indices.ptr<int32_t>();
+    // indices = [offsets of chunk 0 | of chunk 1 | ... | regroup, ungroup of chunk 0 | ...]
+    plan.indices = Buffer(DType::I32, {El + chunks_ + 2 * M}, backend_.device());
+    int32_t* next = plan.indices.ptr<int32_t>();
     const Device device = backend_.device();
-    plan.local_offsets = Tensor(base, DType::I32, {El + 1}, device);
-    plan.regroup = Tensor(base + El + 1, DType::I32, {M}, device);
-    plan.ungroup = Tensor(base + El + 1 + M, DType::I32, {M}, device);
+    auto take = [&](int64_t count) {
+      Tensor view(next, DType::I32, {count}, device);
+      next += count;
+      return view;
+    };
+    for (ExchangeChunk& chunk : plan.chunks)
+      chunk.experts.offsets = take(chunk.experts.expert_end - chunk.experts.expert_begin + 1);
+    for (ExchangeChunk& chunk : plan.chunks) {
+      chunk.regroup = take(chunk.experts.rows());
+      chunk.ungroup = take(chunk.experts.rows());
+      backend_.moe_regroup_by_expert(peer_offsets_, rank * El + chunk.experts.expert_begin,
+                                     chunk.experts.offsets, chunk.regroup, chunk.ungroup);
+    }
   }
 
   Backend& backend_;
@@ -162,15 +222,22 @@ class ExpertParallelDispatcher final : public TokenDispatcher {
   int ep_;
   int64_t num_experts_, local_experts_;
   int top_k_;
-  Buffer counts_send_, counts_recv_;  // (ep * E_local) I32 on the device
+  int64_t chunks_ = 1;
+  // The exchanges (nullptr: the ops' stream). Between their start and the fences above they
+  // touch scratch.sorted_rows / scratch.exchanged / saved.expert_out blocks that the ops
+  // leave alone until then (each chunk's rows are disjoint from the others').
+  std::unique_ptr<Backend::SideStream> side_stream_;
+  Buffer peer_offsets_;                     // (ep, E + 1) I32 on the device
+  std::vector<int32_t> peer_offsets_host_;  // (ep * (E + 1)) its copy on the host
 };
 
 }  // namespace
 
 std::unique_ptr<TokenDispatcher> make_expert_parallel_dispatcher(Backend& backend,
                                                                  dist::Communicator& expert_comm,
-                                                                 const ModelConfig& config) {
-  return std::make_unique<ExpertParallelDispatcher>(backend, expert_comm, config);
+                                                                 const ModelConfig& config,
+                                                                 int chunks) {
+  return std::make_unique<ExpertParallelDispatcher>(backend, expert_comm, config, chunks);
 }
 
 }  // namespace moetune

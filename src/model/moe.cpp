@@ -35,6 +35,9 @@ class LocalDispatcher final : public TokenDispatcher {
     saved.expert_rows = topk_ids.numel();  // N*k, the size allocate_moe gave saved.rows
     backend_.moe_gather(x, saved.sorted_slots, top_k_, saved.rows);
   }
+  std::vector<ExpertChunk> chunks(const MoeSaved& saved) const override {
+    return {ExpertChunk{0, saved.expert_rows, 0, num_experts_, saved.expert_offsets.tensor()}};
+  }
   Tensor expert_output(MoeSaved& saved, MoeScratch&) override { return saved.expert_out; }
   void combine(MoeSaved& saved, MoeScratch&, const Tensor& out) override {
     backend_.moe_combine(saved.expert_out, saved.topk_weights, saved.slot_rows, out);
@@ -108,15 +111,29 @@ void moe_forward(Backend& backend, TokenDispatcher& dispatcher, const ModelConfi
   const int64_t M = saved.expert_rows;
   ensure_rows(saved.gate_up, dtype, M, 2 * I, device);
   ensure_rows(saved.hidden, dtype, M, I, device);
-  // experts (none of this rank's experts may have rows: M = 0 with expert parallelism)
-  const Tensor offsets = saved.rows_offsets();
+  // experts, chunk by chunk (none of this rank's experts may have rows: M = 0 with expert
+  // parallelism)
   const Tensor expert_out = dispatcher.expert_output(saved, scratch);  // (M, H)
-  if (M > 0) {
-    const Tensor gate_up = first_rows(saved.gate_up, M), hidden = first_rows(saved.hidden, M);
-    backend.grouped_gemm(first_rows(saved.rows, M), w.experts_gate_up, true, offsets,
-                         gate_up);                                            // (M, 2I)
-    backend.swiglu_forward(gate_up, hidden);                                  // (M, I)
-    backend.grouped_gemm(hidden, w.experts_down, true, offsets, expert_out);  // (M, H)
+  const std::vector<ExpertChunk> chunks = dispatcher.chunks(saved);
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    const ExpertChunk& chunk = chunks[c];
+    dispatcher.chunk_ready(saved, scratch, c);
+    if (chunk.rows() > 0) {
+      const auto part = [&](const Tensor& t) {
+        return t.slice_rows(chunk.row_begin, chunk.row_end);
+      };
+      const auto experts = [&](const Tensor& weights) {
+        return weights.slice_rows(chunk.expert_begin, chunk.expert_end);
+      };
+      const Tensor gate_up = part(first_rows(saved.gate_up, M));
+      const Tensor hidden = part(first_rows(saved.hidden, M));
+      backend.grouped_gemm(part(first_rows(saved.rows, M)), experts(w.experts_gate_up), true,
+                           chunk.offsets, gate_up);  // (rows, 2I)
+      backend.swiglu_forward(gate_up, hidden);       // (rows, I)
+      backend.grouped_gemm(hidden, experts(w.experts_down), true, chunk.offsets,
+                           part(expert_out));  // (rows, H)
+    }
+    dispatcher.chunk_done(saved, scratch, c);
   }
   // combine
   dispatcher.combine(saved, scratch, out);  // (N, H)
@@ -132,27 +149,40 @@ void moe_backward(Backend& backend, TokenDispatcher& dispatcher, const ModelConf
   const Device device = backend.device();
   // combine
   dispatcher.combine_backward(dout, saved, scratch);  // dexpert_out (M, H), dtopk_weights
-  // experts: down then SwiGLU then gate_up
+  // experts, chunk by chunk: down then SwiGLU then gate_up; the input gradients start
+  // home before the weight gradients
   ensure_rows(scratch.dhidden, dtype, M, I, device);
   ensure_rows(scratch.dgate_up, dtype, M, 2 * I, device);
   ensure_rows(scratch.drows, dtype, M, H, device);
-  if (M > 0) {
-    const Tensor offsets = saved.rows_offsets();
-    const Tensor dexpert_out = first_rows(scratch.dexpert_out, M);
-    const Tensor dhidden = first_rows(scratch.dhidden, M),
-                 dgate_up = first_rows(scratch.dgate_up, M);
-    const Tensor hidden = first_rows(saved.hidden, M), gate_up = first_rows(saved.gate_up, M);
-    backend.grouped_gemm(dexpert_out, w.experts_down, false, offsets, dhidden);  // (M, I)
-    backend.grouped_gemm_weight_grad(dexpert_out, hidden, offsets, g.experts_down,
-                                     accumulate_grads);   // (E_local, H, I)
-    backend.swiglu_backward(dhidden, gate_up, dgate_up);  // (M, 2I)
-    backend.grouped_gemm(dgate_up, w.experts_gate_up, false, offsets,
-                         first_rows(scratch.drows, M));  // (M, H)
-    backend.grouped_gemm_weight_grad(dgate_up, first_rows(saved.rows, M), offsets,
-                                     g.experts_gate_up, accumulate_grads);  // (E_local, 2I, H)
-  } else if (!accumulate_grads) {  // no rows here: overwriting means zero expert gradients
-    backend.fill(g.experts_down, 0.0f);
-    backend.fill(g.experts_gate_up, 0.0f);
+  const std::vector<ExpertChunk> chunks = dispatcher.chunks(saved);
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    const ExpertChunk& chunk = chunks[c];
+    const auto part = [&](const Buffer& b) {
+      return first_rows(b, M).slice_rows(chunk.row_begin, chunk.row_end);
+    };
+    const auto experts = [&](const Tensor& weights) {
+      return weights.slice_rows(chunk.expert_begin, chunk.expert_end);
+    };
+    dispatcher.chunk_backward_ready(saved, scratch, c);
+    if (chunk.rows() > 0) {
+      backend.grouped_gemm(part(scratch.dexpert_out), experts(w.experts_down), false, chunk.offsets,
+                           part(scratch.dhidden));  // (rows, I)
+      backend.swiglu_backward(part(scratch.dhidden), part(saved.gate_up), part(scratch.dgate_up));
+      backend.grouped_gemm(part(scratch.dgate_up), experts(w.experts_gate_up), false, chunk.offsets,
+                           part(scratch.drows));  // (rows, H)
+    }
+    dispatcher.chunk_backward_done(saved, scratch, c);
+    if (chunk.rows() > 0) {
+      backend.grouped_gemm_weight_grad(part(scratch.dexpert_out), part(saved.hidden), chunk.offsets,
+                                       experts(g.experts_down),
+                                       accumulate_grads);  // (experts, H, I)
+      backend.grouped_gemm_weight_grad(part(scratch.dgate_up), part(saved.rows), chunk.offsets,
+                                       experts(g.experts_gate_up),
+                                       accumulate_grads);  // (experts, 2I, H)
+    } else if (!accumulate_grads) {  // no rows here: overwriting means zero expert gradients
+      backend.fill(experts(g.experts_down), 0.0f);
+      backend.fill(experts(g.experts_gate_up), 0.0f);
+    }
   }
   // dispatch
   backend.fill(dx, 0.0f);

@@ -20,21 +20,37 @@
 #include <vector>
 
 #include "core/tensor.h"
+#include "dist/communicator.h"
 #include "io/model_config.h"
 #include "model/weights.h"
 #include "ops/backend.h"
 
 namespace moetune {
 
+// A part of the expert work: rows [row_begin, row_end) of saved.rows (and of every other
+// (M, ...) buffer) belong to the local experts [expert_begin, expert_end), as given by
+// `offsets` (expert_end - expert_begin + 1) I32 on the device, relative to row_begin.
+struct ExpertChunk {
+  int64_t row_begin = 0, row_end = 0;
+  int64_t expert_begin = 0, expert_end = 0;
+  Tensor offsets;
+  int64_t rows() const { return row_end - row_begin; }
+};
+
 // What the expert-parallel dispatcher remembers of one layer's exchange (see
-// expert_parallel_dispatch.h); unused by the local dispatcher.
+// expert_parallel_dispatch.h); unused by the local dispatcher. The exchange goes in chunks
+// of this rank's experts; a chunk's received rows and its expert-major rows are the same
+// range [row_begin, row_end) of the (M, ...) buffers.
+struct ExchangeChunk {
+  ExpertChunk experts;
+  std::vector<dist::RowBlock> send;  // (ep) rows of the expert-sorted slots sent to each peer
+  std::vector<dist::RowBlock> recv;  // (ep) rows received from each peer (received order)
+  Tensor regroup;                    // (rows): received row of each expert-major row
+  Tensor ungroup;                    // (rows): its inverse (both relative to row_begin)
+};
 struct ExchangePlan {
-  std::vector<int64_t> send_rows;  // (ep) rows this rank sends to each peer
-  std::vector<int64_t> recv_rows;  // (ep) rows it receives from each peer
-  Buffer indices;                  // I32: local_offsets (E_local + 1), regroup (M), ungroup (M)
-  Tensor local_offsets;            // rows of local expert e: [offsets[e], offsets[e + 1])
-  Tensor regroup;                  // (M): received row of each expert-sorted row
-  Tensor ungroup;                  // (M): expert-sorted row of each received row (inverse)
+  Buffer indices;  // I32 on the device: each chunk's offsets, regroup and ungroup
+  std::vector<ExchangeChunk> chunks;
 };
 
 struct MoeSaved {
@@ -50,10 +66,6 @@ struct MoeSaved {
   Buffer hidden;            // (M, I)
   Buffer expert_out;        // (N*k, H) expert outputs of this rank's slots, expert-sorted
   ExchangePlan plan;        // expert parallel only
-  // Offsets (E_local + 1) of the experts' rows in `rows`.
-  Tensor rows_offsets() const {
-    return plan.local_offsets.defined() ? plan.local_offsets : expert_offsets.tensor();
-  }
 };
 struct MoeScratch {
   Buffer router_logits;   // (N, E)
@@ -79,17 +91,30 @@ class TokenDispatcher {
  public:
   virtual ~TokenDispatcher() = default;
   // Sorts the N*k slots of topk_ids (N, k) by expert (saved.expert_offsets, sorted_slots,
-  // slot_rows) and brings each slot's row of x (N, H) to its expert: sets
-  // saved.expert_rows = M, sizes and fills saved.rows (M, H) in the order of
-  // saved.rows_offsets().
+  // slot_rows) and starts bringing each slot's row of x (N, H) to its expert: sets
+  // saved.expert_rows = M and sizes saved.rows (M, H); chunk_ready() completes a chunk.
   virtual void dispatch(const Tensor& x, const Tensor& topk_ids, MoeSaved& saved,
                         MoeScratch& scratch) = 0;
+  // The expert work, in the order it runs (the local dispatcher: one chunk of all rows).
+  virtual std::vector<ExpertChunk> chunks(const MoeSaved& saved) const = 0;
   // Where the experts write their output (M, H) for combine().
   virtual Tensor expert_output(MoeSaved& saved, MoeScratch& scratch) = 0;
+  // Forward, around each chunk's experts: chunk_ready fills the chunk's rows of saved.rows
+  // (expert parallel: once they have arrived), chunk_done starts taking the chunk's rows
+  // of expert_output() home (they must not be written afterwards).
+  virtual void chunk_ready(MoeSaved&, MoeScratch&, size_t /*chunk*/) {}
+  virtual void chunk_done(MoeSaved&, MoeScratch&, size_t /*chunk*/) {}
   // out (N, H) = weighted sum of each token's expert outputs (weights saved.topk_weights).
   virtual void combine(MoeSaved& saved, MoeScratch& scratch, const Tensor& out) = 0;
-  // From dout (N, H): scratch.dexpert_out (M, H) (sized here) and scratch.dtopk_weights.
+  // From dout (N, H): sizes scratch.dexpert_out (M, H) and starts filling it (every chunk
+  // after its chunk_backward_ready), scratch.dtopk_weights.
   virtual void combine_backward(const Tensor& dout, const MoeSaved& saved, MoeScratch& scratch) = 0;
+  // Backward, around each chunk's experts: the chunk's rows of scratch.dexpert_out are
+  // complete after chunk_backward_ready; chunk_backward_done once its rows of
+  // scratch.drows are (they start home; not to be written afterwards), so that the
+  // experts' weight gradients compute meanwhile.
+  virtual void chunk_backward_ready(const MoeSaved&, MoeScratch&, size_t /*chunk*/) {}
+  virtual void chunk_backward_done(const MoeSaved&, MoeScratch&, size_t /*chunk*/) {}
   // dx (N, H) += gradient of dispatch given scratch.drows (M, H).
   virtual void dispatch_backward(const MoeSaved& saved, MoeScratch& scratch, const Tensor& dx) = 0;
 };

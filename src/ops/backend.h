@@ -215,6 +215,18 @@ class Backend {
                                     const Tensor& slot_rows, const Tensor& dy,
                                     const Tensor& dweights) = 0;
 
+  // ---- MoE: expert parallelism, regroup of the rows received from the peers ------------
+  // peer_offsets (P, E + 1) I32: the expert_offsets of each of the P ranks of an
+  // expert-parallel group (over all E experts); this rank holds the El experts
+  // [first_expert, first_expert + El), El = local_offsets.numel() - 1. Received order: the
+  // rows of these experts from peer 0 (in its expert order), then peer 1, ... Expert-major
+  // order: the same M rows by local expert, then by peer (M = regroup.numel()).
+  // local_offsets (El + 1): expert-major rows of local expert e are [off[e], off[e + 1]);
+  // regroup (M): received row of each expert-major row; ungroup (M): its inverse.
+  virtual void moe_regroup_by_expert(const Tensor& peer_offsets, int64_t first_expert,
+                                     const Tensor& local_offsets, const Tensor& regroup,
+                                     const Tensor& ungroup) = 0;
+
   // ---- MoE: expert GEMMs over the expert-sorted buffer ---------------------------------
   // For each expert e, rows R_e = [offsets[e], offsets[e+1]) (offsets (E+1) I32 on device):
   // c[R_e] = a[R_e] @ op(w[e]), w (E, P, Q); op = transpose when transpose_w (then c is

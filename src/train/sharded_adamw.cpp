@@ -6,6 +6,7 @@
 #include "train/sharded_adamw.h"
 
 #include <algorithm>
+#include <functional>
 
 #include "core/error.h"
 
@@ -183,7 +184,33 @@ void DataParallelAdamW::reduce_group(size_t index) {
     stream = side_stream_->handle();
     communication_pending_ = true;
   }
-  for (size_t i = group.begin; i < group.end; ++i) reduce_slot(slots_[i], stream);
+  for_each_batch(group.begin, group.end, /*reducing=*/true,
+                 [&](Slot& slot) { reduce_slot(slot, stream); });
+}
+
+// Calls f (reduce_slot, or gather_slot when not reducing) on every slot of [begin, end):
+// the slots whose collective uses no scratch in one communicator group per communicator
+// (NCCL: one launch for all of them), then the others one by one (they copy through the
+// shared padded scratch around their collective, which a group would only launch at its
+// end, after every copy).
+void DataParallelAdamW::for_each_batch(size_t begin, size_t end, bool reducing,
+                                       const std::function<void(Slot&)>& f) {
+  auto batched = [reducing](const Slot& slot) {
+    const bool scratch = slot.padded() && (!reducing || slot.grad_shard.data != nullptr);
+    return slot.shards > 1 && slot.numel > 0 && !scratch;
+  };
+  std::vector<dist::Communicator*> comms;
+  for (size_t i = begin; i < end; ++i)
+    if (batched(slots_[i]) && std::find(comms.begin(), comms.end(), slots_[i].comm) == comms.end())
+      comms.push_back(slots_[i].comm);
+  for (dist::Communicator* comm : comms) {
+    dist::CommunicatorGroup batch(*comm);
+    for (size_t i = begin; i < end; ++i)
+      if (batched(slots_[i]) && slots_[i].comm == comm) f(slots_[i]);
+    batch.end();
+  }
+  for (size_t i = begin; i < end; ++i)
+    if (!batched(slots_[i])) f(slots_[i]);
 }
 
 void DataParallelAdamW::finish_reduction() {
@@ -227,7 +254,7 @@ void DataParallelAdamW::step(double lr, float grad_scale) {
     if (slot.adam.param.numel() > 0) updates.push_back(slot.adam);
   if (!updates.empty()) backend_.adamw_update(updates, hyper, grad_scale);
   if (options_.zero_stage >= 1)
-    for (Slot& slot : slots_) gather_slot(slot);
+    for_each_batch(0, slots_.size(), /*reducing=*/false, [&](Slot& slot) { gather_slot(slot); });
   discard();
 }
 

@@ -42,12 +42,16 @@
 // all-reduce stay on the ops' stream, after the join.
 // Without overlap every collective is enqueued on the backend's stream (ordered with the
 // ops, no events).
+// Batching: a group's collectives are issued inside one dist::CommunicatorGroup per
+// communicator (NCCL: one ncclGroupStart/End, one launch instead of one per parameter), and
+// so are step()'s all-gathers; collectives that go through the padded scratch stay outside.
 //
 // The update of each element is the same Backend::adamw_update math as the unsharded AdamW
 // (bit-identical on the CPU given the same reduced gradient).
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -122,6 +126,7 @@ class DataParallelAdamW {
   void reduce_slot(Slot& slot, void* stream);
   void join_communication();
   void gather_slot(Slot& slot);
+  void for_each_batch(size_t begin, size_t end, bool reducing, const std::function<void(Slot&)>& f);
   Tensor padded_scratch(int64_t elements, DType dtype);
 
   Backend& backend_;

@@ -8,6 +8,8 @@
 //   sums need NCCL's numeric type.
 // - all_to_all_v is point-to-point sends/receives inside one ncclGroupStart/End, the way
 //   NCCL documents all-to-all with variable counts; peers with zero rows are skipped.
+// - group_start/group_end are ncclGroupStart/End (thread-wide in NCCL, nesting): the
+//   optimizer batches the collectives of a gradient group into one launch.
 // - NCCL_NVLS_ENABLE=0 is set before the first communicator unless the user set it:
 //   NVLink multicast is off on the machines this project uses (it can take a shared host's
 //   GPUs out of service).
@@ -130,6 +132,33 @@ class NcclCommunicator : public Communicator {
     }
     check_nccl(ncclGroupEnd(), "ncclGroupEnd", comm_);
   }
+
+  void all_to_all_v_blocks(const Tensor& send, std::span<const RowBlock> send_blocks,
+                           const Tensor& recv, std::span<const RowBlock> recv_blocks,
+                           StreamHandle stream) override {
+    const int64_t row = check_all_to_all_v_blocks(*this, send, send_blocks, recv, recv_blocks);
+    require_device("all_to_all_v_blocks", send);
+    const size_t row_bytes = static_cast<size_t>(row) * dtype_size(send.dtype);
+    const char* send_bytes = static_cast<const char*>(send.data);
+    char* recv_bytes = static_cast<char*>(recv.data);
+    check_nccl(ncclGroupStart(), "ncclGroupStart", comm_);
+    for (int peer = 0; peer < size_; ++peer) {
+      const RowBlock& out = send_blocks[peer];
+      const RowBlock& in = recv_blocks[peer];
+      if (out.rows)
+        check_nccl(ncclSend(send_bytes + out.offset * row_bytes, out.rows * row_bytes, ncclUint8,
+                            peer, comm_, as_stream(stream)),
+                   "ncclSend", comm_);
+      if (in.rows)
+        check_nccl(ncclRecv(recv_bytes + in.offset * row_bytes, in.rows * row_bytes, ncclUint8,
+                            peer, comm_, as_stream(stream)),
+                   "ncclRecv", comm_);
+    }
+    check_nccl(ncclGroupEnd(), "ncclGroupEnd", comm_);
+  }
+
+  void group_start() override { check_nccl(ncclGroupStart(), "ncclGroupStart", comm_); }
+  void group_end() override { check_nccl(ncclGroupEnd(), "ncclGroupEnd", comm_); }
 
   void barrier(StreamHandle stream) override {
     check_nccl(ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, comm_, as_stream(stream)),

@@ -88,6 +88,9 @@ class CpuBackend final : public Backend {
   void moe_combine_backward(const Tensor& dout, const Tensor& y, const Tensor& weights,
                             const Tensor& slot_rows, const Tensor& dy,
                             const Tensor& dweights) override;
+  void moe_regroup_by_expert(const Tensor& peer_offsets, int64_t first_expert,
+                             const Tensor& local_offsets, const Tensor& regroup,
+                             const Tensor& ungroup) override;
   void grouped_gemm(const Tensor& a, const Tensor& w, bool transpose_w, const Tensor& offsets,
                     const Tensor& c) override;
   void grouped_gemm_weight_grad(const Tensor& dy, const Tensor& x, const Tensor& offsets,

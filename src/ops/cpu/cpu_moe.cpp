@@ -1,13 +1,15 @@
 // CPU MoE pipeline: route (fp32 softmax, torch.topk order, optional renormalisation),
 // aux-loss statistics, a stable counting sort of the N*k slots by expert, gather into the
-// expert-sorted buffer, weighted combine back to token order, and grouped GEMMs (one
-// cblas_sgemm per expert; experts with zero rows are skipped).
+// expert-sorted buffer, weighted combine back to token order, the expert-parallel regroup
+// of received rows by local expert, and grouped GEMMs (one cblas_sgemm per expert;
+// experts with zero rows are skipped).
 // Router backward: with w_j = p[id_j] / S (S = sum_i p[id_i]) when normalising,
 //   dp[id_j] = (dw_j - sum_i dw_i w_i) / S   (else dp[id_j] = dw_j),
 // plus aux_dprob[e] for every token, then the softmax backward dl = p * (dp - <p, dp>).
 #include <cblas.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <numeric>
 #include <vector>
@@ -290,6 +292,53 @@ void CpuBackend::moe_combine_backward(const Tensor& dout, const Tensor& y, const
       dweight_data[n * top_k + j] = static_cast<float>(dot);
     }
   }
+}
+
+void CpuBackend::moe_regroup_by_expert(const Tensor& peer_offsets, int64_t first_expert,
+                                       const Tensor& local_offsets, const Tensor& regroup,
+                                       const Tensor& ungroup) {
+  const char* op = "moe_regroup_by_expert";
+  const int32_t* peer_data = i32(peer_offsets, op, "peer_offsets");
+  int32_t* offset_data = i32(local_offsets, op, "local_offsets");
+  int32_t* regroup_data = i32(regroup, op, "regroup");
+  int32_t* ungroup_data = i32(ungroup, op, "ungroup");
+  if (peer_offsets.rank() != 2 || local_offsets.rank() != 1 || local_offsets.numel() < 2)
+    fail(op, ": expects peer_offsets (P, E + 1) and local_offsets (El + 1), got ",
+         peer_offsets.shape.str(), " and ", local_offsets.shape.str());
+  const int64_t peers = peer_offsets.size(0), width = peer_offsets.size(1);  // width = E + 1
+  const int64_t local = local_offsets.numel() - 1, rows = regroup.numel();
+  if (first_expert < 0 || first_expert + local > width - 1)
+    fail(op, ": experts [", first_expert, ", ", first_expert + local, ") are outside the ",
+         width - 1, " experts of peer_offsets ", peer_offsets.shape.str());
+  if (rows > INT32_MAX) fail(op, ": ", rows, " rows do not fit I32 indices");
+  expect_shape(regroup, Shape{rows}, op, "regroup");
+  expect_shape(ungroup, Shape{rows}, op, "ungroup");
+  // count(p, e): rows peer p sends for local expert e; received_start(p): p's first row.
+  auto offset = [&](int64_t p, int64_t e) {
+    return int64_t{peer_data[p * width + first_expert + e]};
+  };
+  std::vector<int64_t> received_start(static_cast<size_t>(peers) + 1, 0);
+  for (int64_t p = 0; p < peers; ++p) {
+    for (int64_t e = 0; e < local; ++e)
+      if (offset(p, e + 1) < offset(p, e))
+        fail(op, ": peer_offsets of rank ", p, " decrease at expert ", first_expert + e);
+    received_start[p + 1] = received_start[p] + offset(p, local) - offset(p, 0);
+  }
+  if (received_start[peers] != rows)
+    fail(op, ": the peers send ", received_start[peers], " rows, regroup holds ", rows);
+  int64_t row = 0;  // expert-major row
+  for (int64_t e = 0; e < local; ++e) {
+    offset_data[e] = static_cast<int32_t>(row);
+    for (int64_t p = 0; p < peers; ++p) {
+      // p's rows of expert e follow its rows of the local experts before e
+      const int64_t first = received_start[p] + offset(p, e) - offset(p, 0);
+      for (int64_t i = 0; i < offset(p, e + 1) - offset(p, e); ++i, ++row) {
+        regroup_data[row] = static_cast<int32_t>(first + i);
+        ungroup_data[first + i] = static_cast<int32_t>(row);
+      }
+    }
+  }
+  offset_data[local] = static_cast<int32_t>(row);
 }
 
 void CpuBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool transpose_w,

@@ -413,6 +413,12 @@ class CudaBackend final : public Backend {
     PhaseScope scope(this, Phase::RouterDispatch);
     cuda::launch_moe_combine_backward(dout, y, weights, slot_rows, dy, dweights, stream_);
   }
+  void moe_regroup_by_expert(const Tensor& peer_offsets, int64_t first_expert,
+                             const Tensor& local_offsets, const Tensor& regroup,
+                             const Tensor& ungroup) override {
+    PhaseScope scope(this, Phase::RouterDispatch);
+    cuda::launch_moe_regroup(peer_offsets, first_expert, local_offsets, regroup, ungroup, stream_);
+  }
 
   void grouped_gemm(const Tensor& a, const Tensor& w, bool transpose_w, const Tensor& offsets,
                     const Tensor& c) override {

@@ -87,6 +87,9 @@ void launch_moe_combine(const Tensor& y, const Tensor& weights, const Tensor& sl
 void launch_moe_combine_backward(const Tensor& dout, const Tensor& y, const Tensor& weights,
                                  const Tensor& slot_rows, const Tensor& dy, const Tensor& dweights,
                                  cudaStream_t stream);
+void launch_moe_regroup(const Tensor& peer_offsets, int64_t first_expert,
+                        const Tensor& local_offsets, const Tensor& regroup, const Tensor& ungroup,
+                        cudaStream_t stream);
 
 // ---- grouped_gemm.cu ----
 void launch_grouped_gemm(const Tensor& a, const Tensor& w, bool transpose_w, const Tensor& offsets,

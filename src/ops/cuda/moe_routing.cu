@@ -1,13 +1,20 @@
 // MoE routing on the device: router softmax + top-k + renormalisation (one warp per token),
 // its backward, the aux-loss statistics, the stable counting sort of (token, choice) slots
 // by expert, and the gather / weighted combine that move rows in and out of the
-// expert-sorted buffer. No host synchronisation anywhere: expert offsets stay on the device.
+// expert-sorted buffer, and the expert-parallel regroup of received rows by local expert.
+// No host synchronisation anywhere: expert offsets stay on the device.
 //
 // Counting sort (stable in slot order), three launches:
 //   1. each block of 1024 slots counts its experts (warp __match_any_sync ranks) into
 //      counts[e][block];
 //   2. one block scans counts in (expert, block) order: base[e][block], expert_offsets;
 //   3. each block recomputes its ranks and writes sorted_slots / slot_rows.
+//
+// Regroup (expert parallelism), one launch: one block per (peer p, local expert e); the
+// peers' offsets are prefix sums already, so each block finds its block's start in the
+// received order (rows of peers < p, then p's rows of experts < e) and in the expert-major
+// order (rows of experts < e from every peer, then expert e's rows of peers < p) with O(P)
+// reads, then writes its rows of regroup / ungroup. No atomics: the output is exact.
 #include "ops/cuda/device_utils.cuh"
 #include "ops/cuda/vector_access.cuh"
 
@@ -295,6 +302,36 @@ __global__ void combine_backward_kernel(const scalar_t* dout, const scalar_t* y,
   }
 }
 
+// Block (p, e) of a (peers, local) grid; see the file comment. width = E + 1.
+__global__ void regroup_kernel(const int32_t* peer_offsets, int peers, int64_t width,
+                               int64_t first_expert, int local, int32_t* local_offsets,
+                               int32_t* regroup, int32_t* ungroup) {
+  const int p = blockIdx.x / local, e = blockIdx.x % local;
+  auto offset = [&](int peer, int expert) {
+    return int64_t(peer_offsets[peer * width + first_expert + expert]);
+  };
+  int64_t received = offset(p, e) - offset(p, 0);  // rows before (p, e) in received order
+  int64_t grouped = 0;                             // rows before (e, p) in expert-major order
+  for (int q = 0; q < peers; ++q) {
+    if (q < p) received += offset(q, local) - offset(q, 0);
+    grouped += offset(q, e) - offset(q, 0);
+    if (q < p) grouped += offset(q, e + 1) - offset(q, e);
+  }
+  const int64_t count = offset(p, e + 1) - offset(p, e);
+  if (p == 0 && threadIdx.x == 0) {
+    local_offsets[e] = static_cast<int32_t>(grouped);
+    if (e == local - 1) {  // every row: grouped + rows of expert e from all peers
+      int64_t total = grouped;
+      for (int q = 0; q < peers; ++q) total += offset(q, local) - offset(q, local - 1);
+      local_offsets[local] = static_cast<int32_t>(total);
+    }
+  }
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
+    regroup[grouped + i] = static_cast<int32_t>(received + i);
+    ungroup[received + i] = static_cast<int32_t>(grouped + i);
+  }
+}
+
 int row_threads(int64_t d) {
   return static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, ceil_div(d, 32) * 32)));
 }
@@ -491,6 +528,29 @@ void launch_moe_combine_backward(const Tensor& dout, const Tensor& y, const Tens
           dout.ptr<scalar_t>(), y.ptr<scalar_t>(), weights.ptr<float>(), slot_rows.ptr<int32_t>(),
           top_k, dy.ptr<scalar_t>(), dweights.ptr<float>(), hidden);
   });
+  MOETUNE_CUDA_LAUNCH_CHECK();
+}
+
+void launch_moe_regroup(const Tensor& peer_offsets, int64_t first_expert,
+                        const Tensor& local_offsets, const Tensor& regroup, const Tensor& ungroup,
+                        cudaStream_t stream) {
+  check_i32(peer_offsets, "moe_regroup_by_expert peer_offsets");
+  check_i32(local_offsets, "moe_regroup_by_expert local_offsets");
+  check_i32(regroup, "moe_regroup_by_expert regroup");
+  check_i32(ungroup, "moe_regroup_by_expert ungroup");
+  const int64_t local = local_offsets.numel() - 1;
+  if (peer_offsets.rank() != 2 || local < 1 || first_expert < 0 ||
+      first_expert + local > peer_offsets.size(1) - 1 || regroup.numel() != ungroup.numel())
+    fail("moe_regroup_by_expert: peer_offsets ", peer_offsets.shape.str(), " local_offsets ",
+         local_offsets.shape.str(), " first_expert ", first_expert, " regroup ",
+         regroup.shape.str(), " ungroup ", ungroup.shape.str(), " do not fit");
+  const int64_t peers = peer_offsets.size(0);
+  if (peers < 1) fail("moe_regroup_by_expert: no peers");
+  // The row count is the caller's (it sized regroup from the same offsets on the host).
+  regroup_kernel<<<peers * local, 256, 0, stream>>>(
+      peer_offsets.ptr<int32_t>(), static_cast<int>(peers), peer_offsets.size(1), first_expert,
+      static_cast<int>(local), local_offsets.ptr<int32_t>(), regroup.ptr<int32_t>(),
+      ungroup.ptr<int32_t>());
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
 
