@@ -184,13 +184,13 @@ RunResult read_result(const std::filesystem::path& file) {
   return result;
 }
 
-// Runs `world` ranks; returns each rank's result (fails the test if a rank fails).
-std::vector<RunResult> run_ranks(int world, int stage) {
+// Trains on `world` ranks; returns each rank's result (fails if a rank fails).
+std::vector<RunResult> train_on_ranks(int world, int stage) {
   testing::TempDir dir;
   const auto runs = testing::run_ranks(
       world, "DataParallelRank.TrainsItsMicroBatches",
       {.args = {{"STAGE", std::to_string(stage)}, {"OUT", dir.path().string()}}});
-  EXPECT_TRUE(testing::ranks_passed(runs));
+  if (const auto passed = testing::ranks_passed(runs); !passed) fail(passed.message());
   std::vector<RunResult> results;
   for (int rank = 0; rank < world; ++rank)
     results.push_back(read_result(dir / ("rank" + std::to_string(rank))));
@@ -227,7 +227,7 @@ class DataParallelStages : public ::testing::TestWithParam<std::pair<int, int>> 
 
 TEST_P(DataParallelStages, RanksMatchOneProcess) {
   const auto [world, stage] = GetParam();
-  const std::vector<RunResult> ranks = run_ranks(world, stage);
+  const std::vector<RunResult> ranks = train_on_ranks(world, stage);
   const RunResult alone = train_alone();
   for (int rank = 0; rank < world; ++rank)
     expect_same_run(ranks[rank], alone,

@@ -231,10 +231,11 @@ TEST(ExpertParallel, SaveAndLoadRoundTrip) {
     const std::string name = fixture_name;
     const int64_t shard_bytes = shard_size;
     const fs::path out = dir / (name + "-" + std::to_string(shard_bytes));
-    on_ranks(2, "SavesItsExperts",
-             {.args = {{"FIXTURE", name},
-                       {"SHARD_BYTES", std::to_string(shard_bytes)},
-                       {"OUT", out.string()}}});
+    testing::RankOptions options;
+    options.args = {
+        {"FIXTURE", name}, {"SHARD_BYTES", std::to_string(shard_bytes)}, {"OUT", out.string()}};
+    ASSERT_TRUE(testing::ranks_passed(
+        testing::run_ranks(2, "ExpertParallelRank.SavesItsExperts", options)));
     auto backend = make_cpu_backend();
     auto original = Model::from_hf_folder(fixture(name), *backend);
     auto reloaded = Model::from_hf_folder(out, *backend);
