@@ -1,4 +1,5 @@
-// Sharded data parallelism on the CPU with real processes: N forked ranks, each with its
+// Sharded data parallelism on the CPU with real processes: N ranks (testing::run_ranks:
+// fresh copies of this binary running DataParallelRank.TrainsItsMicroBatches), each with its
 // own CPU backend and tiny Qwen3-MoE (router aux loss on), talk through a StoreCommunicator
 // and train their micro-batches (m % N == rank) with DataParallelAdamW, reductions started
 // by the gradient-ready hook of the last micro-batch. After 2 optimizer steps with active
@@ -8,11 +9,8 @@
 // Also: resolve_layout's errors name the key; saved optimizer shards are re-cut for other
 // ranges, and a missing rank or a malformed shards.json fail with the file's name.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <cmath>
-#include <cstdio>
 #include <fstream>
 #include <numeric>
 
@@ -20,6 +18,8 @@
 #include "dist/communicator.h"
 #include "dist/store.h"
 #include "model/model.h"
+#include "test_model_fixtures.h"
+#include "test_spawn_ranks.h"
 #include "test_util.h"
 #include "train/adamw.h"
 #include "train/dist_checkpoint.h"
@@ -29,29 +29,7 @@
 namespace moetune {
 namespace {
 
-ModelConfig tiny_moe_config() {
-  nlohmann::json json = {{"model_type", "qwen3_moe"},
-                         {"vocab_size", 31},
-                         {"hidden_size", 16},
-                         {"intermediate_size", 24},
-                         {"moe_intermediate_size", 8},
-                         {"num_hidden_layers", 2},
-                         {"num_attention_heads", 2},
-                         {"num_key_value_heads", 1},
-                         {"head_dim", 8},
-                         {"num_experts", 4},
-                         {"num_experts_per_tok", 2},
-                         {"norm_topk_prob", true},
-                         {"mlp_only_layers", {1}},
-                         {"output_router_logits", true},
-                         {"router_aux_loss_coef", 0.1},
-                         {"rms_norm_eps", 1e-6},
-                         {"rope_theta", 10000.0},
-                         {"max_position_embeddings", 64},
-                         {"initializer_range", 0.3},
-                         {"tie_word_embeddings", false}};
-  return parse_model_config(json, "tiny_moe_config");
-}
+ModelConfig tiny_moe_config() { return testing::tiny_moe_config({{"vocab_size", 31}}); }
 
 constexpr int kMicroBatches = 6;  // per optimizer step, divisible by 2 and 3
 constexpr int kSteps = 2;
@@ -65,13 +43,9 @@ struct MicroBatch {
 };
 
 MicroBatch make_micro_batch(int step, int index, int64_t vocab) {
-  MicroBatch batch;
-  const auto noise =
-      testing::random_floats(2 * kRows * kSeq, static_cast<unsigned>(100 * step + index), 1.0f);
-  for (int64_t i = 0; i < kRows * kSeq; ++i) {
-    batch.ids.push_back(static_cast<int32_t>((noise[i] + 1.0f) * 0.5f * (vocab - 1)));
-    batch.labels.push_back(noise[kRows * kSeq + i] > 0.6f ? -100 : batch.ids.back());
-  }
+  testing::Tokens tokens =
+      testing::make_tokens(kRows * kSeq, static_cast<unsigned>(100 * step + index), vocab, 0.6f);
+  MicroBatch batch{std::move(tokens.ids), std::move(tokens.labels)};
   for (int64_t r = 0; r < kRows; ++r)
     for (int64_t t = 1; t < kSeq; ++t) batch.trained += batch.labels[r * kSeq + t] != -100;
   return batch;
@@ -130,13 +104,14 @@ RunResult train_alone() {
   return result;
 }
 
-// Rank `rank` of `world`: its micro-batches, DataParallelAdamW at `stage`.
-RunResult train_rank(int port, int rank, int world, int stage) {
-  dist::Store store("127.0.0.1", port, rank, world, 30.0);
+// This rank's micro-batches, DataParallelAdamW at `stage`.
+RunResult train_rank(const testing::SpawnedRank& spawned, int stage) {
+  const int rank = spawned.rank(), world = spawned.world();
+  const auto store = spawned.connect();
   std::vector<int> everyone(static_cast<size_t>(world));
   std::iota(everyone.begin(), everyone.end(), 0);
   auto groups =
-      dist::make_parallel_groups(std::make_unique<dist::StoreCommunicator>(store, everyone), 1);
+      dist::make_parallel_groups(std::make_unique<dist::StoreCommunicator>(*store, everyone), 1);
   auto backend = make_cpu_backend();
   const ModelConfig config = tiny_moe_config();
   auto model = Model::random_init(config, 5, *backend);
@@ -209,38 +184,26 @@ RunResult read_result(const std::filesystem::path& file) {
   return result;
 }
 
-// Forks `world` ranks; returns each rank's result (fails the test if a rank fails).
-std::vector<RunResult> run_ranks(int world, int stage) {
+// Trains on `world` ranks; returns each rank's result (fails if a rank fails).
+std::vector<RunResult> train_on_ranks(int world, int stage) {
   testing::TempDir dir;
-  dist::StoreServer server(0, world, 30.0);
-  std::vector<pid_t> children;
-  for (int rank = 0; rank < world; ++rank) {
-    const pid_t pid = ::fork();
-    if (pid == 0) {
-      int status = 0;
-      try {
-        write_result(dir / ("rank" + std::to_string(rank)),
-                     train_rank(server.port(), rank, world, stage));
-      } catch (const std::exception& error) {
-        std::fprintf(stderr, "rank %d: %s\n", rank, error.what());
-        status = 1;
-      }
-      std::fflush(stderr);
-      ::_exit(status);
-    }
-    children.push_back(pid);
-  }
-  bool ok = true;
-  for (pid_t pid : children) {
-    int status = 0;
-    ::waitpid(pid, &status, 0);
-    ok = ok && WIFEXITED(status) && WEXITSTATUS(status) == 0;
-  }
-  if (!ok) fail("a rank failed (see its message above)");
+  const auto runs = testing::run_ranks(
+      world, "DataParallelRank.TrainsItsMicroBatches",
+      {.args = {{"STAGE", std::to_string(stage)}, {"OUT", dir.path().string()}}});
+  if (const auto passed = testing::ranks_passed(runs); !passed) fail(passed.message());
   std::vector<RunResult> results;
   for (int rank = 0; rank < world; ++rank)
     results.push_back(read_result(dir / ("rank" + std::to_string(rank))));
   return results;
+}
+
+// One rank of RanksMatchOneProcess: trains at ZeRO stage STAGE, writes OUT/rank<r>.
+TEST(DataParallelRank, TrainsItsMicroBatches) {
+  const auto spawned = testing::spawned_rank();
+  if (!spawned) GTEST_SKIP() << testing::kRankBodyOnly;
+  write_result(
+      std::filesystem::path(spawned->arg("OUT")) / ("rank" + std::to_string(spawned->rank())),
+      train_rank(*spawned, std::stoi(spawned->arg("STAGE"))));
 }
 
 void expect_same_run(const RunResult& ranks_result, const RunResult& alone,
@@ -263,9 +226,8 @@ void expect_same_run(const RunResult& ranks_result, const RunResult& alone,
 class DataParallelStages : public ::testing::TestWithParam<std::pair<int, int>> {};
 
 TEST_P(DataParallelStages, RanksMatchOneProcess) {
-  MOETUNE_SKIP_FORKED_RANKS_UNDER_ASAN();
   const auto [world, stage] = GetParam();
-  const std::vector<RunResult> ranks = run_ranks(world, stage);
+  const std::vector<RunResult> ranks = train_on_ranks(world, stage);
   const RunResult alone = train_alone();
   for (int rank = 0; rank < world; ++rank)
     expect_same_run(ranks[rank], alone,
@@ -280,7 +242,6 @@ INSTANTIATE_TEST_SUITE_P(ZeroStages, DataParallelStages,
                                            std::pair{3, 2}, std::pair{3, 1}));
 
 TEST(DataParallel, LayoutErrorsNameTheKey) {
-  MOETUNE_SKIP_FORKED_RANKS_UNDER_ASAN();
   auto message = [](int world, int64_t ep, int64_t dp, int64_t experts) {
     try {
       resolve_layout(world, ep, dp, experts);
@@ -314,7 +275,6 @@ TEST(DataParallel, LayoutErrorsNameTheKey) {
 }
 
 TEST(DataParallel, OptimizerShardsAreRecutAndCheckedOnLoad) {
-  MOETUNE_SKIP_FORKED_RANKS_UNDER_ASAN();
   testing::TempDir dir;
   auto backend = make_cpu_backend();
   // Parameter "w" of 10 elements saved by two ranks: [0, 5) and [5, 10), value = index.

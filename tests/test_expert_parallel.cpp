@@ -1,14 +1,14 @@
-// Expert parallelism on the CPU with real processes: each test forks one process per rank,
-// all talking through a StoreCommunicator (the store served by the test process). Each rank
-// runs its OWN micro-batch through a model whose experts are split over the ranks, and
-// compares (check_expert_parallel) with a one-process model running every micro-batch with
-// gradient accumulation: loss, aux loss, expert gradients (this rank's slice) and the other
-// gradients (summed over the ranks) within 1e-5 relative. Also: experts (and a whole rank)
-// receiving zero rows, EP=4 over 8 experts with layer recomputation, ep not dividing the
-// experts, and an expert-parallel save that loads back with one process bit-exactly.
+// Expert parallelism on the CPU with real processes: each test starts one process per rank
+// (testing::run_ranks: a fresh copy of this binary running the matching ExpertParallelRank.*
+// body test), all talking through a StoreCommunicator (the store served by the test
+// process). Each rank runs its OWN micro-batch through a model whose experts are split over
+// the ranks, and compares (check_expert_parallel) with a one-process model running every
+// micro-batch with gradient accumulation: loss, aux loss, expert gradients (this rank's
+// slice) and the other gradients (summed over the ranks) within 1e-5 relative. Also: experts
+// (and a whole rank) receiving zero rows, EP=4 over 8 experts with layer recomputation, ep
+// not dividing the experts, and an expert-parallel save that loads back with one process
+// bit-exactly.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <fstream>
 #include <functional>
@@ -21,6 +21,8 @@
 #include "io/model_config.h"
 #include "model/expert_parallel_check.h"
 #include "model/model.h"
+#include "test_model_fixtures.h"
+#include "test_spawn_ranks.h"
 #include "test_util.h"
 
 namespace moetune {
@@ -37,39 +39,22 @@ std::string read_text(const fs::path& path) {
   return std::string(std::istreambuf_iterator<char>(file), {});
 }
 
-// Runs body(rank, comm) in `world` forked processes, each with its own store connection and a
-// StoreCommunicator over all of them; a rank fails by throwing. Expects every rank to succeed.
-void on_processes(int world, const std::function<void(int, dist::Communicator&)>& body) {
-  testing::TempDir errors;
-  dist::StoreServer server(0, world, 30.0);
-  server.set_linger_timeout(5.0);
-  std::vector<pid_t> children;
-  for (int rank = 0; rank < world; ++rank) {
-    const pid_t child = fork();
-    ASSERT_GE(child, 0);
-    if (child == 0) {
-      int status = 0;
-      try {
-        dist::Store store("127.0.0.1", server.port(), rank, world, 30.0);
-        std::vector<int> everyone(world);
-        std::iota(everyone.begin(), everyone.end(), 0);
-        dist::StoreCommunicator comm(store, everyone);
-        body(rank, comm);
-        comm.barrier(nullptr);
-      } catch (const std::exception& error) {
-        std::ofstream(errors / std::to_string(rank)) << error.what();
-        status = 1;
-      }
-      std::_Exit(status);  // no atexit handlers, no gtest teardown in the child
-    }
-    children.push_back(child);
-  }
-  for (int rank = 0; rank < world; ++rank) {
-    int status = 0;
-    ASSERT_EQ(waitpid(children[rank], &status, 0), children[rank]);
-    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
-        << "rank " << rank << ": " << read_text(errors / std::to_string(rank));
-  }
+// In a rank body: runs body(rank, comm) with a StoreCommunicator over all the ranks, then
+// waits for the others. A rank fails by throwing (gtest reports it in the rank's output).
+void on_this_rank(const testing::SpawnedRank& rank,
+                  const std::function<void(int, dist::Communicator&)>& body) {
+  const auto store = rank.connect();
+  std::vector<int> everyone(rank.world());
+  std::iota(everyone.begin(), everyone.end(), 0);
+  dist::StoreCommunicator comm(*store, everyone);
+  body(rank.rank(), comm);
+  comm.barrier(nullptr);
+}
+
+// Runs the body test ExpertParallelRank.<body> on `world` ranks; expects every rank to pass.
+void on_ranks(int world, const std::string& body, const testing::RankOptions& options = {}) {
+  EXPECT_TRUE(
+      testing::ranks_passed(testing::run_ranks(world, "ExpertParallelRank." + body, options)));
 }
 
 void expect(bool condition, const std::string& what) {
@@ -96,12 +81,17 @@ struct FixtureOnRanks {
 class ExpertParallelFixtures : public ::testing::TestWithParam<FixtureOnRanks> {};
 
 TEST_P(ExpertParallelFixtures, MatchOneProcessWithAccumulation) {
-  MOETUNE_SKIP_FORKED_RANKS_UNDER_ASAN();
-  const FixtureOnRanks param = GetParam();
-  on_processes(param.ep, [&](int rank, dist::Communicator& comm) {
+  on_ranks(GetParam().ep, "FixtureMatchesOneProcess", {.args = {{"FIXTURE", GetParam().fixture}}});
+}
+
+TEST(ExpertParallelRank, FixtureMatchesOneProcess) {
+  const auto spawned = testing::spawned_rank();
+  if (!spawned) GTEST_SKIP() << testing::kRankBodyOnly;
+  const std::string fixture_name = spawned->arg("FIXTURE");
+  on_this_rank(*spawned, [&](int rank, dist::Communicator& comm) {
     auto backend = make_cpu_backend();
     auto make = [&](const ModelOptions& options) {
-      return Model::from_hf_folder(fixture(param.fixture), *backend, options);
+      return Model::from_hf_folder(fixture(fixture_name), *backend, options);
     };
     const ExpertParallelCheck check = check_expert_parallel(*backend, comm, make, 2, 8, 11);
     expect_match(check, rank);
@@ -120,8 +110,13 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, ExpertParallelFixtures,
 // A zero router makes every token choose experts 0 and 1 (top-k ties go to the lower
 // index): rank 1's experts receive no rows from any rank (M = 0), and their gradients stay 0.
 TEST(ExpertParallel, ExpertsWithoutRowsAndARankWithNone) {
-  MOETUNE_SKIP_FORKED_RANKS_UNDER_ASAN();
-  on_processes(2, [](int rank, dist::Communicator& comm) {
+  on_ranks(2, "ExpertsWithoutRowsAndARankWithNone");
+}
+
+TEST(ExpertParallelRank, ExpertsWithoutRowsAndARankWithNone) {
+  const auto spawned = testing::spawned_rank();
+  if (!spawned) GTEST_SKIP() << testing::kRankBodyOnly;
+  on_this_rank(*spawned, [](int rank, dist::Communicator& comm) {
     auto backend = make_cpu_backend();
     auto make = [&](const ModelOptions& options) {
       auto model = Model::from_hf_folder(fixture("qwen3_moe_aux"), *backend, options);
@@ -136,37 +131,35 @@ TEST(ExpertParallel, ExpertsWithoutRowsAndARankWithNone) {
   });
 }
 
-nlohmann::json tiny_moe_config(int experts) {
-  return {{"model_type", "qwen3_moe"},
-          {"vocab_size", 96},
-          {"hidden_size", 32},
-          {"intermediate_size", 40},
-          {"moe_intermediate_size", 16},
-          {"num_hidden_layers", 3},
-          {"num_attention_heads", 4},
-          {"num_key_value_heads", 2},
-          {"head_dim", 8},
-          {"num_experts", experts},
-          {"num_experts_per_tok", 2},
-          {"norm_topk_prob", true},
-          {"decoder_sparse_step", 1},
-          {"mlp_only_layers", nlohmann::json::array({1})},
-          {"output_router_logits", true},
-          {"router_aux_loss_coef", 0.01},
-          {"rms_norm_eps", 1e-6},
-          {"rope_theta", 10000.0},
-          {"max_position_embeddings", 64},
-          {"tie_word_embeddings", false},
-          {"initializer_range", 0.2}};
+// Wider than the fixture's tiny MoE: 3 layers (layer 1 dense), 4 heads, `experts` experts.
+ModelConfig tiny_moe_config(int experts) {
+  return testing::tiny_moe_config({{"vocab_size", 96},
+                                   {"hidden_size", 32},
+                                   {"intermediate_size", 40},
+                                   {"moe_intermediate_size", 16},
+                                   {"num_hidden_layers", 3},
+                                   {"num_attention_heads", 4},
+                                   {"num_key_value_heads", 2},
+                                   {"num_experts", experts},
+                                   {"decoder_sparse_step", 1},
+                                   {"mlp_only_layers", nlohmann::json::array({1})},
+                                   {"router_aux_loss_coef", 0.01},
+                                   {"initializer_range", 0.2}},
+                                  "tiny");
 }
 
 // Four ranks, two experts each, two MoE layers, activation recomputation on the EP side
 // (each recomputed layer exchanges again).
 TEST(ExpertParallel, FourRanksEightExpertsWithRecompute) {
-  MOETUNE_SKIP_FORKED_RANKS_UNDER_ASAN();
-  on_processes(4, [](int rank, dist::Communicator& comm) {
+  on_ranks(4, "FourRanksEightExpertsWithRecompute");
+}
+
+TEST(ExpertParallelRank, FourRanksEightExpertsWithRecompute) {
+  const auto spawned = testing::spawned_rank();
+  if (!spawned) GTEST_SKIP() << testing::kRankBodyOnly;
+  on_this_rank(*spawned, [](int rank, dist::Communicator& comm) {
     auto backend = make_cpu_backend();
-    const ModelConfig config = parse_model_config(tiny_moe_config(8), "tiny");
+    const ModelConfig config = tiny_moe_config(8);
     auto make = [&](const ModelOptions& options) {
       return Model::random_init(config, 1234, *backend, options);
     };
@@ -208,13 +201,12 @@ class IdleCommunicator final : public dist::Communicator {
 };
 
 TEST(ExpertParallel, EpMustDivideTheExperts) {
-  MOETUNE_SKIP_FORKED_RANKS_UNDER_ASAN();
   auto backend = make_cpu_backend();
   IdleCommunicator three(3);
   ModelOptions options;
   options.expert_comm = &three;
   try {
-    Model::random_init(parse_model_config(tiny_moe_config(8), "tiny"), 1, *backend, options);
+    Model::random_init(tiny_moe_config(8), 1, *backend, options);
     FAIL() << "no error";
   } catch (const Error& error) {
     EXPECT_NE(std::string(error.what()).find("3 ranks do not divide the 8 experts"),
@@ -237,34 +229,17 @@ TEST(ExpertParallel, EpMustDivideTheExperts) {
 // Each rank loads only its experts, the group saves one HF folder (sharded across ranks,
 // and also with tiny shards), which one process loads back bit-exactly.
 TEST(ExpertParallel, SaveAndLoadRoundTrip) {
-  MOETUNE_SKIP_FORKED_RANKS_UNDER_ASAN();
   testing::TempDir dir;
   for (const auto& [fixture_name, shard_size] : std::vector<std::pair<std::string, int64_t>>{
            {"qwen3_moe_aux", int64_t{5} << 30}, {"qwen3_moe_aux", 6000}, {"mixtral_top2", 9000}}) {
     const std::string name = fixture_name;
     const int64_t shard_bytes = shard_size;
     const fs::path out = dir / (name + "-" + std::to_string(shard_bytes));
-    on_processes(2, [&](int rank, dist::Communicator& comm) {
-      auto backend = make_cpu_backend();
-      ModelOptions options;
-      options.expert_comm = &comm;
-      auto model = Model::from_hf_folder(fixture(name), *backend, options);
-      expect(model->first_expert() == 2 * rank && model->local_experts() == 2, "expert range");
-      // This rank's tensors equal the full model's under the same names.
-      auto full = Model::from_hf_folder(fixture(name), *backend);
-      std::map<std::string, std::vector<float>> reference;
-      for (auto& tensor : full->hf_tensors_to_host(false))
-        reference[tensor.name] = std::move(tensor.values);
-      const auto mine = model->hf_tensors_to_host(false);
-      size_t expert_tensors = 0;  // of all 4 experts; this rank holds half of them
-      for (const auto& [tensor_name, values] : reference)
-        expert_tensors += tensor_name.find(".experts.") != std::string::npos ? 1 : 0;
-      expect(expert_tensors > 0 && mine.size() + expert_tensors / 2 == reference.size(),
-             "tensor count");
-      for (const auto& tensor : mine)
-        expect(reference.at(tensor.name) == tensor.values, "loaded " + tensor.name);
-      model->save_hf_folder(out, {DType::F32, shard_bytes, fixture(name)});
-    });
+    testing::RankOptions options;
+    options.args = {
+        {"FIXTURE", name}, {"SHARD_BYTES", std::to_string(shard_bytes)}, {"OUT", out.string()}};
+    ASSERT_TRUE(testing::ranks_passed(
+        testing::run_ranks(2, "ExpertParallelRank.SavesItsExperts", options)));
     auto backend = make_cpu_backend();
     auto original = Model::from_hf_folder(fixture(name), *backend);
     auto reloaded = Model::from_hf_folder(out, *backend);
@@ -281,6 +256,37 @@ TEST(ExpertParallel, SaveAndLoadRoundTrip) {
     const auto index = nlohmann::json::parse(read_text(out / "model.safetensors.index.json"));
     EXPECT_EQ(index.at("weight_map").size(), left.size());
   }
+}
+
+// One rank of SaveAndLoadRoundTrip: loads its experts of FIXTURE, checks them against the
+// full model's, and saves its part of the HF folder OUT (shards of SHARD_BYTES).
+TEST(ExpertParallelRank, SavesItsExperts) {
+  const auto spawned = testing::spawned_rank();
+  if (!spawned) GTEST_SKIP() << testing::kRankBodyOnly;
+  const std::string name = spawned->arg("FIXTURE");
+  const int64_t shard_bytes = std::stoll(spawned->arg("SHARD_BYTES"));
+  const fs::path out = spawned->arg("OUT");
+  on_this_rank(*spawned, [&](int rank, dist::Communicator& comm) {
+    auto backend = make_cpu_backend();
+    ModelOptions options;
+    options.expert_comm = &comm;
+    auto model = Model::from_hf_folder(fixture(name), *backend, options);
+    expect(model->first_expert() == 2 * rank && model->local_experts() == 2, "expert range");
+    // This rank's tensors equal the full model's under the same names.
+    auto full = Model::from_hf_folder(fixture(name), *backend);
+    std::map<std::string, std::vector<float>> reference;
+    for (auto& tensor : full->hf_tensors_to_host(false))
+      reference[tensor.name] = std::move(tensor.values);
+    const auto mine = model->hf_tensors_to_host(false);
+    size_t expert_tensors = 0;  // of all 4 experts; this rank holds half of them
+    for (const auto& [tensor_name, values] : reference)
+      expert_tensors += tensor_name.find(".experts.") != std::string::npos ? 1 : 0;
+    expect(expert_tensors > 0 && mine.size() + expert_tensors / 2 == reference.size(),
+           "tensor count");
+    for (const auto& tensor : mine)
+      expect(reference.at(tensor.name) == tensor.values, "loaded " + tensor.name);
+    model->save_hf_folder(out, {DType::F32, shard_bytes, fixture(name)});
+  });
 }
 
 }  // namespace

@@ -9,48 +9,20 @@
 #include <limits>
 
 #include "model/model.h"
+#include "test_model_fixtures.h"
 #include "test_util.h"
 
 namespace moetune {
 namespace {
 
 ModelConfig tiny_config(bool tied, bool bias, int64_t experts) {
-  nlohmann::json json = {{"model_type", "qwen3_moe"},
-                         {"vocab_size", 32},
-                         {"hidden_size", 16},
-                         {"intermediate_size", 24},
-                         {"moe_intermediate_size", 8},
-                         {"num_hidden_layers", 2},
-                         {"num_attention_heads", 2},
-                         {"num_key_value_heads", 1},
-                         {"head_dim", 8},
-                         {"num_experts", experts},
-                         {"num_experts_per_tok", 2},
-                         {"norm_topk_prob", true},
-                         {"mlp_only_layers", {1}},
-                         {"output_router_logits", true},
-                         {"router_aux_loss_coef", 0.1},
-                         {"attention_bias", bias},
-                         {"rms_norm_eps", 1e-6},
-                         {"rope_theta", 10000.0},
-                         {"max_position_embeddings", 64},
-                         {"initializer_range", 0.3},
-                         {"tie_word_embeddings", tied}};
-  return parse_model_config(json, "tiny_config");
+  return testing::tiny_moe_config(
+      {{"num_experts", experts}, {"attention_bias", bias}, {"tie_word_embeddings", tied}},
+      "tiny_config");
 }
 
-struct Tokens {
-  std::vector<int32_t> ids, labels;
-};
-Tokens make_tokens(int64_t count, unsigned seed, int64_t vocab) {
-  Tokens tokens;
-  const auto noise = testing::random_floats(static_cast<size_t>(2 * count), seed, 1.0f);
-  for (int64_t i = 0; i < count; ++i) {
-    tokens.ids.push_back(static_cast<int32_t>((noise[i] + 1.0f) * 0.5f * (vocab - 1)));
-    tokens.labels.push_back(noise[count + i] > 0.7f ? -100 : tokens.ids.back());
-  }
-  return tokens;
-}
+using testing::make_tokens;
+using testing::Tokens;
 
 void fill_grads(Model& model, float value) {
   for (const Parameter& parameter : model.parameters())

@@ -185,20 +185,24 @@ TEST(Train, SigtermFinishesTheStepAndCheckpoints) {
   const auto arguments =
       cli_arguments(out, {"--training.max_steps=100000", "--checkpoint.save_final_hf=false"});
   const fs::path log = dir / "log";
+  // Everything the child needs is prepared before fork(): between fork and exec it calls only
+  // async-signal-safe functions (no allocation: another thread may hold the allocator's lock).
+  std::vector<char*> argv;
+  const std::string binary = testing::moetune_binary().string();
+  argv.push_back(const_cast<char*>(binary.c_str()));
+  for (const auto& argument : arguments) argv.push_back(const_cast<char*>(argument.c_str()));
+  argv.push_back(nullptr);
+  const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  ASSERT_GE(fd, 0);
   const pid_t child = fork();
   ASSERT_GE(child, 0);
   if (child == 0) {
-    const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     ::dup2(fd, 1);
     ::dup2(fd, 2);
-    std::vector<char*> argv;
-    const std::string binary = testing::moetune_binary().string();
-    argv.push_back(const_cast<char*>(binary.c_str()));
-    for (const auto& argument : arguments) argv.push_back(const_cast<char*>(argument.c_str()));
-    argv.push_back(nullptr);
     ::execv(binary.c_str(), argv.data());
     ::_exit(127);
   }
+  ::close(fd);
   // Wait until a few steps are logged, then ask it to stop.
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
   while (std::chrono::steady_clock::now() < deadline) {

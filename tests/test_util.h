@@ -2,16 +2,6 @@
 // binary, temporary folders, running a command, random tensors and tolerance checks.
 #pragma once
 
-// Tests that fork rank processes from a process with running threads (OpenBLAS): under
-// AddressSanitizer a forked child can deadlock on an allocator lock held by another thread
-// at fork time, so those tests run in the release build only.
-#if defined(__SANITIZE_ADDRESS__)
-#define MOETUNE_SKIP_FORKED_RANKS_UNDER_ASAN() \
-  GTEST_SKIP() << "forked ranks: release build only (fork + threads under ASan)"
-#else
-#define MOETUNE_SKIP_FORKED_RANKS_UNDER_ASAN() (void)0
-#endif
-
 #include <filesystem>
 #include <string>
 #include <vector>
