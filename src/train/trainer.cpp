@@ -436,7 +436,8 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
     if (resumed.value("total_steps", total_steps) != total_steps)
       std::printf(
           "resume: note: the recipe now gives %lld total steps (the checkpoint's run had %lld)\n",
-          static_cast<long long>(total_steps), resumed.value("total_steps", int64_t{0}));
+          static_cast<long long>(total_steps),
+          static_cast<long long>(resumed.value("total_steps", int64_t{0})));
   }
 
   // Only rank 0 writes the shared files (recipe.yaml, metrics.jsonl, loss.svg).
