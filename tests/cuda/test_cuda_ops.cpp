@@ -11,6 +11,7 @@
 #include <limits>
 #include <memory>
 #include <random>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -602,6 +603,61 @@ TEST_P(CudaOps, AdamWVectorisedChunks) {
     expect_close(*m[i], 1e-5, "adamw exp_avg (vectorised)");
     expect_close(*v[i], 1e-5, "adamw exp_avg_sq (vectorised)");
     expect_close(bf16() ? *master[i] : *p[i], 1e-5, "adamw param / master (vectorised)");
+  }
+}
+
+// More tensors than one launch's descriptor table holds (the CUDA backend splits AdamW and
+// the grad norm into several launches): 1000 small tensors of awkward sizes, once all
+// multiples of 8 (the vectorised path, with a few multi-chunk tensors) and once with odd
+// sizes (the scalar path), each against the CPU reference; decay alternates per tensor.
+TEST_P(CudaOps, AdamWManyTensorsSplitLaunches) {
+  std::mt19937 size_rng(77);
+  for (const bool vectorised : {true, false}) {
+    SCOPED_TRACE(vectorised ? "vectorised" : "scalar");
+    std::vector<int64_t> sizes;
+    for (int i = 0; i < 1000; ++i) {
+      const int64_t r = int64_t(size_rng() % 97);
+      if (i % 97 == 13)  // spans several 4096-element chunks, a partial last one
+        sizes.push_back(vectorised ? 2 * 4096 + 8 * (r % 5 + 1) : 2 * 4096 + 2 * r + 1);
+      else
+        sizes.push_back(vectorised ? 8 * (r + 1) : r + 1);
+    }
+    std::vector<Dual*> p, g, m, v, master;
+    for (int64_t n : sizes) {
+      p.push_back(&random(Shape{n}));
+      g.push_back(&random(Shape{n}));
+      m.push_back(&random_f32(Shape{n}, 0.1f));
+      v.push_back(&make(Shape{n}, DType::F32, std::vector<float>(size_t(n), 0.03f)));
+      master.push_back(
+          &make(Shape{n}, DType::F32,
+                std::vector<float>(p.back()->cpu.ptr<float>(), p.back()->cpu.ptr<float>() + n)));
+    }
+    Dual& norm = out_f32(Shape{1});
+    std::vector<Tensor> cpu_grads, gpu_grads;
+    for (Dual* grad : g) cpu_grads.push_back(grad->c()), gpu_grads.push_back(grad->g());
+    cpu_->grad_norm_squared(cpu_grads, norm.c());
+    gpu_->grad_norm_squared(gpu_grads, norm.g());
+    expect_close(norm, 1e-5, "grad_norm_squared (split)");
+    AdamWHyper hyper;
+    hyper.lr = 1e-2;
+    hyper.step = 5;
+    std::vector<AdamWParam> cpu_params, gpu_params;
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      const float decay = i % 3 ? 0.05f : 0.0f;
+      cpu_params.push_back(
+          {bf16() ? master[i]->c() : p[i]->c(), g[i]->c(), m[i]->c(), v[i]->c(), Tensor(), decay});
+      gpu_params.push_back(
+          {p[i]->g(), g[i]->g(), m[i]->g(), v[i]->g(), bf16() ? master[i]->g() : Tensor(), decay});
+    }
+    cpu_->adamw_update(cpu_params, hyper, 0.5f);
+    gpu_->adamw_update(gpu_params, hyper, 0.5f);
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      SCOPED_TRACE("tensor " + std::to_string(i) + " of " + std::to_string(sizes[i]));
+      expect_close(*m[i], 1e-5, "adamw exp_avg (split)");
+      expect_close(*v[i], 1e-5, "adamw exp_avg_sq (split)");
+      expect_close(bf16() ? *master[i] : *p[i], 1e-5, "adamw param / master (split)");
+      if (HasFailure()) return;
+    }
   }
 }
 

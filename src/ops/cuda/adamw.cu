@@ -1,25 +1,38 @@
-// Multi-tensor AdamW and the global gradient norm: one launch each for all parameters.
-// The host uploads a small table of tensor descriptors (pointers, dtypes, sizes), so the
-// launch size does not depend on how the parameters are split. Optimizer state may be F32
+// Multi-tensor AdamW and the global gradient norm: one launch each for up to kMaxSlots
+// parameters (more are split into several launches). The tensor descriptors (pointers,
+// dtypes, sizes) travel BY VALUE as a __grid_constant__ kernel parameter (a SlotTable of
+// ~31 KB, under Hopper's 32,764-byte parameter limit since CUDA 12.1): no host-to-device
+// copy, so the host never waits on the stream (a cudaMemcpyAsync from pageable memory may
+// synchronise with it; on the optimizer's side stream that meant waiting for the previous
+// group's update, idling the ops' stream). The launch size does not depend on how the
+// parameters are split. Optimizer state may be F32
 // (default) or BF16 (Transformers keeps AdamW state in the parameter dtype; the benchmark
 // uses that for a like-for-like memory comparison). Math in fp32, torch.optim.AdamW's formula.
 // Two paths:
 //  - vectorised (the usual case: one storage type per role across the launch, every tensor
 //    a multiple of 8 elements, 16-byte aligned): 4096-element chunks that never cross a
 //    tensor, the chunk's tensor found once by a forward search; 16-byte loads and stores, 8
-//    elements per thread; 64 registers so that 4 blocks of 256 fit per SM (an unroll by 2,
-//    96 registers, measured 40% slower). The update's division is __fdividef (2 ulp): IEEE
-//    division takes a slow path on some values (real-routing gradients made the step 4 ms
-//    slower than balanced ones on an H200; with __fdividef both run at ~3.7 TB/s).
+//    elements per thread; at most 64 registers (__launch_bounds__(256, 4)) so that 4 blocks
+//    of 256 fit per SM (an unroll by 2, 96 registers, measured 40% slower). The update's division
+//    is __fdividef (2 ulp): IEEE division takes a slow path on some values (real-routing gradients
+//    made the step 4 ms slower than balanced ones on an H200; with __fdividef both run at ~3.7
+//    TB/s).
 //  - scalar (any mix of dtypes, odd sizes): elements of the concatenated range in chunks,
 //    the tensor found by a binary search over the element prefix sums.
-// The gradient norm is deterministic: per-block partials summed by the last block.
+// The path is chosen once over all parameters; a split into several launches then only
+// rebases the prefix sums (begin, chunk_begin) per launch: AdamW's elements are independent,
+// so each element's arithmetic is unchanged.
+// The gradient norm is deterministic: per-block partials summed by the last block; when split,
+// the launches write consecutive ranges of one partials array and share one completion
+// counter, so the last block of all sums every partial in index order (one launch: as before).
 // On a low-priority side stream (optimizer updates beside the backward) the update takes one
 // block per chunk instead of a few long-lived blocks per SM: blocks then finish every few
 // microseconds, and the scheduler can hand the SMs to the ops' stream's (higher priority)
 // kernels in between, instead of the update holding every SM's registers for its whole run.
 // Each element's arithmetic is the same either way (bit-identical results).
+#include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "ops/cuda/device_utils.cuh"
@@ -42,6 +55,16 @@ struct TensorSlot {
   Kind param_kind, grad_kind, avg_kind, avg_sq_kind;
 };
 
+// The descriptors of one launch, passed by value (__grid_constant__: read in place from the
+// parameter space, never copied per thread). 360 slots of 88 bytes = 31,680 bytes, leaving
+// room for the other parameters under the 32,764-byte limit.
+constexpr int kMaxSlots = 360;
+struct SlotTable {
+  TensorSlot slots[kMaxSlots];
+};
+static_assert(sizeof(TensorSlot) == 88, "TensorSlot layout changed: recheck kMaxSlots");
+static_assert(sizeof(SlotTable) + 256 <= 32764, "SlotTable too large for a kernel parameter");
+
 constexpr int kChunk = 4096;
 
 __device__ __forceinline__ int find_slot(const TensorSlot* slots, int count, int64_t element) {
@@ -61,14 +84,6 @@ struct AdamWScalars {
   double lr;
   float lerp_weight, beta2, one_minus_beta2, eps, neg_step_size, bias_correction2_sqrt, grad_scale;
 };
-
-__device__ __forceinline__ float adamw_element(float g, float p, float& m, float& v, float decay,
-                                               bool decays, const AdamWScalars& h) {
-  if (decays) p = p * decay;
-  m = m + h.lerp_weight * (g - m);
-  v = v * h.beta2 + h.one_minus_beta2 * g * g;
-  return p + h.neg_step_size * m / (sqrtf(v) / h.bias_correction2_sqrt + h.eps);
-}
 
 // ---- vectorised path. A tensor's last chunk may be short; blocks walk chunks in order, so
 // the slot search only moves forward. The grad-norm kernel (few registers) loads kUnroll
@@ -118,9 +133,10 @@ __device__ __forceinline__ int advance_slot(const TensorSlot* slots, int count, 
 }
 
 template <typename ParamT, typename GradT, typename StateT, bool kMaster>
-__global__ void __launch_bounds__(kVecThreads)
-    adamw_vec_kernel(const TensorSlot* __restrict__ slots, int count, int64_t chunks,
+__global__ void __launch_bounds__(kVecThreads, 4)
+    adamw_vec_kernel(const __grid_constant__ SlotTable table, int count, int64_t chunks,
                      AdamWScalars h) {
+  const TensorSlot* slots = table.slots;
   int slot_index = 0;
   for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
     slot_index = advance_slot(slots, count, slot_index, chunk);
@@ -163,11 +179,15 @@ __global__ void __launch_bounds__(kVecThreads)
 }
 
 // Sum of squares of all gradients, deterministic: every block adds its chunks in a fixed
-// order and writes one partial; the last block to finish adds the partials in index order.
+// order and writes one partial (at partials[first_partial + block]); the last block to
+// finish, of all `total_blocks` across the launches of one norm, adds the partials in index
+// order.
 template <typename GradT>
 __global__ void __launch_bounds__(kVecThreads)
-    sum_squares_vec_kernel(const TensorSlot* slots, int count, int64_t chunks, double* partials,
+    sum_squares_vec_kernel(const __grid_constant__ SlotTable table, int count, int64_t chunks,
+                           double* partials, unsigned first_partial, unsigned total_blocks,
                            unsigned* done, float* out) {
+  const TensorSlot* slots = table.slots;
   int slot_index = 0;
   float sum = 0.0f;
   for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
@@ -191,21 +211,23 @@ __global__ void __launch_bounds__(kVecThreads)
   sum = block_sum(sum);
   __shared__ bool last;
   if (threadIdx.x == 0) {
-    partials[blockIdx.x] = sum;
+    partials[first_partial + blockIdx.x] = sum;
     __threadfence();
-    last = atomicAdd(done, 1u) == gridDim.x - 1;
+    last = atomicAdd(done, 1u) == total_blocks - 1;
   }
   __syncthreads();
   if (!last) return;
   __threadfence();
   double total = 0.0;  // fixed order: warp-strided partial sums, then the block sum in fp32
-  for (int b = threadIdx.x; b < gridDim.x; b += blockDim.x)
+  for (unsigned b = threadIdx.x; b < total_blocks; b += blockDim.x)
     total += static_cast<volatile double*>(partials)[b];
   const float block_total = block_sum(static_cast<float>(total));
   if (threadIdx.x == 0) *out = block_total;
 }
 
-__global__ void adamw_kernel(const TensorSlot* slots, int count, int64_t total, AdamWScalars h) {
+__global__ void adamw_kernel(const __grid_constant__ SlotTable table, int count, int64_t total,
+                             AdamWScalars h) {
+  const TensorSlot* slots = table.slots;
   for (int64_t chunk = blockIdx.x; chunk * kChunk < total; chunk += gridDim.x) {
     const int64_t start = chunk * kChunk;
     int slot_index = find_slot(slots, count, start);
@@ -230,7 +252,9 @@ __global__ void adamw_kernel(const TensorSlot* slots, int count, int64_t total, 
   }
 }
 
-__global__ void sum_squares_kernel(const TensorSlot* slots, int count, int64_t total, float* out) {
+__global__ void sum_squares_kernel(const __grid_constant__ SlotTable table, int count,
+                                   int64_t total, float* out) {
+  const TensorSlot* slots = table.slots;
   float sum = 0.0f;
   for (int64_t chunk = blockIdx.x; chunk * kChunk < total; chunk += gridDim.x) {
     const int64_t start = chunk * kChunk;
@@ -247,11 +271,33 @@ __global__ void sum_squares_kernel(const TensorSlot* slots, int count, int64_t t
   if (threadIdx.x == 0) atomicAdd(out, sum);
 }
 
-TensorSlot* upload(const std::vector<TensorSlot>& slots, Scratch& scratch, cudaStream_t stream) {
-  auto* device = static_cast<TensorSlot*>(scratch.get(sizeof(TensorSlot) * slots.size()));
-  MOETUNE_CUDA_CHECK(cudaMemcpyAsync(device, slots.data(), sizeof(TensorSlot) * slots.size(),
-                                     cudaMemcpyHostToDevice, stream));
-  return device;
+// One launch's share of the slots: [first, first + count), its prefix sums rebased to 0.
+struct Batch {
+  std::unique_ptr<SlotTable> table;
+  int count = 0;
+  int64_t total = 0;   // elements (scalar path)
+  int64_t chunks = 0;  // kVecChunk chunks (vectorised path)
+};
+
+// Splits the slots into launches of at most kMaxSlots, each with begin / chunk_begin counted
+// from its own first slot (the kernels see only their launch's range).
+std::vector<Batch> make_batches(const std::vector<TensorSlot>& slots) {
+  std::vector<Batch> batches;
+  for (size_t first = 0; first < slots.size(); first += kMaxSlots) {
+    Batch batch;
+    batch.table = std::make_unique<SlotTable>();
+    batch.count = static_cast<int>(std::min<size_t>(kMaxSlots, slots.size() - first));
+    for (int k = 0; k < batch.count; ++k) {
+      TensorSlot s = slots[first + k];
+      s.begin = batch.total;
+      s.chunk_begin = batch.chunks;
+      batch.total += s.numel;
+      batch.chunks += ceil_div(s.numel, kVecChunk);
+      batch.table->slots[k] = s;
+    }
+    batches.push_back(std::move(batch));
+  }
+  return batches;
 }
 
 int grid_for(int64_t total) {
@@ -259,26 +305,20 @@ int grid_for(int64_t total) {
       std::max<int64_t>(1, std::min<int64_t>(ceil_div(total, kChunk), 132 * 8)));
 }
 
-// Blocks for the vectorised kernels: enough to fill every SM several times over, few enough
-// that each walks many chunks (the slot search then amortises).
-int vec_grid_for(int64_t chunks) {
+int sm_count() {
   int device = 0, sms = 132;
   if (cudaGetDevice(&device) == cudaSuccess)
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  return sms;
+}
+
+// Blocks for the vectorised kernels: enough to fill every SM several times over, few enough
+// that each walks many chunks (the slot search then amortises).
+int vec_grid_for(int64_t chunks, int sms) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(chunks, int64_t(sms) * 8)));
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// Fills chunk_begin; the total number of chunks.
-int64_t number_chunks(std::vector<TensorSlot>& slots) {
-  int64_t chunks = 0;
-  for (TensorSlot& s : slots) {
-    s.chunk_begin = chunks;
-    chunks += ceil_div(s.numel, kVecChunk);
-  }
-  return chunks;
-}
 
 }  // namespace
 
@@ -286,7 +326,6 @@ void launch_grad_norm_squared(std::span<const Tensor> grads, const Tensor& out, 
                               cudaStream_t stream) {
   check_f32(out, "grad_norm_squared out");
   std::vector<TensorSlot> slots;
-  int64_t total = 0;
   bool vectorised = true;
   for (const Tensor& g : grads) {
     if (g.numel() == 0) continue;
@@ -294,9 +333,7 @@ void launch_grad_norm_squared(std::span<const Tensor> grads, const Tensor& out, 
     TensorSlot s{};
     s.grad = g.data;
     s.grad_kind = kind_of(g);
-    s.begin = total;
     s.numel = g.numel();
-    total += g.numel();
     vectorised = vectorised && s.numel % 8 == 0 && aligned16(s.grad) &&
                  s.grad_kind == (slots.empty() ? s.grad_kind : slots.front().grad_kind) &&
                  s.grad_kind != Kind::F16;
@@ -306,44 +343,61 @@ void launch_grad_norm_squared(std::span<const Tensor> grads, const Tensor& out, 
     MOETUNE_CUDA_CHECK(cudaMemsetAsync(out.data, 0, sizeof(float), stream));
     return;
   }
+  const std::vector<Batch> batches = make_batches(slots);
   if (vectorised) {
-    const int64_t chunks = number_chunks(slots);
-    const int grid = vec_grid_for(chunks);
-    auto* partials = static_cast<double*>(scratch.get(sizeof(double) * grid));
+    // Every launch's blocks write their own range of one partials array and count down one
+    // shared counter; the very last block (of the last launch, stream order) sums them all.
+    const int sms = sm_count();
+    std::vector<int> grids;
+    unsigned total_blocks = 0;
+    for (const Batch& batch : batches) {
+      grids.push_back(vec_grid_for(batch.chunks, sms));
+      total_blocks += static_cast<unsigned>(grids.back());
+    }
+    auto* partials = static_cast<double*>(scratch.get(sizeof(double) * total_blocks));
     auto* done = static_cast<unsigned*>(scratch.get(sizeof(unsigned)));
     MOETUNE_CUDA_CHECK(cudaMemsetAsync(done, 0, sizeof(unsigned), stream));
-    const TensorSlot* device_slots = upload(slots, scratch, stream);
-    if (slots.front().grad_kind == Kind::BF16)
-      sum_squares_vec_kernel<bf16><<<grid, kVecThreads, 0, stream>>>(
-          device_slots, int(slots.size()), chunks, partials, done, out.ptr<float>());
-    else
-      sum_squares_vec_kernel<float><<<grid, kVecThreads, 0, stream>>>(
-          device_slots, int(slots.size()), chunks, partials, done, out.ptr<float>());
-    MOETUNE_CUDA_LAUNCH_CHECK();
+    unsigned first_partial = 0;
+    for (size_t b = 0; b < batches.size(); ++b) {
+      const Batch& batch = batches[b];
+      if (slots.front().grad_kind == Kind::BF16)
+        sum_squares_vec_kernel<bf16><<<grids[b], kVecThreads, 0, stream>>>(
+            *batch.table, batch.count, batch.chunks, partials, first_partial, total_blocks, done,
+            out.ptr<float>());
+      else
+        sum_squares_vec_kernel<float><<<grids[b], kVecThreads, 0, stream>>>(
+            *batch.table, batch.count, batch.chunks, partials, first_partial, total_blocks, done,
+            out.ptr<float>());
+      MOETUNE_CUDA_LAUNCH_CHECK();
+      first_partial += static_cast<unsigned>(grids[b]);
+    }
     return;
   }
+  // Scalar path: blocks add into `out` atomically (not bit-deterministic), launch after launch.
   MOETUNE_CUDA_CHECK(cudaMemsetAsync(out.data, 0, sizeof(float), stream));
-  sum_squares_kernel<<<grid_for(total), 256, 0, stream>>>(
-      upload(slots, scratch, stream), int(slots.size()), total, out.ptr<float>());
-  MOETUNE_CUDA_LAUNCH_CHECK();
+  for (const Batch& batch : batches) {
+    sum_squares_kernel<<<grid_for(batch.total), 256, 0, stream>>>(*batch.table, batch.count,
+                                                                  batch.total, out.ptr<float>());
+    MOETUNE_CUDA_LAUNCH_CHECK();
+  }
 }
 
 namespace {
 template <typename ParamT, typename GradT, typename StateT, bool kMaster>
-void launch_vec(const TensorSlot* slots, int count, int64_t chunks, const AdamWScalars& h, int grid,
+void launch_vec(const SlotTable& table, int count, int64_t chunks, const AdamWScalars& h, int grid,
                 cudaStream_t stream) {
   adamw_vec_kernel<ParamT, GradT, StateT, kMaster>
-      <<<grid, kVecThreads, 0, stream>>>(slots, count, chunks, h);
+      <<<grid, kVecThreads, 0, stream>>>(table, count, chunks, h);
 }
 template <typename ParamT, typename GradT>
-void launch_vec_state(Kind state, bool master, const TensorSlot* slots, int count, int64_t chunks,
+void launch_vec_state(Kind state, bool master, const SlotTable& table, int count, int64_t chunks,
                       const AdamWScalars& h, int grid, cudaStream_t stream) {
   if (state == Kind::BF16)
-    master ? launch_vec<ParamT, GradT, bf16, true>(slots, count, chunks, h, grid, stream)
-           : launch_vec<ParamT, GradT, bf16, false>(slots, count, chunks, h, grid, stream);
+    master ? launch_vec<ParamT, GradT, bf16, true>(table, count, chunks, h, grid, stream)
+           : launch_vec<ParamT, GradT, bf16, false>(table, count, chunks, h, grid, stream);
   else
-    master ? launch_vec<ParamT, GradT, float, true>(slots, count, chunks, h, grid, stream)
-           : launch_vec<ParamT, GradT, float, false>(slots, count, chunks, h, grid, stream);
+    master ? launch_vec<ParamT, GradT, float, true>(table, count, chunks, h, grid, stream)
+           : launch_vec<ParamT, GradT, float, false>(table, count, chunks, h, grid, stream);
 }
 // One block per chunk (capped by the grid's x limit; the kernels stride past it).
 int block_per_chunk(int64_t chunks) {
@@ -352,9 +406,9 @@ int block_per_chunk(int64_t chunks) {
 }  // namespace
 
 void launch_adamw(std::span<const AdamWParam> params, const AdamWHyper& hyper, float grad_scale,
-                  Scratch& scratch, cudaStream_t stream, bool block_per_chunk_grid) {
+                  Scratch& /*scratch: the table travels as a kernel parameter*/,
+                  cudaStream_t stream, bool block_per_chunk_grid) {
   std::vector<TensorSlot> slots;
-  int64_t total = 0;
   for (const AdamWParam& p : params) {
     const int64_t n = p.param.numel();
     if (n == 0) continue;
@@ -373,7 +427,6 @@ void launch_adamw(std::span<const AdamWParam> params, const AdamWHyper& hyper, f
     s.exp_avg = p.exp_avg.data;
     s.exp_avg_sq = p.exp_avg_sq.data;
     s.master = present(p.master) ? p.master.ptr<float>() : nullptr;
-    s.begin = total;
     s.numel = n;
     s.weight_decay = p.weight_decay;
     s.decay = static_cast<float>(1.0 - hyper.lr * static_cast<double>(p.weight_decay));
@@ -381,7 +434,6 @@ void launch_adamw(std::span<const AdamWParam> params, const AdamWHyper& hyper, f
     s.grad_kind = kind_of(p.grad);
     s.avg_kind = kind_of(p.exp_avg);
     s.avg_sq_kind = kind_of(p.exp_avg_sq);
-    total += n;
     slots.push_back(s);
   }
   if (slots.empty()) return;
@@ -410,28 +462,33 @@ void launch_adamw(std::span<const AdamWParam> params, const AdamWHyper& hyper, f
                  aligned16(s.exp_avg) && aligned16(s.exp_avg_sq) &&
                  (!master || aligned16(s.master));
   }
+  const std::vector<Batch> batches = make_batches(slots);
   if (vectorised) {
-    const int64_t chunks = number_chunks(slots);
-    const TensorSlot* device_slots = upload(slots, scratch, stream);
-    const int count = int(slots.size());
     const Kind state = first.avg_kind;
-    const int grid = block_per_chunk_grid ? block_per_chunk(chunks) : vec_grid_for(chunks);
-    if (first.param_kind == Kind::BF16 && first.grad_kind == Kind::BF16)
-      launch_vec_state<bf16, bf16>(state, master, device_slots, count, chunks, h, grid, stream);
-    else if (first.param_kind == Kind::BF16)
-      launch_vec_state<bf16, float>(state, master, device_slots, count, chunks, h, grid, stream);
-    else if (first.grad_kind == Kind::BF16)
-      launch_vec_state<float, bf16>(state, master, device_slots, count, chunks, h, grid, stream);
-    else
-      launch_vec_state<float, float>(state, master, device_slots, count, chunks, h, grid, stream);
-    MOETUNE_CUDA_LAUNCH_CHECK();
+    const int sms = block_per_chunk_grid ? 0 : sm_count();
+    for (const Batch& batch : batches) {
+      const SlotTable& table = *batch.table;
+      const int count = batch.count;
+      const int64_t chunks = batch.chunks;
+      const int grid = block_per_chunk_grid ? block_per_chunk(chunks) : vec_grid_for(chunks, sms);
+      if (first.param_kind == Kind::BF16 && first.grad_kind == Kind::BF16)
+        launch_vec_state<bf16, bf16>(state, master, table, count, chunks, h, grid, stream);
+      else if (first.param_kind == Kind::BF16)
+        launch_vec_state<bf16, float>(state, master, table, count, chunks, h, grid, stream);
+      else if (first.grad_kind == Kind::BF16)
+        launch_vec_state<float, bf16>(state, master, table, count, chunks, h, grid, stream);
+      else
+        launch_vec_state<float, float>(state, master, table, count, chunks, h, grid, stream);
+      MOETUNE_CUDA_LAUNCH_CHECK();
+    }
     return;
   }
-  const int grid =
-      block_per_chunk_grid ? block_per_chunk(ceil_div(total, kChunk)) : grid_for(total);
-  adamw_kernel<<<grid, 256, 0, stream>>>(upload(slots, scratch, stream), int(slots.size()), total,
-                                         h);
-  MOETUNE_CUDA_LAUNCH_CHECK();
+  for (const Batch& batch : batches) {
+    const int grid = block_per_chunk_grid ? block_per_chunk(ceil_div(batch.total, kChunk))
+                                          : grid_for(batch.total);
+    adamw_kernel<<<grid, 256, 0, stream>>>(*batch.table, batch.count, batch.total, h);
+    MOETUNE_CUDA_LAUNCH_CHECK();
+  }
 }
 
 }  // namespace moetune::cuda
