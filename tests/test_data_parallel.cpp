@@ -5,7 +5,10 @@
 // by the gradient-ready hook of the last micro-batch. After 2 optimizer steps with active
 // clipping, every rank's loss and weights must match one process that accumulates all
 // micro-batches with the plain AdamW (fp32, 1e-5 relative), for ZeRO stages 0, 1, 2, and
-// with 3 ranks (tensors whose size does not divide: the padded collectives).
+// with 3 ranks (tensors whose size does not divide: the padded collectives). The optimizer
+// in the backward (InBackwardOptimizer over DataParallelAdamW, gradients per group, one
+// micro-batch per rank and step, no clipping) must match one process the same way, and give
+// the same gradient norms.
 // Also: resolve_layout's errors name the key; saved optimizer shards are re-cut for other
 // ranges, and a missing rank or a malformed shards.json fail with the file's name.
 #include <gtest/gtest.h>
@@ -23,6 +26,7 @@
 #include "test_util.h"
 #include "train/adamw.h"
 #include "train/dist_checkpoint.h"
+#include "train/optimizer_in_backward.h"
 #include "train/parallel_context.h"
 #include "train/sharded_adamw.h"
 
@@ -35,6 +39,14 @@ constexpr int kMicroBatches = 6;  // per optimizer step, divisible by 2 and 3
 constexpr int kSteps = 2;
 constexpr int64_t kRows = 2, kSeq = 6;
 constexpr double kMaxNorm = 0.05;  // small: clipping is active
+
+// How a run steps: kMicroBatches per step with clipping, or (the optimizer in the backward)
+// one micro-batch per rank and no clipping.
+struct StepShape {
+  int micro_batches = kMicroBatches;
+  double max_norm = kMaxNorm;  // 0: no clipping
+};
+StepShape in_backward_shape(int world) { return {world, 0.0}; }
 
 struct MicroBatch {
   std::vector<int32_t> ids, labels;
@@ -60,6 +72,7 @@ AdamWConfig adamw_config() {
 
 struct RunResult {
   std::vector<double> losses;  // per step: summed loss / trained tokens (all ranks)
+  std::vector<double> norms;   // per step: the global gradient norm
   std::vector<float> weights;  // every parameter, flattened, in order
   std::vector<size_t> sizes;   // of each parameter
 };
@@ -73,7 +86,7 @@ void keep_weights(Model& model, RunResult& result) {
 }
 
 // One process, every micro-batch, the plain AdamW: the reference.
-RunResult train_alone() {
+RunResult train_alone(const StepShape& shape = {}) {
   auto backend = make_cpu_backend();
   const ModelConfig config = tiny_moe_config();
   auto model = Model::random_init(config, 5, *backend);
@@ -87,7 +100,7 @@ RunResult train_alone() {
   for (int step = 0; step < kSteps; ++step) {
     std::vector<MicroBatch> batches;
     int64_t trained = 0;
-    for (int m = 0; m < kMicroBatches; ++m) {
+    for (int m = 0; m < shape.micro_batches; ++m) {
       batches.push_back(make_micro_batch(step, m, config.vocab_size));
       trained += batches.back().trained;
     }
@@ -97,15 +110,18 @@ RunResult train_alone() {
       loss_sum += model->forward_backward(batch.view(), 1.0f / float(trained)).loss_sum;
     backend->grad_norm_squared(grads, norm_squared);
     const double norm = std::sqrt(norm_squared.tensor().ptr<float>()[0]);
-    optimizer.step(adamw_config().lr, float(std::min(1.0, kMaxNorm / (norm + 1e-6))));
+    const double clip = shape.max_norm > 0 ? std::min(1.0, shape.max_norm / (norm + 1e-6)) : 1.0;
+    optimizer.step(adamw_config().lr, float(clip));
     result.losses.push_back(loss_sum / double(trained));
+    result.norms.push_back(norm);
   }
   keep_weights(*model, result);
   return result;
 }
 
-// This rank's micro-batches, DataParallelAdamW at `stage`.
-RunResult train_rank(const testing::SpawnedRank& spawned, int stage) {
+// This rank's micro-batches, DataParallelAdamW at `stage` (with `in_backward`: driven by
+// InBackwardOptimizer, one micro-batch per rank and step, no clipping).
+RunResult train_rank(const testing::SpawnedRank& spawned, int stage, bool in_backward) {
   const int rank = spawned.rank(), world = spawned.world();
   const auto store = spawned.connect();
   std::vector<int> everyone(static_cast<size_t>(world));
@@ -114,43 +130,59 @@ RunResult train_rank(const testing::SpawnedRank& spawned, int stage) {
       dist::make_parallel_groups(std::make_unique<dist::StoreCommunicator>(*store, everyone), 1);
   auto backend = make_cpu_backend();
   const ModelConfig config = tiny_moe_config();
-  auto model = Model::random_init(config, 5, *backend);
+  ModelOptions model_options;
+  if (in_backward) model_options.grad_storage = GradientStorage::PerGroup;
+  auto model = Model::random_init(config, 5, *backend, model_options);
   for (Parameter& parameter : model->parameters())
     parameter.decay = parameter.name.find("norm") == std::string::npos;
   DataParallelOptions options;
   options.zero_stage = stage;
   DataParallelAdamW optimizer(model->parameters(), model->gradient_groups(), *backend,
                               adamw_config(), *groups.world, *groups.expert_dp, options);
+  const StepShape shape = in_backward ? in_backward_shape(world) : StepShape{};
+  std::unique_ptr<InBackwardOptimizer> updater;
   bool last = false;
   size_t hooked = 0;
-  model->set_gradient_ready_hook([&](size_t group) {
-    if (!last) return;
-    optimizer.reduce_group(group);
-    ++hooked;
-  });
+  if (in_backward)
+    updater = std::make_unique<InBackwardOptimizer>(*model, optimizer);
+  else
+    model->set_gradient_ready_hook([&](size_t group) {
+      if (!last) return;
+      optimizer.reduce_group(group);
+      ++hooked;
+    });
   RunResult result;
   for (int step = 0; step < kSteps; ++step) {
     std::vector<MicroBatch> batches;
     int64_t trained = 0;
-    for (int m = 0; m < kMicroBatches; ++m) {
+    for (int m = 0; m < shape.micro_batches; ++m) {
       batches.push_back(make_micro_batch(step, m, config.vocab_size));
       trained += batches.back().trained;
     }
     model->zero_grads();
+    if (updater) updater->begin_step(adamw_config().lr);
     double loss_sum = 0;
-    for (int m = rank; m < kMicroBatches; m += world) {
-      last = m + world >= kMicroBatches;
+    for (int m = rank; m < shape.micro_batches; m += world) {
+      last = m + world >= shape.micro_batches;
       loss_sum += model->forward_backward(batches[m].view(), 1.0f / float(trained)).loss_sum;
     }
     last = false;
-    optimizer.finish_reduction();
     all_reduce_host(*groups.world, *backend, std::span<double>(&loss_sum, 1));
-    const double norm = std::sqrt(optimizer.grad_norm_squared());
-    optimizer.step(adamw_config().lr, float(std::min(1.0, kMaxNorm / (norm + 1e-6))));
+    double norm = 0;
+    if (updater) {
+      norm = updater->grad_norm();
+    } else {
+      optimizer.finish_reduction();
+      norm = std::sqrt(optimizer.grad_norm_squared());
+      optimizer.step(adamw_config().lr, float(std::min(1.0, shape.max_norm / (norm + 1e-6))));
+    }
     result.losses.push_back(loss_sum / double(trained));
+    result.norms.push_back(norm);
   }
-  if (hooked != kSteps * model->gradient_groups().size())
+  if (!in_backward && hooked != kSteps * model->gradient_groups().size())
     fail("the hook reduced ", hooked, " groups");
+  if (in_backward && optimizer.step_count() != kSteps)
+    fail("the optimizer counted ", optimizer.step_count(), " steps");
   keep_weights(*model, result);
   return result;
 }
@@ -160,6 +192,7 @@ void write_result(const std::filesystem::path& file, const RunResult& result) {
   const size_t losses = result.losses.size(), weights = result.weights.size();
   out.write(reinterpret_cast<const char*>(&losses), sizeof(losses));
   out.write(reinterpret_cast<const char*>(result.losses.data()), losses * sizeof(double));
+  out.write(reinterpret_cast<const char*>(result.norms.data()), losses * sizeof(double));
   out.write(reinterpret_cast<const char*>(&weights), sizeof(weights));
   out.write(reinterpret_cast<const char*>(result.weights.data()), weights * sizeof(float));
   const size_t sizes = result.sizes.size();
@@ -174,6 +207,8 @@ RunResult read_result(const std::filesystem::path& file) {
   in.read(reinterpret_cast<char*>(&count), sizeof(count));
   result.losses.resize(count);
   in.read(reinterpret_cast<char*>(result.losses.data()), count * sizeof(double));
+  result.norms.resize(count);
+  in.read(reinterpret_cast<char*>(result.norms.data()), count * sizeof(double));
   in.read(reinterpret_cast<char*>(&count), sizeof(count));
   result.weights.resize(count);
   in.read(reinterpret_cast<char*>(result.weights.data()), count * sizeof(float));
@@ -185,11 +220,12 @@ RunResult read_result(const std::filesystem::path& file) {
 }
 
 // Trains on `world` ranks; returns each rank's result (fails if a rank fails).
-std::vector<RunResult> train_on_ranks(int world, int stage) {
+std::vector<RunResult> train_on_ranks(int world, int stage, bool in_backward = false) {
   testing::TempDir dir;
-  const auto runs = testing::run_ranks(
-      world, "DataParallelRank.TrainsItsMicroBatches",
-      {.args = {{"STAGE", std::to_string(stage)}, {"OUT", dir.path().string()}}});
+  const auto runs = testing::run_ranks(world, "DataParallelRank.TrainsItsMicroBatches",
+                                       {.args = {{"STAGE", std::to_string(stage)},
+                                                 {"IN_BACKWARD", in_backward ? "1" : "0"},
+                                                 {"OUT", dir.path().string()}}});
   if (const auto passed = testing::ranks_passed(runs); !passed) fail(passed.message());
   std::vector<RunResult> results;
   for (int rank = 0; rank < world; ++rank)
@@ -203,14 +239,16 @@ TEST(DataParallelRank, TrainsItsMicroBatches) {
   if (!spawned) GTEST_SKIP() << testing::kRankBodyOnly;
   write_result(
       std::filesystem::path(spawned->arg("OUT")) / ("rank" + std::to_string(spawned->rank())),
-      train_rank(*spawned, std::stoi(spawned->arg("STAGE"))));
+      train_rank(*spawned, std::stoi(spawned->arg("STAGE")), spawned->arg("IN_BACKWARD") == "1"));
 }
 
 void expect_same_run(const RunResult& ranks_result, const RunResult& alone,
                      const std::string& what) {
   ASSERT_EQ(ranks_result.losses.size(), alone.losses.size());
-  for (size_t i = 0; i < alone.losses.size(); ++i)
+  for (size_t i = 0; i < alone.losses.size(); ++i) {
     EXPECT_NEAR(ranks_result.losses[i], alone.losses[i], 1e-5 * std::abs(alone.losses[i])) << what;
+    EXPECT_NEAR(ranks_result.norms[i], alone.norms[i], 1e-5 * alone.norms[i]) << what;
+  }
   ASSERT_EQ(ranks_result.weights.size(), alone.weights.size());
   // Per tensor: max |difference| / max |value| (testing::relative_error). Per element would
   // be too strict: AdamW's m / sqrt(v) turns the rounding noise of a gradient that nearly
@@ -240,6 +278,24 @@ TEST_P(DataParallelStages, RanksMatchOneProcess) {
 INSTANTIATE_TEST_SUITE_P(ZeroStages, DataParallelStages,
                          ::testing::Values(std::pair{2, 0}, std::pair{2, 1}, std::pair{2, 2},
                                            std::pair{3, 2}, std::pair{3, 1}));
+
+class DataParallelInBackward : public ::testing::TestWithParam<std::pair<int, int>> {};
+
+TEST_P(DataParallelInBackward, RanksMatchOneProcess) {
+  const auto [world, stage] = GetParam();
+  const std::vector<RunResult> ranks = train_on_ranks(world, stage, /*in_backward=*/true);
+  const RunResult alone = train_alone(in_backward_shape(world));
+  for (int rank = 0; rank < world; ++rank)
+    expect_same_run(ranks[rank], alone,
+                    "optimizer in the backward, world " + std::to_string(world) + ", stage " +
+                        std::to_string(stage) + ", rank " + std::to_string(rank));
+  for (int rank = 1; rank < world; ++rank) EXPECT_EQ(ranks[rank].weights, ranks[0].weights);
+}
+
+// Stage 0 (replicated state), 1, 2 (reduce-scattered shards), and 3 ranks (padded).
+INSTANTIATE_TEST_SUITE_P(ZeroStages, DataParallelInBackward,
+                         ::testing::Values(std::pair{2, 0}, std::pair{2, 1}, std::pair{2, 2},
+                                           std::pair{3, 2}));
 
 TEST(DataParallel, LayoutErrorsNameTheKey) {
   auto message = [](int world, int64_t ep, int64_t dp, int64_t experts) {

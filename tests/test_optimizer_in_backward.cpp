@@ -324,10 +324,16 @@ TEST(OptimizerInBackwardRecipe, AutoTrueFalse) {
   EXPECT_FALSE(demo_recipe({"--training.optimizer_in_backward=false"}).optimizer_in_backward());
   EXPECT_FALSE(demo_recipe({"--optimizer.grad_clip=1.0"}).optimizer_in_backward());
   EXPECT_FALSE(demo_recipe({"--training.global_batch_sequences=4"}).optimizer_in_backward());
+  // Several ranks: one micro-batch (of 2 rows) per rank.
+  EXPECT_TRUE(demo_recipe({"--training.global_batch_sequences=4"}).optimizer_in_backward(2));
+  EXPECT_FALSE(demo_recipe({"--training.global_batch_sequences=8"}).optimizer_in_backward(2));
+  EXPECT_TRUE(
+      demo_recipe({"--training.global_batch_sequences=4", "--training.optimizer_in_backward=true"})
+          .optimizer_in_backward(2));
   for (const std::string bad :
        {"--optimizer.grad_clip=1.0", "--training.global_batch_sequences=4"}) {
     try {
-      demo_recipe({"--training.optimizer_in_backward=true", bad});
+      demo_recipe({"--training.optimizer_in_backward=true", bad}).optimizer_in_backward(1);
       FAIL() << "accepted with " << bad;
     } catch (const Error& error) {
       EXPECT_NE(std::string(error.what()).find("training.optimizer_in_backward"), std::string::npos)

@@ -161,6 +161,40 @@ TEST(TrainParallel, ExpertParallelTwoRanksMatchOneProcess) {
   }
 }
 
+// The optimizer in the backward on 2 ranks (one micro-batch each, no clipping), data
+// parallel (ZeRO 1 and 2) and expert parallel: each gradient group is reduced and updated
+// inside the backward; losses and weights match one process accumulating both micro-batches
+// with the optimizer after the backward.
+TEST(TrainParallel, OptimizerInBackwardMatchesOneProcess) {
+  testing::TempDir dir;
+  const auto arguments = small_run(3, {"--optimizer.grad_clip=0"});
+  TrainOptions one;
+  one.output_dir = dir / "one";
+  train_alone(arguments, one);
+  for (const std::string layout :
+       {"--parallel.zero_stage=1", "--parallel.zero_stage=2", "--parallel.expert_parallel=2"}) {
+    const fs::path out = dir / ("run" + layout.substr(layout.find('=')));
+    auto in_backward = arguments;
+    in_backward.push_back("--training.optimizer_in_backward=true");
+    const auto run = launch_train(2, in_backward, out, layout);
+    ASSERT_EQ(run.exit_code, 0) << layout << "\n" << run.output;
+    EXPECT_NE(run.output.find("optimizer in the backward: each gradient group is reduced"),
+              std::string::npos)
+        << run.output;
+    expect_near_losses(losses_of(out / "metrics.jsonl"), losses_of(dir / "one" / "metrics.jsonl"));
+    const CheckpointReader expected(dir / "one" / "hf"), exported(out / "hf");
+    for (const auto& name : expected.names()) {
+      std::vector<float> a(static_cast<size_t>(expected.info(name).shape.numel()));
+      std::vector<float> b(static_cast<size_t>(exported.info(name).shape.numel()));
+      ASSERT_EQ(a.size(), b.size()) << name;
+      expected.read_as_f32(name, a);
+      exported.read_as_f32(name, b);
+      EXPECT_LT(testing::relative_error(b.data(), a.data(), a.size()), 1e-5)
+          << layout << ": " << name;
+    }
+  }
+}
+
 TEST(TrainParallel, ResumeSameLayoutIsBitIdenticalAndOneProcessCanContinue) {
   testing::TempDir dir;
   const auto arguments = small_run(4);

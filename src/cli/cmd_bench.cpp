@@ -13,7 +13,8 @@
 // --optimizer-in-backward: AdamW per gradient group inside the gradient-ready hook and
 // per-group gradient storage (GradientStorage::PerGroup), as training.optimizer_in_backward
 // (InBackwardOptimizer; no gradient norm, as the other paths here), the updates on a
-// low-priority side stream beside the backward unless --no-overlap-optimizer.
+// side stream beside the backward unless --no-overlap-optimizer; with several GPUs each
+// group's reduction, sharded update and weight all-gather run there together.
 // grouped_gemm_tflops: the profiled step's expert GEMMs (forward + data grad, weight grad).
 // The profiled step's time per op (outermost Backend ops by name; side-stream ops apart,
 // their time overlaps) goes to stderr as a table and to the JSON line as ops_ms and
@@ -127,8 +128,6 @@ int run_bench(int argc, char** argv) {
       start_parallel(device, expert_parallel, 0, config.num_experts,
                      LayoutKeys{"--expert-parallel", "--data-parallel", "--device"});
   const int world = parallel ? parallel->world() : 1;
-  if (parallel && optimizer_in_backward)
-    fail("bench: --optimizer-in-backward runs on one GPU only (as training.optimizer_in_backward)");
   auto backend = make_backend(parallel ? parallel->device : device);
   ModelOptions options;
   options.param_dtype = DType::BF16;
@@ -159,16 +158,23 @@ int run_bench(int argc, char** argv) {
     dp_options.zero_stage = static_cast<int>(zero_stage);
     dp_options.state_dtype = DType::BF16;
     dp_options.master_weights = false;
-    dp_options.overlap_communication = overlap_comm;
+    // In the backward, the reductions run where the updates run (InBackwardOptimizer).
+    dp_options.overlap_communication = overlap_comm && !optimizer_in_backward;
     dp_optimizer = std::make_unique<DataParallelAdamW>(
         model->parameters(), model->gradient_groups(), *backend, adamw_config,
         *parallel->groups.world, *parallel->groups.expert_dp, dp_options);
-    model->set_gradient_ready_hook([&](size_t group) { dp_optimizer->reduce_group(group); });
+    if (!optimizer_in_backward)
+      model->set_gradient_ready_hook([&](size_t group) { dp_optimizer->reduce_group(group); });
   }
   // One GPU: AdamW (state in bf16, no master weights) per step, or per group in the backward.
   constexpr double kLr = 1e-5;
   std::unique_ptr<AdamW> adamw;
   std::unique_ptr<InBackwardOptimizer> in_backward;
+  InBackwardOptions in_backward_options;
+  in_backward_options.overlap = overlap_optimizer;
+  in_backward_options.grad_norm = false;
+  if (dp_optimizer && optimizer_in_backward)
+    in_backward = std::make_unique<InBackwardOptimizer>(*model, *dp_optimizer, in_backward_options);
   if (!dp_optimizer) {
     AdamWConfig adamw_config;
     adamw_config.lr = kLr;
@@ -176,12 +182,8 @@ int run_bench(int argc, char** argv) {
     adamw_config.state_dtype = DType::BF16;
     adamw_config.master_weights = false;
     adamw = std::make_unique<AdamW>(model->parameters(), *backend, adamw_config);
-    if (optimizer_in_backward) {
-      InBackwardOptions in_backward_options;
-      in_backward_options.overlap = overlap_optimizer;
-      in_backward_options.grad_norm = false;
+    if (optimizer_in_backward)
       in_backward = std::make_unique<InBackwardOptimizer>(*model, *adamw, in_backward_options);
-    }
   }
 
   const int64_t tokens = micro_batch * seq;
@@ -201,9 +203,11 @@ int run_bench(int argc, char** argv) {
     model->zero_grads();
     if (in_backward) in_backward->begin_step(kLr);
     const StepResult result = model->forward_backward(batch, loss_scale);
-    if (dp_optimizer)
+    if (in_backward)
+      ;  // updated in the backward
+    else if (dp_optimizer)
       dp_optimizer->step(kLr, 1.0f);
-    else if (!in_backward)
+    else
       adamw->step(kLr);
     backend->synchronize();
     last_loss = result.trained_tokens ? result.loss_sum / double(result.trained_tokens) : 0.0;
@@ -226,9 +230,9 @@ int run_bench(int argc, char** argv) {
   const cuda::PhaseTimes phases = cuda::end_phase_profile(*backend);
 
   const cuda::DeviceMemoryStats memory = cuda::device_memory_stats();
-  // The memory plan's prediction for this run: weights, grads, activations and scratch from
-  // plan_memory, AdamW state in the parameter dtype (not the plan's fp32 state), plus the
-  // backend's LM-head logits chunk (at most ~640 MB, cuda_backend.cpp).
+  // The memory plan's prediction for this run (per rank): AdamW state in the parameter dtype
+  // without master weights, the experts split and the state sharded as this run does, the
+  // backend's LM-head logits chunk; balanced routing assumed (see memory_plan.h).
   MemoryPlanOptions plan_options{DType::BF16,
                                  DType::BF16,
                                  micro_batch,
@@ -236,17 +240,15 @@ int run_bench(int argc, char** argv) {
                                  recompute,
                                  optimizer_in_backward,
                                  model->gradient_arenas()};
-  const MemoryPlan plan = plan_memory(config, plan_options);
-  const int64_t logits_row = config.vocab_size * 2;
-  const int64_t logits_chunk =
-      std::max<int64_t>(1, std::min<int64_t>(tokens, (int64_t(640) << 20) / logits_row)) *
-      logits_row;
-  // AdamW state (2 x weights in bf16) is split over the ranks from zero stage 1, and stage 2
-  // adds the reduced gradient shard.
-  const int64_t shards = parallel && zero_stage >= 1 ? world : 1;
-  const int64_t grad_shard = parallel && zero_stage == 2 ? plan.grads / world : 0;
-  const double plan_bytes = double(plan.weights + plan.grads + 2 * plan.weights / shards +
-                                   grad_shard + plan.activations + plan.scratch + logits_chunk);
+  plan_options.state_dtype = DType::BF16;
+  plan_options.master_weights = false;
+  if (parallel) {
+    plan_options.expert_parallel = parallel->layout().expert_parallel;
+    plan_options.data_parallel = parallel->layout().data_parallel;
+    plan_options.zero_stage = static_cast<int>(zero_stage);
+  }
+  plan_options.logits_chunk_limit = int64_t(640) << 20;
+  const double plan_bytes = double(plan_memory(config, plan_options).total());
   // Several ranks: every rank's step time and peak (rank 0 reports the slowest and the
   // largest); all ranks take part in the sum, only rank 0 prints.
   double step_s_all = step_s, peak_bytes = double(memory.peak_reserved);

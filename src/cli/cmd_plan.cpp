@@ -1,6 +1,8 @@
-// `moetune plan RECIPE.yaml [--section.key=value ...] [--device-memory-gib G]`: the memory a
-// training run of the recipe will hold (weights, gradients, optimizer state, activations of
-// one micro-batch) and whether it fits the target device, without loading weights or data.
+// `moetune plan RECIPE.yaml [--section.key=value ...] [--device-memory-gib G] [--ranks N]`:
+// the memory a training run of the recipe will hold per rank (weights, gradients, optimizer
+// state, activations of one micro-batch) and whether it fits the target device, without
+// loading weights or data. --ranks: the processes the run will have (the recipe's parallel
+// section splits them into expert- and data-parallel ranks as the trainer does).
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -13,6 +15,7 @@
 #include "io/model_config.h"
 #include "model/memory_plan.h"
 #include "model/model.h"
+#include "train/parallel_context.h"
 #include "train/recipe.h"
 
 namespace moetune::cli {
@@ -59,15 +62,21 @@ std::string count(int64_t parameters) {
 int run_plan(int argc, char** argv) {
   std::optional<fs::path> recipe_path;
   std::optional<double> device_gib;
+  std::string ranks_text = "1";
   std::vector<RecipeOverride> overrides;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--help" || arg == "-h") {
       std::printf(
-          "usage: moetune plan RECIPE.yaml [--section.key=value ...] [--device-memory-gib G]\n");
+          "usage: moetune plan RECIPE.yaml [--section.key=value ...] [--device-memory-gib G] "
+          "[--ranks N]\n");
       return 0;
     } else if (arg == "--device-memory-gib" && i + 1 < argc) {
       device_gib = std::strtod(argv[++i], nullptr);
+    } else if (arg == "--ranks" && i + 1 < argc) {
+      ranks_text = argv[++i];
+    } else if (arg.rfind("--ranks=", 0) == 0) {
+      ranks_text = arg.substr(std::strlen("--ranks="));
     } else if (arg.rfind("--device-memory-gib=", 0) == 0) {
       device_gib = std::strtod(arg.c_str() + std::strlen("--device-memory-gib="), nullptr);
     } else if (arg.rfind("--", 0) == 0 && arg.find('=') != std::string::npos &&
@@ -81,10 +90,15 @@ int run_plan(int argc, char** argv) {
   }
   if (!recipe_path) {
     std::printf(
-        "usage: moetune plan RECIPE.yaml [--section.key=value ...] [--device-memory-gib G]\n");
+        "usage: moetune plan RECIPE.yaml [--section.key=value ...] [--device-memory-gib G] "
+        "[--ranks N]\n");
     return 2;
   }
   if (device_gib && !(*device_gib > 0)) fail("--device-memory-gib: expected a positive number");
+  char* ranks_end = nullptr;
+  const long ranks = std::strtol(ranks_text.c_str(), &ranks_end, 10);
+  if (ranks_text.empty() || *ranks_end != '\0' || ranks < 1 || ranks > 1 << 20)
+    fail("--ranks: expected a positive whole number of processes, got '", ranks_text, "'");
   const Recipe recipe = load_recipe(*recipe_path, overrides);
   const fs::path config_file =
       recipe.model.path ? *recipe.model.path / "config.json" : *recipe.model.config;
@@ -96,7 +110,15 @@ int run_plan(int argc, char** argv) {
   options.grad_dtype = DType::F32;  // the trainer keeps fp32 gradients
   options.batch = t.micro_batch;
   options.seq = t.seq_len;
-  options.per_group_grads = recipe.optimizer_in_backward();
+  options.per_group_grads = recipe.optimizer_in_backward(static_cast<int>(ranks));
+  dist::ParallelLayout layout;
+  if (ranks > 1) {
+    layout = resolve_layout(static_cast<int>(ranks), recipe.parallel.expert_parallel,
+                            recipe.parallel.data_parallel, config.num_experts);
+    options.expert_parallel = layout.expert_parallel;
+    options.data_parallel = layout.data_parallel;
+    options.zero_stage = static_cast<int>(recipe.parallel.zero_stage);
+  }
   const MemoryPlan plan = plan_memory(config, options);
 
   std::printf("memory plan for %s (%s, %s parameters, %s active per token)\n",
@@ -107,6 +129,12 @@ int run_plan(int argc, char** argv) {
               static_cast<long long>(t.micro_batch), static_cast<long long>(t.seq_len),
               static_cast<long long>(t.grad_accumulation()),
               recipe.model.dtype == DType::BF16 ? "bf16" : "fp32");
+  if (ranks > 1)
+    std::printf(
+        "  per rank of %ld: data_parallel %d x expert_parallel %d, zero_stage %lld%s\n", ranks,
+        layout.data_parallel, layout.expert_parallel,
+        static_cast<long long>(recipe.parallel.zero_stage),
+        layout.expert_parallel > 1 ? " (expert activations: balanced routing assumed)" : "");
   std::printf("  weights                    %s\n", gib(plan.weights).c_str());
   std::printf("  gradients                  %s%s\n", gib(plan.grads).c_str(),
               options.per_group_grads ? "  (per group: optimizer in the backward)" : "");

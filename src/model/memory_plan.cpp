@@ -8,12 +8,26 @@
 
 namespace moetune {
 
+int64_t count_expert_parameters(const ModelConfig& config) {
+  int64_t experts = 0;
+  for (int64_t l = 0; l < config.num_hidden_layers; ++l)
+    if (config.layer_is_moe(l))
+      experts += config.num_experts * 3 * config.hidden_size * config.moe_intermediate_size;
+  return experts;
+}
+
 MemoryPlan plan_memory(const ModelConfig& config, const MemoryPlanOptions& options) {
   MemoryPlan plan;
-  const int64_t parameters = count_parameters(config, false);
+  const int64_t ep = std::max<int64_t>(1, options.expert_parallel);
+  const int64_t dp = std::max<int64_t>(1, options.data_parallel);
+  // This rank's parameters: all but the experts, and 1/ep of the experts.
+  const int64_t experts = count_expert_parameters(config);
+  const int64_t shared = count_parameters(config, false) - experts;
+  const int64_t parameters = shared + experts / ep;
   const int64_t act = static_cast<int64_t>(dtype_size(options.param_dtype));
+  const int64_t grad_size = static_cast<int64_t>(dtype_size(options.grad_dtype));
   plan.weights = parameters * act;
-  plan.grads = parameters * static_cast<int64_t>(dtype_size(options.grad_dtype));
+  plan.grads = parameters * grad_size;
   if (options.per_group_grads) {
     // The groups of Model::gradient_groups(): head (final norm + untied lm_head), each layer,
     // the embedding. One group lives at a time in an arena of the largest group's size (it
@@ -24,14 +38,24 @@ MemoryPlan plan_memory(const ModelConfig& config, const MemoryPlanOptions& optio
     const int64_t embed = V * H;
     const int64_t head = H + (config.tie_word_embeddings ? 0 : V * H);
     int64_t largest = std::max(head, config.tie_word_embeddings ? 0 : embed);
-    for (int64_t l = 0; l < config.num_hidden_layers; ++l)
-      largest = std::max(largest, layer_parameters(config, l));
+    for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
+      const int64_t layer_experts =
+          config.layer_is_moe(l)
+              ? config.num_experts * 3 * config.hidden_size * config.moe_intermediate_size
+              : 0;
+      largest = std::max(largest, layer_parameters(config, l) - layer_experts + layer_experts / ep);
+    }
     const int64_t held = largest * std::max<int64_t>(1, options.gradient_arenas) +
                          (config.tie_word_embeddings ? embed : 0);
-    plan.grads = held * static_cast<int64_t>(dtype_size(options.grad_dtype));
+    plan.grads = held * grad_size;
   }
-  plan.master_weights = options.param_dtype == DType::F32 ? 0 : parameters * 4;
-  plan.optimizer_state = parameters * 8;
+  // The elements this rank's AdamW updates: with ZeRO its shard of every parameter.
+  const int64_t updated =
+      options.zero_stage >= 1 ? shared / (dp * ep) + experts / ep / dp : parameters;
+  if (options.zero_stage == 2 && dp * ep > 1) plan.grads += updated * grad_size;
+  plan.master_weights =
+      options.param_dtype == DType::F32 || !options.master_weights ? 0 : updated * 4;
+  plan.optimizer_state = updated * 2 * static_cast<int64_t>(dtype_size(options.state_dtype));
 
   const int64_t N = options.batch * options.seq, H = config.hidden_size;
   const int64_t D = config.head_dim > 0 ? config.head_dim : H / config.num_attention_heads;
@@ -63,6 +87,19 @@ MemoryPlan plan_memory(const ModelConfig& config, const MemoryPlanOptions& optio
   if (config.qk_norm) plan.scratch += N * (q_width + kv_width) * act;
   if (any_dense) plan.scratch += N * 3 * I * act;
   if (any_moe) plan.scratch += N * E * act * 2 + N * k * (2 * H + 3 * I_moe) * act + N * k * 4;
+  if (any_moe && ep > 1) {
+    // The exchange (expert_parallel_dispatch.cpp): this rank's rows sorted for sending, the
+    // received rows and the experts' results before they travel home (balanced: N*k rows
+    // each), and per MoE layer the saved plan's permutations.
+    plan.scratch += 3 * N * k * H * act;
+    for (int64_t l = 0; l < config.num_hidden_layers; ++l)
+      if (config.layer_is_moe(l)) plan.activations += 2 * N * k * 4;
+  }
+  if (options.logits_chunk_limit > 0) {
+    const int64_t row = config.vocab_size * act;
+    plan.scratch +=
+        std::max<int64_t>(1, std::min<int64_t>(N, options.logits_chunk_limit / row)) * row;
+  }
   return plan;
 }
 

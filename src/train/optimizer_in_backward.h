@@ -2,14 +2,19 @@
 // --optimizer-in-backward`): AdamW applied to each gradient group of a Model with
 // GradientStorage::PerGroup inside its gradient-ready hook, while the group's gradients
 // exist, plus each group's squared gradient norm (for the log and the non-finite guard).
+// Several ranks: the same with DataParallelAdamW, whose update_group also reduces the group's
+// gradients over the ranks first and all-gathers the updated weights after (its norm is of
+// this rank's shard; grad_norm() sums the groups' norms over the world).
 //
 //   InBackwardOptimizer in_backward(*model, adamw, backend, {});
 //   each step: in_backward.begin_step(lr); model->zero_grads(); model->forward_backward(...);
 //              double norm = in_backward.grad_norm();
 //
 // Overlap (InBackwardOptions::overlap, on backends with streams: CUDA): the group's norm and
-// update run on a low-priority side stream, beside the backward of the next layers, instead
-// of between them on the ops' stream. The rules that keep it correct:
+// update run on a side stream, beside the backward of the next layers, instead of between
+// them on the ops' stream (low priority for one GPU; the ops' priority with data parallelism,
+// so that a peer's collective never waits for this rank's backward to free the SMs). The
+// rules that keep it correct:
 //  - order: the side stream starts a group's work after every op enqueued so far (the ops
 //    that wrote its gradients; SideStreamOps begins with wait_for_ops());
 //  - gradients: Model::set_gradient_side_stream makes the model rotate the groups through two
@@ -34,6 +39,7 @@
 #include "model/model.h"
 #include "ops/backend.h"
 #include "train/adamw.h"
+#include "train/sharded_adamw.h"
 
 namespace moetune {
 
@@ -48,6 +54,9 @@ class InBackwardOptimizer {
   // overlap, the side stream. `model` and `optimizer` (over model.parameters()) must
   // outlive this object.
   InBackwardOptimizer(Model& model, AdamW& optimizer, const InBackwardOptions& options = {});
+  // Several ranks: `optimizer` was built over model.parameters() and model.gradient_groups().
+  InBackwardOptimizer(Model& model, DataParallelAdamW& optimizer,
+                      const InBackwardOptions& options = {});
   ~InBackwardOptimizer();  // removes the hook and the model's side stream
   InBackwardOptimizer(const InBackwardOptimizer&) = delete;
   InBackwardOptimizer& operator=(const InBackwardOptimizer&) = delete;
@@ -56,16 +65,20 @@ class InBackwardOptimizer {
   // the groups' updates use.
   void begin_step(double lr);
   // The global gradient norm of the last step: sqrt of the sum of the groups' squared norms
-  // (one host read; needs InBackwardOptions::grad_norm).
+  // (one host read; needs InBackwardOptions::grad_norm). Several ranks: a collective over the
+  // world (every rank must call it), the same value on every rank.
   double grad_norm();
   // True when the updates run on a side stream.
   bool overlapping() const { return side_ != nullptr; }
 
  private:
+  InBackwardOptimizer(Model& model, AdamW* single, DataParallelAdamW* sharded,
+                      const InBackwardOptions& options);
   void on_group_ready(size_t index);
 
   Model& model_;
-  AdamW& optimizer_;
+  AdamW* single_ = nullptr;               // one process
+  DataParallelAdamW* sharded_ = nullptr;  // several ranks
   InBackwardOptions options_;
   std::unique_ptr<Backend::SideStream> side_;  // null: inline
   Buffer group_norms_squared_;                 // (groups) fp32

@@ -302,13 +302,11 @@ Recipe parse_recipe(const YAML::Node& input, const fs::path& base_dir, const fs:
   check_range(o.grad_clip, 0.0, 1e12, "optimizer.grad_clip");
   o.master_weights =
       float_dtype(get_choice(optimizer, "master_weights", "optimizer", kFloatDtypes, "fp32"));
-  if (t.optimizer_in_backward.value_or(false) && (t.grad_accumulation() != 1 || o.grad_clip != 0))
-    fail(
-        "training.optimizer_in_backward: true needs one micro-batch per optimizer step "
-        "(gradient accumulation is ",
-        t.grad_accumulation(), ") and optimizer.grad_clip: 0 (it is ", o.grad_clip,
-        "): each gradient group is applied as soon as the backward finishes it; set it to auto "
-        "or false");
+  // The micro-batches per rank are checked by the trainer (it knows the ranks).
+  if (t.optimizer_in_backward.value_or(false) && o.grad_clip != 0)
+    fail("training.optimizer_in_backward: true needs optimizer.grad_clip: 0 (it is ", o.grad_clip,
+         "): each gradient group is applied as soon as the backward finishes it, before the "
+         "global norm is known; set it to auto or false");
   if (o.master_weights == DType::BF16 && recipe.model.dtype != DType::BF16)
     fail(
         "optimizer.master_weights: bf16 master weights need model.dtype: bf16 (the weights are "
@@ -473,9 +471,16 @@ std::string resolved_recipe_yaml(const Recipe& recipe) {
   return std::string(out.c_str()) + "\n";
 }
 
-bool Recipe::optimizer_in_backward() const {
+bool Recipe::optimizer_in_backward(int ranks) const {
+  const bool one_micro_batch = training.grad_accumulation() == ranks;
+  if (training.optimizer_in_backward.value_or(false) && !one_micro_batch)
+    fail("training.optimizer_in_backward: true needs one micro-batch per rank and optimizer step: ",
+         training.grad_accumulation(), " micro-batches of ", training.micro_batch, " rows on ",
+         ranks,
+         " rank(s) (training.global_batch_sequences or global_batch_tokens); set it to auto or "
+         "false");
   if (training.optimizer_in_backward) return *training.optimizer_in_backward;
-  return training.grad_accumulation() == 1 && optimizer.grad_clip == 0;
+  return one_micro_batch && optimizer.grad_clip == 0;
 }
 
 }  // namespace moetune

@@ -25,7 +25,8 @@
 //     optimizer_in_backward: auto # auto | true | false: AdamW updates each gradient group as
 //                                # soon as the backward finishes it, and the gradients live
 //                                # only per group (memory: ~2 layers of gradients instead of
-//                                # all). Needs one micro-batch per step and no clipping; auto:
+//                                # all). Needs one micro-batch per step (per rank with several
+//                                # ranks) and no clipping; auto:
 //                                # on exactly then (true otherwise is an error). The non-finite
 //                                # guard then stops the run but cannot skip the update.
 //   optimizer:
@@ -153,8 +154,10 @@ struct ParallelRecipe {
 };
 
 struct Recipe {
-  // training.optimizer_in_backward resolved: auto = one micro-batch per step and no clipping.
-  bool optimizer_in_backward() const;
+  // training.optimizer_in_backward resolved for a run on `ranks` processes: auto = one
+  // micro-batch per rank and step and no clipping; true without one micro-batch per rank
+  // fails (naming the keys).
+  bool optimizer_in_backward(int ranks = 1) const;
 
   std::filesystem::path source;  // the recipe file (absolute)
   ModelRecipe model;

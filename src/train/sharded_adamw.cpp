@@ -40,6 +40,7 @@ DataParallelAdamW::DataParallelAdamW(std::span<const Parameter> parameters,
                                      dist::Communicator& expert_dp,
                                      const DataParallelOptions& options)
     : backend_(backend),
+      parameters_(parameters),
       config_(config),
       options_(options),
       world_(world),
@@ -151,9 +152,8 @@ void DataParallelAdamW::join_communication() {
 }
 
 // Every rank's updated shard of the weights to every rank (stages 1, 2).
-void DataParallelAdamW::gather_slot(Slot& slot) {
+void DataParallelAdamW::gather_slot(Slot& slot, void* stream) {
   if (slot.shards == 1 || slot.numel == 0) return;
-  void* stream = backend_.stream();
   const Tensor value = flat(slot.param.value);
   if (!slot.padded()) {
     // In place: this rank's shard already sits at its offset of the output.
@@ -240,22 +240,70 @@ double DataParallelAdamW::grad_norm_squared() {
   return value;
 }
 
-void DataParallelAdamW::step(double lr, float grad_scale) {
-  finish_reduction();
-  ++step_count_;
+AdamWHyper DataParallelAdamW::hyper(double lr) const {
   AdamWHyper hyper;
   hyper.lr = lr;
   hyper.beta1 = config_.beta1;
   hyper.beta2 = config_.beta2;
   hyper.eps = config_.eps;
   hyper.step = step_count_;
+  return hyper;
+}
+
+void DataParallelAdamW::step(double lr, float grad_scale) {
+  finish_reduction();
+  ++step_count_;
   std::vector<AdamWParam> updates;
   for (const Slot& slot : slots_)
     if (slot.adam.param.numel() > 0) updates.push_back(slot.adam);
-  if (!updates.empty()) backend_.adamw_update(updates, hyper, grad_scale);
+  if (!updates.empty()) backend_.adamw_update(updates, hyper(lr), grad_scale);
   if (options_.zero_stage >= 1)
-    for_each_batch(0, slots_.size(), /*reducing=*/false, [&](Slot& slot) { gather_slot(slot); });
+    for_each_batch(0, slots_.size(), /*reducing=*/false,
+                   [&](Slot& slot) { gather_slot(slot, backend_.stream()); });
   discard();
+}
+
+// The slots of [begin, end) read the gradients their parameters are bound to now
+// (GradientStorage::PerGroup binds a group's gradients only while the backward's hook runs).
+void DataParallelAdamW::bind_gradients(size_t begin, size_t end) {
+  for (size_t i = begin; i < end; ++i) {
+    Slot& slot = slots_[i];
+    slot.param.grad = parameters_[i].grad;
+    if (!slot.grad_shard.data) {
+      const bool sharded = options_.zero_stage >= 1;
+      slot.adam.grad =
+          range_of(slot.param.grad, sharded ? slot.begin : 0, sharded ? slot.end : slot.numel);
+    }
+  }
+}
+
+void DataParallelAdamW::update_group(size_t index, double lr, void* stream,
+                                     const Tensor& norm_squared) {
+  if (index >= groups_.size()) fail("data parallel: no gradient group ", index);
+  MOETUNE_CHECK(step_count_ > 0, "DataParallelAdamW::update_group before begin_step");
+  const GradientGroup& group = groups_[index];
+  bind_gradients(group.begin, group.end);
+  for_each_batch(group.begin, group.end, /*reducing=*/true,
+                 [&](Slot& slot) { reduce_slot(slot, stream); });
+  std::vector<AdamWParam> updates;
+  std::vector<Tensor> owned;
+  for (size_t i = group.begin; i < group.end; ++i) {
+    const Slot& slot = slots_[i];
+    if (slot.adam.param.numel() > 0) updates.push_back(slot.adam);
+    if (slot.count() == 0) continue;
+    owned.push_back(slot.grad_shard.data ? slot.grad_shard.slice_rows(0, slot.count())
+                                         : range_of(slot.param.grad, slot.begin, slot.end));
+  }
+  if (norm_squared.data) {
+    if (owned.empty())
+      backend_.fill(norm_squared, 0.0f);
+    else
+      backend_.grad_norm_squared(owned, norm_squared);
+  }
+  if (!updates.empty()) backend_.adamw_update(updates, hyper(lr), 1.0f);
+  if (options_.zero_stage >= 1)
+    for_each_batch(group.begin, group.end, /*reducing=*/false,
+                   [&](Slot& slot) { gather_slot(slot, stream); });
 }
 
 void DataParallelAdamW::discard() {

@@ -46,6 +46,14 @@
 // communicator (NCCL: one ncclGroupStart/End, one launch instead of one per parameter), and
 // so are step()'s all-gathers; collectives that go through the padded scratch stay outside.
 //
+// The optimizer in the backward (GradientStorage::PerGroup: a group's gradients exist only
+// inside the gradient-ready hook): begin_step() before the step's only micro-batch, then
+// update_group(i) from the hook does group i's whole step on one stream: the reduction, the
+// squared norm of this rank's reduced shard, AdamW on the shard, the all-gather of the
+// updated weights (InBackwardOptimizer drives it, on a side stream beside the backward when
+// the backend has one). Its weights equal step()'s with grad_scale 1 (no clipping: the global
+// norm is known only at the end).
+//
 // The update of each element is the same Backend::adamw_update math as the unsharded AdamW
 // (bit-identical on the CPU given the same reduced gradient).
 #pragma once
@@ -101,6 +109,15 @@ class DataParallelAdamW {
   // Ends a skipped step (non-finite gradient) without an update.
   void discard();
 
+  // The optimizer in the backward (see above). begin_step counts the step; update_group
+  // enqueues group `index`'s reduction, norm (into norm_squared, (1) fp32, when it has data),
+  // update at `lr` and weight all-gather on `stream` (the backend's stream, or a side stream
+  // inside SideStreamOps), reading the gradients the group's parameters are bound to now.
+  void begin_step() { ++step_count_; }
+  void update_group(size_t index, double lr, void* stream, const Tensor& norm_squared);
+  // The world communicator (the norms' all-reduce of InBackwardOptimizer).
+  dist::Communicator& world() { return world_; }
+
   int zero_stage() const { return options_.zero_stage; }
   int64_t step_count() const { return step_count_; }
   void set_step_count(int64_t steps) { step_count_ = steps; }
@@ -125,11 +142,14 @@ class DataParallelAdamW {
   struct Slot;
   void reduce_slot(Slot& slot, void* stream);
   void join_communication();
-  void gather_slot(Slot& slot);
+  void gather_slot(Slot& slot, void* stream);
+  void bind_gradients(size_t begin, size_t end);
+  AdamWHyper hyper(double lr) const;
   void for_each_batch(size_t begin, size_t end, bool reducing, const std::function<void(Slot&)>& f);
   Tensor padded_scratch(int64_t elements, DType dtype);
 
   Backend& backend_;
+  std::span<const Parameter> parameters_;  // the model's: their gradient bindings are read live
   AdamWConfig config_;
   DataParallelOptions options_;
   dist::Communicator& world_;

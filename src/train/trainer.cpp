@@ -291,13 +291,10 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
   model_options.grad_dtype = DType::F32;
   model_options.recompute_layers = t.recompute;
   if (parallel) model_options.expert_comm = parallel->groups.expert.get();  // size 1: all experts
-  // Optimizer in the backward (one process): AdamW per gradient group inside the
-  // gradient-ready hook, the gradients held per group only (the hook is installed below).
-  if (parallel && recipe.training.optimizer_in_backward.value_or(false))
-    fail(
-        "training.optimizer_in_backward: true is not supported with data parallelism yet; "
-        "set it to auto or false");
-  const bool optimizer_in_backward = !parallel && recipe.optimizer_in_backward();
+  // Optimizer in the backward: AdamW per gradient group inside the gradient-ready hook (with
+  // several ranks after the group's reduction), the gradients held per group only (the hook
+  // is installed below). Each rank must train one micro-batch per step.
+  const bool optimizer_in_backward = recipe.optimizer_in_backward(world);
   if (optimizer_in_backward) model_options.grad_storage = GradientStorage::PerGroup;
   std::unique_ptr<Model> model =
       recipe.model.path ? Model::from_hf_folder(*recipe.model.path, *backend, model_options)
@@ -350,9 +347,13 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
   // guard, which can then only stop the run) and its update, while its gradients exist; on
   // a side stream beside the rest of the backward where the backend has streams (CUDA).
   std::unique_ptr<InBackwardOptimizer> in_backward;
-  if (optimizer_in_backward)
+  if (optimizer_in_backward && dp_optimizer) {
+    model->set_gradient_ready_hook({});  // InBackwardOptimizer's hook reduces and updates
+    in_backward = std::make_unique<InBackwardOptimizer>(*model, *dp_optimizer, InBackwardOptions{});
+  } else if (optimizer_in_backward) {
     in_backward =
         std::make_unique<InBackwardOptimizer>(*model, *single_optimizer, InBackwardOptions{});
+  }
 
   // What a checkpoint holds, by name (the tensors stay where they live). With experts split
   // over EP ranks, expert weights go to rank-R/experts.safetensors instead.
@@ -464,6 +465,11 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
     plan_options.seq = t.seq_len;
     plan_options.per_group_grads = optimizer_in_backward;
     plan_options.gradient_arenas = model->gradient_arenas();
+    if (parallel) {
+      plan_options.expert_parallel = parallel->layout().expert_parallel;
+      plan_options.data_parallel = parallel->layout().data_parallel;
+      plan_options.zero_stage = static_cast<int>(recipe.parallel.zero_stage);
+    }
     const MemoryPlan plan = plan_memory(model->config(), plan_options);
     std::printf("moetune train: %s (%s, %.2fM parameters) on %s\n",
                 model->config().model_type.c_str(),
@@ -481,6 +487,11 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
                 format_bytes(plan.grads).c_str(),
                 format_bytes(plan.optimizer_state + plan.master_weights).c_str(),
                 format_bytes(plan.activations + plan.scratch).c_str());
+    if (optimizer_in_backward)
+      std::printf(
+          "  optimizer in the backward: each gradient group is %supdated as soon as the backward "
+          "finishes it (training.optimizer_in_backward)\n",
+          parallel ? "reduced over the ranks and " : "");
     if (parallel)
       std::printf(
           "  parallel: %d ranks (data_parallel %d x expert_parallel %d), zero_stage %lld, %s; "
@@ -621,7 +632,7 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
     }
     reduce_in_backward = false;
     if (parallel) {
-      dp_optimizer->finish_reduction();
+      if (!in_backward) dp_optimizer->finish_reduction();
       double sums[4] = {loss_sum, aux_loss, has_aux ? 1.0 : 0.0, stop.requested() ? 1.0 : 0.0};
       all_reduce_host(*parallel->groups.world, *backend, sums);
       loss_sum = sums[0];
@@ -663,9 +674,11 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
       const double max_norm = recipe.optimizer.grad_clip;
       const double clip = max_norm > 0 ? std::min(1.0, max_norm / (grad_norm + 1e-6)) : 1.0;
       // 4. AdamW at the schedule's lr (done in the backward with optimizer_in_backward).
-      if (dp_optimizer)
+      if (optimizer_in_backward)
+        ;
+      else if (dp_optimizer)
         dp_optimizer->step(static_cast<float>(lr), static_cast<float>(clip));
-      else if (!optimizer_in_backward)
+      else
         single_optimizer->step(static_cast<float>(lr), static_cast<float>(clip));
     }
     ++step;
