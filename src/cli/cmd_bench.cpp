@@ -251,15 +251,20 @@ int run_bench(int argc, char** argv) {
   const double plan_bytes = double(plan_memory(config, plan_options).total());
   // Several ranks: every rank's step time and peak (rank 0 reports the slowest and the
   // largest); all ranks take part in the sum, only rank 0 prints.
-  double step_s_all = step_s, peak_bytes = double(memory.peak_reserved);
+  // peak_gib: reserved from the driver (as torch's max_memory_reserved); peak_alloc_gib: in
+  // use by tensors (max_memory_allocated).
+  double step_s_all = step_s, peak_bytes = double(memory.peak_reserved),
+         peak_in_use = double(memory.peak_in_use);
   if (parallel) {
-    std::vector<double> per_rank(2 * static_cast<size_t>(world), 0.0);
-    per_rank[2 * parallel->rank()] = step_s;
-    per_rank[2 * parallel->rank() + 1] = peak_bytes;
+    std::vector<double> per_rank(3 * static_cast<size_t>(world), 0.0);
+    per_rank[3 * parallel->rank()] = step_s;
+    per_rank[3 * parallel->rank() + 1] = peak_bytes;
+    per_rank[3 * parallel->rank() + 2] = peak_in_use;
     all_reduce_host(*parallel->groups.world, *backend, per_rank);
     for (int r = 0; r < world; ++r) {
-      step_s_all = std::max(step_s_all, per_rank[2 * r]);
-      peak_bytes = std::max(peak_bytes, per_rank[2 * r + 1]);
+      step_s_all = std::max(step_s_all, per_rank[3 * r]);
+      peak_bytes = std::max(peak_bytes, per_rank[3 * r + 1]);
+      peak_in_use = std::max(peak_in_use, per_rank[3 * r + 2]);
     }
     if (parallel->rank() != 0) return 0;
   }
@@ -305,29 +310,30 @@ int run_bench(int argc, char** argv) {
       "\"routing\": \"%s\", \"recompute\": %s, \"optimizer_in_backward\": %s, "
       "\"tokens_per_step\": %lld, \"tps\": %.1f, "
       "\"tflops\": %.1f, "
-      "\"peak_gib\": %.2f, \"plan_gib\": %.2f, \"step_s\": %.4f, \"loss\": %.4f, \"phases_s\": "
+      "\"peak_gib\": %.2f, \"peak_alloc_gib\": %.2f, \"plan_gib\": %.2f, \"step_s\": %.4f, "
+      "\"loss\": %.4f, \"phases_s\": "
       "{\"attention\": %.4f, "
       "\"router_dispatch\": %.4f, \"experts\": %.4f, \"loss\": %.4f, \"optimizer\": %.4f, "
       "\"dense_gemm\": %.4f, "
       "\"other_ops\": %.4f, \"host_gaps\": %.4f}, \"profiled_step_s\": %.4f, "
       "\"grouped_gemm_tflops\": {\"fwd_dgrad\": %.1f, \"wgrad\": %.1f}, "
       "\"overlap_optimizer\": %s, \"grad_arena_gib\": %.3f, \"side_stream_s\": %.4f, "
-      "\"ops_ms\": %s, \"side_ops_ms\": %s}\n",
+      "\"ep_chunks\": %d, \"ops_ms\": %s, \"side_ops_ms\": %s}\n",
       cuda::device_name(), world, (long long)(parallel ? expert_parallel : 1),
       (long long)(parallel ? zero_stage : 0),
       dp_optimizer && dp_optimizer->overlapping() ? "true" : "false",
       (long long)config.num_hidden_layers, (long long)seq, (long long)micro_batch, routing.c_str(),
       recompute ? "true" : "false", optimizer_in_backward ? "true" : "false", (long long)tokens,
-      tps, tflops, peak_bytes / double(1ull << 30), plan_bytes / double(1ull << 30), step_s_all,
-      last_loss, seconds(cuda::Phase::Attention), seconds(cuda::Phase::RouterDispatch),
-      seconds(cuda::Phase::Experts), seconds(cuda::Phase::Loss), seconds(cuda::Phase::Optimizer),
-      seconds(cuda::Phase::DenseGemm), seconds(cuda::Phase::OtherOps),
-      std::max(0.0, profiled_s - measured), profiled_s,
+      tps, tflops, peak_bytes / double(1ull << 30), peak_in_use / double(1ull << 30),
+      plan_bytes / double(1ull << 30), step_s_all, last_loss, seconds(cuda::Phase::Attention),
+      seconds(cuda::Phase::RouterDispatch), seconds(cuda::Phase::Experts),
+      seconds(cuda::Phase::Loss), seconds(cuda::Phase::Optimizer), seconds(cuda::Phase::DenseGemm),
+      seconds(cuda::Phase::OtherOps), std::max(0.0, profiled_s - measured), profiled_s,
       phases.tflops(phases.grouped_gemm_flops, phases.grouped_gemm_s),
       phases.tflops(phases.weight_grad_flops, phases.weight_grad_s),
       in_backward && in_backward->overlapping() ? "true" : "false",
       optimizer_in_backward ? double(model->gradient_arena_bytes()) / double(1ull << 30) : 0.0,
-      side_s, ops_json(phases.ops).c_str(), ops_json(phases.side_ops).c_str());
+      side_s, ep_chunks, ops_json(phases.ops).c_str(), ops_json(phases.side_ops).c_str());
   return 0;
 #endif
 }

@@ -7,7 +7,9 @@
 #      gradient reductions overlapped with the backward (the default) and, for ZeRO 2, not;
 #   3. expert parallel: the same run with parallel.expert_parallel=N (experts split, tokens
 #      exchanged by all-to-all), and EP=2 x DP=N/2 when N >= 4;
-#   4. resume of an N-GPU run (same layout): identical losses.
+#   4. resume of an N-GPU run (same layout): identical losses;
+#   5. the optimizer in the backward (one micro-batch of 8/N rows per rank, no clipping):
+#      DP ZeRO 1 and 2 and EP against 1 GPU accumulating the same micro-batches.
 #   tests/cuda/multi_gpu_check.sh BIN_DIR OUT_DIR N
 # Exits non-zero on the first failure; logs under OUT_DIR.
 set -uo pipefail
@@ -49,6 +51,15 @@ if [ "$n" -ge 4 ]; then
     --parallel.expert_parallel=2 --parallel.zero_stage=2 -o "$out/ep2_dp"
   step compare_ep2_dp python3 scripts/compare_runs.py "$out/one" "$out/ep2_dp" --tolerance 1e-4
 fi
+mb=$((8 / n)); [ "$mb" -lt 1 ] && mb=1
+B=("${A[@]}" --optimizer.grad_clip=0 --training.micro_batch=$mb --training.global_batch_sequences=$((mb * n)))
+step one_gpu_noclip timeout 120 "$M" train recipes/demo.yaml "${B[@]}" -o "$out/one_noclip"
+for layout in zero_stage=1 zero_stage=2 expert_parallel=$ep; do
+  name="in_backward_${layout/=/}"
+  step "$name" timeout 120 "$M" launch --nproc-per-node "$n" -- train recipes/demo.yaml "${B[@]}" \
+    --training.optimizer_in_backward=true --parallel.$layout -o "$out/$name"
+  step "compare_$name" python3 scripts/compare_runs.py "$out/one_noclip" "$out/$name" --tolerance 1e-4
+done
 step resume_first timeout 120 "$M" launch --nproc-per-node "$n" -- train recipes/demo.yaml "${A[@]}" \
   --parallel.zero_stage=1 -o "$out/resumed" --stop-after-steps 10
 step resume_rest timeout 120 "$M" launch --nproc-per-node "$n" -- train recipes/demo.yaml "${A[@]}" \
