@@ -51,7 +51,7 @@ class ExpertParallelDispatcher final : public TokenDispatcher {
     backend_.moe_gather(x, saved.sorted_slots, top_k_, sorted);
     plan_exchange(saved);
     const int64_t M = saved.expert_rows;
-    ensure_rows(scratch.exchanged, x.dtype, M, H, backend_.device());
+    ensure_capacity(scratch.exchanged, x.dtype, M, H, backend_.device());
     ensure_rows(saved.rows, x.dtype, M, H, backend_.device());
     send_to_experts(sorted, first_rows(scratch.exchanged, M), saved.plan);
   }
@@ -63,8 +63,8 @@ class ExpertParallelDispatcher final : public TokenDispatcher {
   }
 
   Tensor expert_output(MoeSaved& saved, MoeScratch& scratch) override {
-    ensure_rows(scratch.expert_result, saved.rows.dtype(), saved.expert_rows, saved.rows.shape()[1],
-                backend_.device());
+    ensure_capacity(scratch.expert_result, saved.rows.dtype(), saved.expert_rows,
+                    saved.rows.shape()[1], backend_.device());
     return first_rows(scratch.expert_result, saved.expert_rows);
   }
 
@@ -89,8 +89,8 @@ class ExpertParallelDispatcher final : public TokenDispatcher {
     const int64_t slots = saved.sorted_slots.numel(), M = saved.expert_rows;
     const int64_t H = dout.size(1);
     ensure_rows(scratch.sorted_rows, dout.dtype, slots, H, backend_.device());
-    ensure_rows(scratch.exchanged, dout.dtype, M, H, backend_.device());
-    ensure_rows(scratch.dexpert_out, dout.dtype, M, H, backend_.device());
+    ensure_capacity(scratch.exchanged, dout.dtype, M, H, backend_.device());
+    ensure_capacity(scratch.dexpert_out, dout.dtype, M, H, backend_.device());
     const Tensor dsorted = first_rows(scratch.sorted_rows, slots);  // (N*k, H)
     backend_.moe_combine_backward(dout, saved.expert_out, saved.topk_weights, saved.slot_rows,
                                   dsorted, scratch.dtopk_weights);

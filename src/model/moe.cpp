@@ -21,6 +21,14 @@ void ensure_rows(Buffer& buffer, DType dtype, int64_t rows, int64_t width, Devic
   buffer = Buffer(dtype, shape, device);
 }
 
+void ensure_capacity(Buffer& buffer, DType dtype, int64_t rows, int64_t width, Device device) {
+  if (buffer.data() != nullptr && buffer.dtype() == dtype && buffer.shape().rank == 2 &&
+      buffer.shape()[1] == width && buffer.shape()[0] >= rows)
+    return;
+  buffer = Buffer();  // free first: the caching allocator can hand the memory back at once
+  buffer = Buffer(dtype, Shape{std::max<int64_t>(rows + rows / 8, 1), width}, device);
+}
+
 namespace {
 class LocalDispatcher final : public TokenDispatcher {
  public:
@@ -44,10 +52,12 @@ class LocalDispatcher final : public TokenDispatcher {
   }
   void combine_backward(const Tensor& dout, const MoeSaved& saved, MoeScratch& scratch) override {
     backend_.moe_combine_backward(dout, saved.expert_out, saved.topk_weights, saved.slot_rows,
-                                  scratch.dexpert_out, scratch.dtopk_weights);
+                                  first_rows(scratch.dexpert_out, saved.expert_rows),
+                                  scratch.dtopk_weights);
   }
   void dispatch_backward(const MoeSaved& saved, MoeScratch& scratch, const Tensor& dx) override {
-    backend_.moe_gather_backward(scratch.drows, saved.sorted_slots, top_k_, dx);
+    backend_.moe_gather_backward(first_rows(scratch.drows, saved.expert_rows), saved.sorted_slots,
+                                 top_k_, dx);
   }
 
  private:
@@ -151,9 +161,9 @@ void moe_backward(Backend& backend, TokenDispatcher& dispatcher, const ModelConf
   dispatcher.combine_backward(dout, saved, scratch);  // dexpert_out (M, H), dtopk_weights
   // experts, chunk by chunk: down then SwiGLU then gate_up; the input gradients start
   // home before the weight gradients
-  ensure_rows(scratch.dhidden, dtype, M, I, device);
-  ensure_rows(scratch.dgate_up, dtype, M, 2 * I, device);
-  ensure_rows(scratch.drows, dtype, M, H, device);
+  ensure_capacity(scratch.dhidden, dtype, M, I, device);
+  ensure_capacity(scratch.dgate_up, dtype, M, 2 * I, device);
+  ensure_capacity(scratch.drows, dtype, M, H, device);
   const std::vector<ExpertChunk> chunks = dispatcher.chunks(saved);
   for (size_t c = 0; c < chunks.size(); ++c) {
     const ExpertChunk& chunk = chunks[c];
