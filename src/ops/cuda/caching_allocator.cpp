@@ -2,14 +2,14 @@
 // kept in per-size free lists (sizes rounded up: 512 B steps below 1 MiB, 2 MiB steps
 // above) and handed out again. The ops run on the backend's one stream, so a block freed
 // by the host can be reused by any later launch on it without waiting. Best fit with slack:
-// a request of at least kSlackFrom bytes with no cached block of its exact size takes the
-// smallest cached block up to a quarter larger. Buffers whose size changes from layer to
-// layer and step to step (the expert rows a rank receives with real routing, sized per
-// call) otherwise each leave a block of their own size behind, which no other size reuses:
-// the cache then grows until out-of-memory (measured: 46 GiB more reserved than with
-// balanced routing on 48 layers). On out-of-memory the cache is returned to the driver and
-// the allocation retried once. Statistics (in use, reserved, peaks) give `moetune bench`
-// its peak memory; a block counts with its whole size.
+// a request with no cached block of its exact size takes the smallest cached block up to a
+// quarter larger. Buffers whose size changes from layer to layer and step to step (the
+// expert rows a rank receives with real routing, sized per call, and their index plans)
+// otherwise each leave a block of their own size behind, which no other size reuses: the
+// cache then grows until out-of-memory (measured: 46 GiB more reserved than with balanced
+// routing on 48 layers), and every new size costs a cudaMalloc, which synchronises. On
+// out-of-memory the cache is returned to the driver and the allocation retried once. Statistics (in
+// use, reserved, peaks) give `moetune bench` its peak memory; a block counts with its whole size.
 // Side streams (Backend::SideStream::begin_ops: optimizer updates beside the backward): while
 // a side stream is the allocation stream, new blocks are zero-filled on it, and a block
 // freed then is not reusable at once (the side kernels may still read it when the ops'
@@ -38,8 +38,6 @@ size_t round_size(size_t bytes) {
   return (bytes + kLarge - 1) / kLarge * kLarge;
 }
 
-constexpr size_t kSlackFrom = 8u << 20;  // smaller requests take their exact size only
-
 class CachingAllocator {
  public:
   void* allocate(size_t bytes, bool zero_fill) {
@@ -50,8 +48,7 @@ class CachingAllocator {
     size_t block = size;
     // The smallest cached block of at least `size` bytes (lists are never left empty).
     if (auto cached = free_.lower_bound(size);
-        cached != free_.end() &&
-        (cached->first == size || (size >= kSlackFrom && cached->first <= size + size / 4))) {
+        cached != free_.end() && cached->first <= size + size / 4) {
       block = cached->first;
       pointer = cached->second.back();
       cached->second.pop_back();
