@@ -321,10 +321,10 @@ TEST_P(CudaOps, RmsNormUnalignedViewsAndMixedDtypes) {
   EXPECT_EQ(gpu_values(qdw1), gpu_values(qdw2)) << "rmsnorm_backward dweight is not deterministic";
 }
 
-// (tokens, heads, head_dim): Qwen3-like q and k (heads a multiple of the kernel's 8 heads per
-// thread, and fewer), heads not a multiple of 8, half widths that are not a multiple of the
-// 16-byte vector (12: bf16 takes single elements, fp32 vectors; 5), one token, and an offset
-// view (not 16-byte aligned). Positions up to 32767 (large angles).
+// (tokens, heads, head_dim): Qwen3-like q (4096 tokens: 8 heads per thread; 700: 2 or 4)
+// and k (1 head per thread), heads not a multiple of the heads per thread (36, 12), half
+// widths that are not a multiple of the 16-byte vector (12: bf16 takes single elements, fp32
+// vectors; 5), one token, and an offset view (not 16-byte aligned). Positions up to 32767.
 TEST_P(CudaOps, RopeShapes) {
   struct Case {
     int64_t n, heads, d, offset;

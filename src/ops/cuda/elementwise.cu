@@ -467,16 +467,17 @@ __global__ void sum_partials_kernel(const float* partial, int blocks, void* out,
 }
 
 // HF rotate_half: pairs (i, i + D/2) rotate by angle position * inv_freq[i] (fp32 math).
-// A thread takes V consecutive pairs of one token for kRopeHeads heads: it computes their
-// V angles' cos and sin once (not once per head), loads the 2 * kRopeHeads vectors of V
-// elements first (16-byte loads in flight together: in-place updates would otherwise keep
-// the compiler from hoisting a head's loads above the previous head's stores), then rotates
-// and stores them.
+// A thread takes V consecutive pairs of one token for `group_heads` (<= kRopeHeads) heads:
+// it computes their V angles' cos and sin once (not once per head), loads the
+// 2 * group_heads vectors of V elements first (16-byte loads in flight together: in-place
+// updates would otherwise keep the compiler from hoisting a head's loads above the previous
+// head's stores), then rotates and stores them.
 constexpr int kRopeHeads = 8;
 template <typename scalar_t, int V>
 __global__ void rope_kernel(scalar_t* x, const int32_t* positions, const float* inv_freq,
-                            int64_t tokens, int64_t heads, int64_t half, float direction) {
-  const int64_t vectors = half / V, head_groups = (heads + kRopeHeads - 1) / kRopeHeads;
+                            int64_t tokens, int64_t heads, int64_t half, int group_heads,
+                            float direction) {
+  const int64_t vectors = half / V, head_groups = (heads + group_heads - 1) / group_heads;
   const int64_t total = tokens * head_groups * vectors;
   for (int64_t item = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; item < total;
        item += int64_t(gridDim.x) * blockDim.x) {
@@ -490,18 +491,19 @@ __global__ void rope_kernel(scalar_t* x, const int32_t* positions, const float* 
       sincosf(position * inv_freq[pair + i], &sin_v[i], &cos_v[i]);
       sin_v[i] *= direction;
     }
-    const int64_t first_head = head_group * kRopeHeads;
+    const int64_t first_head = head_group * group_heads;
+    const int here = heads - first_head < group_heads ? int(heads - first_head) : group_heads;
     scalar_t* token_x = x + (token * heads + first_head) * 2 * half + pair;
     Packed<scalar_t, V> lo[kRopeHeads], hi[kRopeHeads];
 #pragma unroll
     for (int h = 0; h < kRopeHeads; ++h) {
-      if (first_head + h >= heads) continue;
+      if (h >= here) continue;
       lo[h] = load_packed<scalar_t, V>(token_x + h * 2 * half);
       hi[h] = load_packed<scalar_t, V>(token_x + h * 2 * half + half);
     }
 #pragma unroll
     for (int h = 0; h < kRopeHeads; ++h) {
-      if (first_head + h >= heads) continue;
+      if (h >= here) continue;
       Packed<scalar_t, V> new_lo, new_hi;
 #pragma unroll
       for (int i = 0; i < V; ++i) {
@@ -815,19 +817,29 @@ void launch_rope(const Tensor& x, const Tensor& positions, const Tensor& inv_fre
     fail("rope: x ", x.shape.str(), " positions ", positions.shape.str(), " inv_freq ",
          inv_freq.shape.str(), " do not fit (N, heads, D), (N), (D/2)");
   if (x.numel() == 0) return;
-  const int64_t half = inv_freq.numel();
-  const int64_t head_groups = ceil_div(x.size(1), kRopeHeads);
+  const int64_t tokens = x.size(0), heads = x.size(1), half = inv_freq.numel();
   MOETUNE_DISPATCH_FLOAT(x.dtype, "rope", {
     constexpr int kVec = 16 / int(sizeof(scalar_t));
-    if (vector_aligned(half, sizeof(scalar_t), {x.data}))
-      rope_kernel<scalar_t, kVec>
-          <<<grid_for(x.size(0) * head_groups * (half / kVec)), 256, 0, stream>>>(
-              x.ptr<scalar_t>(), positions.ptr<int32_t>(), inv_freq.ptr<float>(), x.size(0),
-              x.size(1), half, inverse ? -1.0f : 1.0f);
+    const bool vectorised = vector_aligned(half, sizeof(scalar_t), {x.data});
+    const int64_t vectors = vectorised ? half / kVec : half;
+    // Up to 8 heads per thread (cos and sin shared), fewer while that leaves under ~512
+    // threads per SM (Qwen3's 4 k heads: 1 head per thread).
+    int group_heads = kRopeHeads;
+    while (group_heads > 1 &&
+           tokens * ceil_div(heads, group_heads) * vectors < int64_t(sm_count()) * 512)
+      group_heads /= 2;
+    // Blocks of 128: the 16-byte kernel takes ~210 registers (16 vectors and 8 cos/sin
+    // pairs in flight), 2 such blocks per SM.
+    const int blocks = grid_for(tokens * ceil_div(heads, group_heads) * vectors, 128);
+    const float direction = inverse ? -1.0f : 1.0f;
+    if (vectorised)
+      rope_kernel<scalar_t, kVec><<<blocks, 128, 0, stream>>>(
+          x.ptr<scalar_t>(), positions.ptr<int32_t>(), inv_freq.ptr<float>(), tokens, heads, half,
+          group_heads, direction);
     else
-      rope_kernel<scalar_t, 1><<<grid_for(x.size(0) * head_groups * half), 256, 0, stream>>>(
-          x.ptr<scalar_t>(), positions.ptr<int32_t>(), inv_freq.ptr<float>(), x.size(0), x.size(1),
-          half, inverse ? -1.0f : 1.0f);
+      rope_kernel<scalar_t, 1><<<blocks, 128, 0, stream>>>(
+          x.ptr<scalar_t>(), positions.ptr<int32_t>(), inv_freq.ptr<float>(), tokens, heads, half,
+          group_heads, direction);
   });
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
