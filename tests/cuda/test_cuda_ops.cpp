@@ -225,6 +225,165 @@ TEST_P(CudaOps, SwiGlu) {
   expect_close(dgu, bwd_tol(), "swiglu_backward");
 }
 
+// The tensor `shape` starting `offset` elements into t's storage: with an odd offset, a view
+// whose data is not 16-byte aligned (the kernels' scalar fallbacks).
+Tensor at_offset(const Tensor& t, int64_t offset, Shape shape) {
+  return Tensor(static_cast<char*>(t.data) + offset * int64_t(dtype_size(t.dtype)), t.dtype, shape,
+                t.device);
+}
+
+// Every row split of the norm kernels: rows held in registers by 1 to 32 lanes with 4 or 8
+// vectors each (16-byte vectors or, for widths that are not a multiple of them, single
+// elements), and the block-per-row kernels past 256 vectors. Rows beyond one wave of the
+// grid (Qwen3's q-norm: 131,072 rows of 128), one row, odd row counts, 7168-wide rows.
+TEST_P(CudaOps, RmsNormRowSplits) {
+  const std::pair<int64_t, int64_t> shapes[] = {
+      {128, 131072}, {128, 1},  {8, 33},   {24, 7},   {4, 1000},  {3, 11},   {1, 5},
+      {136, 45},     {256, 19}, {1024, 9}, {1536, 5}, {2048, 37}, {2056, 5}, {7168, 3}};
+  for (const auto& [d, rows] : shapes) {
+    SCOPED_TRACE("d " + std::to_string(d) + " rows " + std::to_string(rows));
+    Dual& x = random(Shape{rows, d}, 2.0f);
+    Dual& w = random(Shape{d});
+    Dual& y = out(Shape{rows, d});
+    Dual& rstd = out_f32(Shape{rows});
+    cpu_->rmsnorm_forward(x.c(), w.c(), 1e-6f, y.c(), rstd.c());
+    gpu_->rmsnorm_forward(x.g(), w.g(), 1e-6f, y.g(), rstd.g());
+    expect_close(y, fwd_tol(), "rmsnorm_forward");
+    expect_close(rstd, fwd_tol(), "rmsnorm rstd");
+
+    Dual& delta = random(Shape{rows, d});
+    cpu_->add_rmsnorm_forward(x.c(), delta.c(), w.c(), 1e-5f, y.c(), rstd.c());
+    gpu_->add_rmsnorm_forward(x.g(), delta.g(), w.g(), 1e-5f, y.g(), rstd.g());
+    expect_close(x, fwd_tol(), "add_rmsnorm residual");
+    expect_close(y, fwd_tol(), "add_rmsnorm out");
+    expect_close(rstd, fwd_tol(), "add_rmsnorm rstd");
+
+    Dual& dy = random(Shape{rows, d});
+    Dual& dx = out(Shape{rows, d});
+    Dual& dw = out(Shape{d});
+    cpu_->rmsnorm_backward(dy.c(), x.c(), w.c(), rstd.c(), dx.c(), dw.c(), false, false);
+    gpu_->rmsnorm_backward(dy.g(), x.g(), w.g(), rstd.g(), dx.g(), dw.g(), false, false);
+    expect_close(dx, bwd_tol(), "rmsnorm_backward dx");
+    expect_close(dw, bwd_tol(), "rmsnorm_backward dweight (overwrite)");
+    cpu_->rmsnorm_backward(dy.c(), x.c(), w.c(), rstd.c(), dx.c(), dw.c(), true, true);
+    gpu_->rmsnorm_backward(dy.g(), x.g(), w.g(), rstd.g(), dx.g(), dw.g(), true, true);
+    expect_close(dx, bwd_tol(), "rmsnorm_backward dx (accumulate)");
+    expect_close(dw, bwd_tol(), "rmsnorm_backward dweight (accumulate)");
+    if (HasFailure()) return;
+  }
+}
+
+// Views one element into their buffers (not 16-byte aligned), an fp32 delta added to a bf16
+// residual, and fp32 weights: the norms' scalar paths; the same results twice in a row.
+TEST_P(CudaOps, RmsNormUnalignedViewsAndMixedDtypes) {
+  const int64_t d = 128, rows = 37, n = rows * d;
+  const Shape shape{rows, d};
+  Dual& x = random(Shape{n + 1}, 2.0f);
+  Dual& w = random_f32(Shape{d});
+  Dual& y = random(Shape{n + 1});
+  Dual& rstd = out_f32(Shape{rows});
+  cpu_->rmsnorm_forward(at_offset(x.c(), 1, shape), w.c(), 1e-6f, at_offset(y.c(), 1, shape),
+                        rstd.c());
+  gpu_->rmsnorm_forward(at_offset(x.g(), 1, shape), w.g(), 1e-6f, at_offset(y.g(), 1, shape),
+                        rstd.g());
+  expect_close(y, fwd_tol(), "rmsnorm_forward (offset view)");
+  expect_close(rstd, fwd_tol(), "rmsnorm rstd (offset view)");
+
+  Dual& delta = random_f32(Shape{rows, d});  // fp32 delta into an x of the tested dtype
+  cpu_->add_rmsnorm_forward(at_offset(x.c(), 1, shape), delta.c(), w.c(), 1e-5f,
+                            at_offset(y.c(), 1, shape), rstd.c());
+  gpu_->add_rmsnorm_forward(at_offset(x.g(), 1, shape), delta.g(), w.g(), 1e-5f,
+                            at_offset(y.g(), 1, shape), rstd.g());
+  expect_close(x, fwd_tol(), "add_rmsnorm residual (offset view, fp32 delta)");
+  expect_close(y, fwd_tol(), "add_rmsnorm out (offset view, fp32 delta)");
+
+  Dual& dy = random(Shape{n + 1});
+  Dual& dx = random(Shape{n + 1});
+  Dual& dw = random_f32(Shape{d});
+  cpu_->rmsnorm_backward(at_offset(dy.c(), 1, shape), at_offset(x.c(), 1, shape), w.c(), rstd.c(),
+                         at_offset(dx.c(), 1, shape), dw.c(), true, true);
+  gpu_->rmsnorm_backward(at_offset(dy.g(), 1, shape), at_offset(x.g(), 1, shape), w.g(), rstd.g(),
+                         at_offset(dx.g(), 1, shape), dw.g(), true, true);
+  expect_close(dx, bwd_tol(), "rmsnorm_backward dx (offset view)");
+  expect_close(dw, bwd_tol(), "rmsnorm_backward dweight (offset view)");
+
+  // Deterministic: the q-norm shape's dweight (summed over many blocks) twice, bit for bit.
+  Dual& qx = random(Shape{131072 / 8, 128});
+  Dual& qw = random(Shape{128});
+  Dual& qy = out(Shape{131072 / 8, 128});
+  Dual& qrstd = out_f32(Shape{131072 / 8});
+  gpu_->rmsnorm_forward(qx.g(), qw.g(), 1e-6f, qy.g(), qrstd.g());
+  Dual& qdx = out(Shape{131072 / 8, 128});
+  Dual& qdw1 = out_f32(Shape{128});
+  Dual& qdw2 = out_f32(Shape{128});
+  gpu_->rmsnorm_backward(qy.g(), qx.g(), qw.g(), qrstd.g(), qdx.g(), qdw1.g(), false, false);
+  gpu_->rmsnorm_backward(qy.g(), qx.g(), qw.g(), qrstd.g(), qdx.g(), qdw2.g(), false, false);
+  EXPECT_EQ(gpu_values(qdw1), gpu_values(qdw2)) << "rmsnorm_backward dweight is not deterministic";
+}
+
+// (tokens, heads, head_dim): Qwen3-like q (4096 tokens: 8 heads per thread; 700: 2 or 4)
+// and k (1 head per thread), heads not a multiple of the heads per thread (36, 12), half
+// widths that are not a multiple of the 16-byte vector (12: bf16 takes single elements, fp32
+// vectors; 5), one token, and an offset view (not 16-byte aligned). Positions up to 32767.
+TEST_P(CudaOps, RopeShapes) {
+  struct Case {
+    int64_t n, heads, d, offset;
+  };
+  for (const Case& c :
+       {Case{512, 32, 128, 0}, Case{512, 4, 128, 0}, Case{9, 12, 128, 0}, Case{1, 1, 128, 0},
+        Case{6, 3, 24, 0}, Case{5, 2, 10, 0}, Case{11, 5, 64, 1}}) {
+    SCOPED_TRACE("n " + std::to_string(c.n) + " heads " + std::to_string(c.heads) + " d " +
+                 std::to_string(c.d) + " offset " + std::to_string(c.offset));
+    const Shape shape{c.n, c.heads, c.d};
+    std::vector<int32_t> pos(c.n);
+    std::uniform_int_distribution<int32_t> pick(0, 32767);
+    for (auto& p : pos) p = pick(rng_);
+    Dual& positions = ints(Shape{c.n}, pos);
+    std::vector<float> freq(c.d / 2);
+    for (int64_t i = 0; i < c.d / 2; ++i) freq[i] = std::pow(1000000.0f, -2.0f * i / c.d);
+    Dual& inv_freq = make(Shape{c.d / 2}, DType::F32, freq);
+    Dual& x = random(Shape{shape.numel() + c.offset});
+    cpu_->rope_forward(at_offset(x.c(), c.offset, shape), positions.c(), inv_freq.c());
+    gpu_->rope_forward(at_offset(x.g(), c.offset, shape), positions.g(), inv_freq.g());
+    expect_close(x, fwd_tol(), "rope_forward");
+    cpu_->rope_backward(at_offset(x.c(), c.offset, shape), positions.c(), inv_freq.c());
+    gpu_->rope_backward(at_offset(x.g(), c.offset, shape), positions.g(), inv_freq.g());
+    expect_close(x, bwd_tol(), "rope_backward");
+    if (HasFailure()) return;
+  }
+}
+
+// (rows, width, offset): the MoE shape (routed tokens x 768), one row, widths that are not a
+// multiple of the 16-byte vector, and offset views (not 16-byte aligned).
+TEST_P(CudaOps, SwiGluShapes) {
+  struct Case {
+    int64_t rows, width, offset;
+  };
+  for (const Case& c : {Case{4099, 768, 0}, Case{1, 768, 0}, Case{7, 8, 0}, Case{5, 12, 0},
+                        Case{3, 2, 0}, Case{17, 1000, 0}, Case{33, 768, 1}, Case{9, 21, 3}}) {
+    SCOPED_TRACE("rows " + std::to_string(c.rows) + " width " + std::to_string(c.width) +
+                 " offset " + std::to_string(c.offset));
+    const Shape gu_shape{c.rows, 2 * c.width}, y_shape{c.rows, c.width};
+    Dual& gate_up = random(Shape{gu_shape.numel() + c.offset}, 3.0f);
+    Dual& y = random(Shape{y_shape.numel() + c.offset});
+    cpu_->swiglu_forward(at_offset(gate_up.c(), c.offset, gu_shape),
+                         at_offset(y.c(), c.offset, y_shape));
+    gpu_->swiglu_forward(at_offset(gate_up.g(), c.offset, gu_shape),
+                         at_offset(y.g(), c.offset, y_shape));
+    expect_close(y, fwd_tol(), "swiglu_forward");
+    Dual& dy = random(Shape{y_shape.numel() + c.offset});
+    Dual& dgu = random(Shape{gu_shape.numel() + c.offset});
+    cpu_->swiglu_backward(at_offset(dy.c(), c.offset, y_shape),
+                          at_offset(gate_up.c(), c.offset, gu_shape),
+                          at_offset(dgu.c(), c.offset, gu_shape));
+    gpu_->swiglu_backward(at_offset(dy.g(), c.offset, y_shape),
+                          at_offset(gate_up.g(), c.offset, gu_shape),
+                          at_offset(dgu.g(), c.offset, gu_shape));
+    expect_close(dgu, bwd_tol(), "swiglu_backward");
+    if (HasFailure()) return;
+  }
+}
+
 // B, T, Hq, Hkv, D, with or without document masks. bf16 with D % 8 == 0 and no masks runs
 // cuDNN's flash attention; the rest the reference kernels.
 TEST_P(CudaOps, Attention) {

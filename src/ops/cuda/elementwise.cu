@@ -1,8 +1,12 @@
 // Memory-bound kernels: fill, dtype conversion, add, bias, embedding, RMSNorm (with the fused
-// residual add), rotary embedding and SwiGLU. One thread block per row where a row needs a
-// reduction (norms), flat grid-stride loops elsewhere. Secondary operands (weights, biases)
-// are read through `load_any`, a uniform run-time dtype branch, so each kernel is compiled
-// once or twice rather than for every dtype combination.
+// residual add), rotary embedding and SwiGLU. The training step's hot ones (norms, RoPE,
+// SwiGLU) move 16-byte vectors (ops/cuda/vector_access.cuh) when the row width and pointers
+// allow, with single-element instantiations otherwise; norm rows of up to 256 vectors are
+// held in registers by a group of lanes of one warp (shuffle reductions, grid sized to the
+// GPU), wider rows take a block (forward) or a warp (backward) each. Flat grid-stride loops
+// elsewhere. Secondary operands (weights, biases) are read through `load_any`, a uniform
+// run-time dtype branch, so each kernel is compiled once or twice rather than for every
+// dtype combination.
 #include <algorithm>
 
 #include "ops/cuda/device_memory.h"
@@ -109,34 +113,276 @@ __global__ void embedding_backward_kernel(const int32_t* ids, int64_t tokens, co
   }
 }
 
+// ---- RMSNorm ------------------------------------------------------------------------
 // out = weight * round(x * rstd); optional fused residual += delta first (x is residual).
-template <typename scalar_t>
+// Two kernels. Rows up to 256 vectors (2048 bf16 / 1024 fp32 elements with 16-byte vectors)
+// sit in registers: a group of `group` lanes of one warp (a power of two, 1 to 32) takes a
+// row, its lane `sub` holding the vectors sub, sub + group, ... (CHUNKS of them, V elements
+// each, in the storage dtype), so the row is read from memory once and its sum of squares
+// needs only log2(group) shuffles; a warp takes 32 / group rows at once, the rows strided
+// over the grid's warps (grid sized to the GPU). CHUNKS >= 4 keeps 4+ loads in flight per
+// lane (Qwen3's q/k norm rows of 128: 4 lanes per row, 8 rows per warp). The weight is
+// staged once per block in shared memory as fp32, in the order of weight_slot. Wider rows
+// take the block-per-row kernel below (two passes over the row, the second from cache).
+
+// Shared-memory slot of weight column c with 16-byte vectors of V elements: plane i / 4 of
+// float4s, so the lanes of a warp reading the same plane of consecutive vectors hit
+// consecutive 16 bytes (no bank conflicts).
+template <int V>
+__device__ __forceinline__ int64_t weight_slot(int64_t c, int64_t vectors) {
+  if constexpr (V % 4 == 0) {
+    const int64_t vec = c / V, i = c % V;
+    return ((i / 4) * vectors + vec) * 4 + i % 4;
+  } else {
+    return c;
+  }
+}
+// Stages weight (d) in shared memory as fp32 and waits for the block.
+template <int V>
+__device__ __forceinline__ void stage_weight(float* staged, const void* weight, Kind kw,
+                                             int64_t d) {
+  const int64_t vectors = d / V;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x)
+    staged[weight_slot<V>(c, vectors)] = load_any(weight, kw, c);
+  __syncthreads();
+}
+template <int V>
+__device__ __forceinline__ void staged_weight_vec(const float* staged, int64_t vectors, int64_t vec,
+                                                  float (&w)[V]) {
+  if constexpr (V % 4 == 0) {
+#pragma unroll
+    for (int plane = 0; plane < V / 4; ++plane) {
+      const float4 f = reinterpret_cast<const float4*>(staged)[plane * vectors + vec];
+      w[plane * 4 + 0] = f.x;
+      w[plane * 4 + 1] = f.y;
+      w[plane * 4 + 2] = f.z;
+      w[plane * 4 + 3] = f.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) w[i] = staged[vec * V + i];
+  }
+}
+// Sum over the `group` lanes of a row (every lane of the warp calls it).
+__device__ __forceinline__ float group_sum(float value, int group) {
+  for (int offset = group >> 1; offset > 0; offset >>= 1)
+    value += __shfl_xor_sync(0xffffffffu, value, offset);
+  return value;
+}
+
+constexpr int kRowThreads = 256;
+
+// Host-side split of a row of `vectors` vectors over lanes: chunks 0 when it is too wide.
+struct RowSplit {
+  int chunks = 0, group = 0;
+};
+RowSplit row_split(int64_t vectors) {
+  if (vectors > 8 * 32) return {};
+  int chunks = 4;
+  while (chunks < 8 && chunks * 32 < vectors) chunks *= 2;
+  int group = 1;
+  while (group * chunks < vectors) group *= 2;
+  return {chunks, group};
+}
+
+// Vectors of a row that lane `sub` of its group holds: sub, sub + group, ... below `vectors`.
+__device__ __forceinline__ int lane_chunks(int64_t vectors, int sub, int group) {
+  return vectors > sub ? int((vectors - sub + group - 1) / group) : 0;
+}
+
+// delta is read as scalar_t vectors when V > 1 (the launcher checks its dtype and
+// alignment), else through load_any.
+template <typename scalar_t, int V, int CHUNKS>
+__global__ void __launch_bounds__(kRowThreads)
+    rmsnorm_forward_rows_kernel(scalar_t* x, const void* delta, Kind kdelta, const void* weight,
+                                Kind kw, float eps, scalar_t* out, float* rstd, int64_t rows,
+                                int64_t d, int group) {
+  extern __shared__ __align__(16) float staged[];  // (d) weight, weight_slot order
+  stage_weight<V>(staged, weight, kw, d);
+  const int lane = threadIdx.x & 31, sub = lane & (group - 1), stride = group * V;
+  const int64_t vectors = d / V, rows_per_warp = 32 / group;
+  const int held = lane_chunks(vectors, sub, group);  // <= CHUNKS
+  const int64_t step = int64_t(gridDim.x) * (blockDim.x >> 5) * rows_per_warp;
+  for (int64_t base =
+           (int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5)) * rows_per_warp;
+       base < rows; base += step) {  // uniform over the warp (the shuffles need every lane)
+    const int64_t row = base + lane / group;
+    const int chunks = row < rows ? held : 0;
+    const int64_t first = row * d + sub * V;  // this lane's first element
+    scalar_t* x_lane = x + first;
+    Packed<scalar_t, V> v[CHUNKS];
+#pragma unroll
+    for (int k = 0; k < CHUNKS; ++k)
+      if (k < chunks) v[k] = load_packed<scalar_t, V>(x_lane + k * stride);
+    if (delta) {
+#pragma unroll
+      for (int k = 0; k < CHUNKS; ++k) {
+        if (k >= chunks) continue;
+        float dv[V];
+        if constexpr (V > 1)
+          load_vec<scalar_t, V>(static_cast<const scalar_t*>(delta) + first + k * stride, dv);
+        else
+          dv[0] = load_any(delta, kdelta, first + k * stride);
+#pragma unroll
+        for (int i = 0; i < V; ++i) v[k].v[i] = from_float<scalar_t>(to_float(v[k].v[i]) + dv[i]);
+        store_packed<scalar_t, V>(x_lane + k * stride, v[k]);
+      }
+    }
+    float sum_sq = 0.0f;
+#pragma unroll
+    for (int k = 0; k < CHUNKS; ++k)
+      if (k < chunks)
+#pragma unroll
+        for (int i = 0; i < V; ++i) sum_sq += to_float(v[k].v[i]) * to_float(v[k].v[i]);
+    const float inv = rsqrtf(group_sum(sum_sq, group) / float(d) + eps);
+    if (chunks > 0 && sub == 0) rstd[row] = inv;
+#pragma unroll
+    for (int k = 0; k < CHUNKS; ++k) {
+      if (k >= chunks) continue;
+      float w[V], o[V];
+      staged_weight_vec<V>(staged, vectors, sub + k * group, w);
+#pragma unroll
+      for (int i = 0; i < V; ++i)
+        o[i] = to_float(from_float<scalar_t>(to_float(v[k].v[i]) * inv)) * w[i];
+      store_vec<scalar_t, V>(out + first + k * stride, o);
+    }
+  }
+}
+
+// Block per row (rows wider than rmsnorm_forward_rows_kernel holds), V elements per access.
+template <typename scalar_t, int V>
 __global__ void rmsnorm_forward_kernel(scalar_t* x, const void* delta, Kind kdelta,
                                        const void* weight, Kind kw, float eps, scalar_t* out,
                                        float* rstd, int64_t d) {
   const int64_t row = blockIdx.x;
   scalar_t* xr = x + row * d;
   float sum_sq = 0.0f;
-  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
-    float value = to_float(xr[c]);
+  for (int64_t c = int64_t(threadIdx.x) * V; c < d; c += int64_t(blockDim.x) * V) {
+    float value[V];
+    load_vec<scalar_t, V>(xr + c, value);
     if (delta) {
-      value = to_float(from_float<scalar_t>(value + load_any(delta, kdelta, row * d + c)));
-      xr[c] = from_float<scalar_t>(value);
+      float dv[V];
+      if constexpr (V > 1)
+        load_vec<scalar_t, V>(static_cast<const scalar_t*>(delta) + row * d + c, dv);
+      else
+        dv[0] = load_any(delta, kdelta, row * d + c);
+#pragma unroll
+      for (int i = 0; i < V; ++i) value[i] = to_float(from_float<scalar_t>(value[i] + dv[i]));
+      store_vec<scalar_t, V>(xr + c, value);
     }
-    sum_sq += value * value;
+#pragma unroll
+    for (int i = 0; i < V; ++i) sum_sq += value[i] * value[i];
   }
   const float inv = rsqrtf(block_sum(sum_sq) / float(d) + eps);
   if (threadIdx.x == 0) rstd[row] = inv;
-  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
-    const float normed = to_float(from_float<scalar_t>(to_float(xr[c]) * inv));
-    out[row * d + c] = from_float<scalar_t>(normed * load_any(weight, kw, c));
+  for (int64_t c = int64_t(threadIdx.x) * V; c < d; c += int64_t(blockDim.x) * V) {
+    float value[V];
+    load_vec<scalar_t, V>(xr + c, value);
+#pragma unroll
+    for (int i = 0; i < V; ++i)
+      value[i] = to_float(from_float<scalar_t>(value[i] * inv)) * load_any(weight, kw, c + i);
+    store_vec<scalar_t, V>(out + row * d + c, value);
   }
 }
 
+// Backward over rows in registers (split as in rmsnorm_forward_rows_kernel): dx as below;
+// each lane sums dout * xhat of its columns over its rows in registers, the groups of a
+// warp holding the same columns add theirs by shuffles, the warps of the block add theirs
+// into shared memory one after another (fixed order), and the block writes its partial.
+// At most 128 registers (2 blocks per SM) with 4 chunks per lane; with 8 the rows take 255
+// (1 block per SM: still 8 KB in flight per warp).
+template <typename scalar_t, int V, int CHUNKS>
+__global__ void __launch_bounds__(kRowThreads, CHUNKS == 8 ? 1 : 2)
+    rmsnorm_backward_rows_kernel(const scalar_t* dout, const scalar_t* x, const void* weight,
+                                 Kind kw, const float* rstd, scalar_t* dx, bool accumulate,
+                                 float* dweight_partial, int64_t rows, int64_t d, int group) {
+  extern __shared__ __align__(16) float staged[];  // (d) weight (weight_slot order), (d) dweight
+  float* block_dweight = staged + d;
+  stage_weight<V>(staged, weight, kw, d);
+  const int lane = threadIdx.x & 31, sub = lane & (group - 1), warp = threadIdx.x >> 5;
+  const int stride = group * V;
+  const int64_t vectors = d / V, rows_per_warp = 32 / group;
+  const int held = lane_chunks(vectors, sub, group);  // <= CHUNKS
+  const int64_t step = int64_t(gridDim.x) * (blockDim.x >> 5) * rows_per_warp;
+  float dw[CHUNKS][V];
+#pragma unroll
+  for (int k = 0; k < CHUNKS; ++k)
+#pragma unroll
+    for (int i = 0; i < V; ++i) dw[k][i] = 0.0f;
+  for (int64_t base = (int64_t(blockIdx.x) * (blockDim.x >> 5) + warp) * rows_per_warp; base < rows;
+       base += step) {
+    const int64_t row = base + lane / group;
+    const int chunks = row < rows ? held : 0;
+    const int64_t first = row * d + sub * V;  // this lane's first element
+    const float inv = chunks > 0 ? rstd[row] : 0.0f;
+    Packed<scalar_t, V> g[CHUNKS], xv[CHUNKS];
+#pragma unroll
+    for (int k = 0; k < CHUNKS; ++k) {
+      if (k >= chunks) continue;
+      g[k] = load_packed<scalar_t, V>(dout + first + k * stride);
+      xv[k] = load_packed<scalar_t, V>(x + first + k * stride);
+    }
+    float dot = 0.0f;
+#pragma unroll
+    for (int k = 0; k < CHUNKS; ++k) {
+      if (k >= chunks) continue;
+      float w[V];
+      staged_weight_vec<V>(staged, vectors, sub + k * group, w);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const float gi = to_float(g[k].v[i]), xhat = to_float(xv[k].v[i]) * inv;
+        dot += gi * w[i] * xhat;
+        dw[k][i] += gi * xhat;
+      }
+    }
+    const float mean = group_sum(dot, group) / float(d);
+#pragma unroll
+    for (int k = 0; k < CHUNKS; ++k) {
+      if (k >= chunks) continue;
+      float w[V], value[V];
+      staged_weight_vec<V>(staged, vectors, sub + k * group, w);
+      Packed<scalar_t, V> old;
+      if (accumulate) old = load_packed<scalar_t, V>(dx + first + k * stride);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const float gw = to_float(g[k].v[i]) * w[i];
+        const float delta = inv * (gw - to_float(xv[k].v[i]) * inv * mean);
+        value[i] = accumulate ? to_float(old.v[i]) + delta : delta;
+      }
+      store_vec<scalar_t, V>(dx + first + k * stride, value);
+    }
+  }
+  // Lanes sub, sub + group, ... of a warp hold the same columns.
+#pragma unroll
+  for (int k = 0; k < CHUNKS; ++k)
+#pragma unroll
+    for (int i = 0; i < V; ++i)
+      for (int offset = 16; offset >= group; offset >>= 1)
+        dw[k][i] += __shfl_xor_sync(0xffffffffu, dw[k][i], offset);
+  const int warps = blockDim.x >> 5;
+  for (int w = 0; w < warps; ++w) {
+    if (warp == w && lane < group) {
+#pragma unroll
+      for (int k = 0; k < CHUNKS; ++k) {
+        const int64_t vec = lane + int64_t(k) * group;
+        if (vec >= vectors) continue;
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const int64_t c = vec * V + i;
+          block_dweight[c] = (w == 0 ? 0.0f : block_dweight[c]) + dw[k][i];
+        }
+      }
+    }
+    __syncthreads();
+  }
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x)
+    dweight_partial[blockIdx.x * d + c] = block_dweight[c];
+}
+
+// Backward for rows wider than rmsnorm_backward_rows_kernel holds.
 // dx = rstd * (g - xhat * mean(g * xhat)), g = dout * w. One warp per row, the rows
-// strided over the grid's warps, so a row's mean needs only a warp shuffle (a block per row
-// with a block reduction made the Qwen3 q/k norms' 131,072 rows of 128 latency-bound: 6 ms
-// per step on an H200). Each lane takes V consecutive columns per access (16-byte loads when
+// strided over the grid's warps, so a row's mean needs only a warp shuffle. Each lane takes
+// V consecutive columns per access (16-byte loads when
 // the row allows: V = 16 / sizeof(scalar_t)). dweight = sum over rows of dout * xhat: each
 // warp sums its rows into its own shared-memory row, the block adds its warps' rows into its
 // partial, and sum_partials_kernel adds the blocks' partials in a fixed order (deterministic).
@@ -221,57 +467,155 @@ __global__ void sum_partials_kernel(const float* partial, int blocks, void* out,
 }
 
 // HF rotate_half: pairs (i, i + D/2) rotate by angle position * inv_freq[i] (fp32 math).
-template <typename scalar_t>
+// A thread takes V consecutive pairs of one token for `group_heads` (<= kRopeHeads) heads:
+// it computes their V angles' cos and sin once (not once per head), loads the
+// 2 * group_heads vectors of V elements first (16-byte loads in flight together: in-place
+// updates would otherwise keep the compiler from hoisting a head's loads above the previous
+// head's stores), then rotates and stores them.
+constexpr int kRopeHeads = 8;
+template <typename scalar_t, int V>
 __global__ void rope_kernel(scalar_t* x, const int32_t* positions, const float* inv_freq,
-                            int64_t tokens, int64_t heads, int64_t half, float direction) {
-  const int64_t total = tokens * heads * half;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t pair = i % half;
-    const int64_t token = i / (heads * half);
-    const int64_t base = (i / half) * 2 * half;
-    const float angle = float(positions[token]) * inv_freq[pair];
-    const float c = cosf(angle), s = direction * sinf(angle);
-    const float x1 = to_float(x[base + pair]), x2 = to_float(x[base + pair + half]);
-    x[base + pair] = from_float<scalar_t>(x1 * c - x2 * s);
-    x[base + pair + half] = from_float<scalar_t>(x2 * c + x1 * s);
+                            int64_t tokens, int64_t heads, int64_t half, int group_heads,
+                            float direction) {
+  const int64_t vectors = half / V, head_groups = (heads + group_heads - 1) / group_heads;
+  const int64_t total = tokens * head_groups * vectors;
+  for (int64_t item = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; item < total;
+       item += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t pair = (item % vectors) * V;
+    const int64_t head_group = (item / vectors) % head_groups;
+    const int64_t token = item / (vectors * head_groups);
+    const float position = float(positions[token]);
+    float cos_v[V], sin_v[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      sincosf(position * inv_freq[pair + i], &sin_v[i], &cos_v[i]);
+      sin_v[i] *= direction;
+    }
+    const int64_t first_head = head_group * group_heads;
+    const int here = heads - first_head < group_heads ? int(heads - first_head) : group_heads;
+    scalar_t* token_x = x + (token * heads + first_head) * 2 * half + pair;
+    Packed<scalar_t, V> lo[kRopeHeads], hi[kRopeHeads];
+#pragma unroll
+    for (int h = 0; h < kRopeHeads; ++h) {
+      if (h >= here) continue;
+      lo[h] = load_packed<scalar_t, V>(token_x + h * 2 * half);
+      hi[h] = load_packed<scalar_t, V>(token_x + h * 2 * half + half);
+    }
+#pragma unroll
+    for (int h = 0; h < kRopeHeads; ++h) {
+      if (h >= here) continue;
+      Packed<scalar_t, V> new_lo, new_hi;
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const float x1 = to_float(lo[h].v[i]), x2 = to_float(hi[h].v[i]);
+        new_lo.v[i] = from_float<scalar_t>(x1 * cos_v[i] - x2 * sin_v[i]);
+        new_hi.v[i] = from_float<scalar_t>(x2 * cos_v[i] + x1 * sin_v[i]);
+      }
+      store_packed<scalar_t, V>(token_x + h * 2 * half, new_lo);
+      store_packed<scalar_t, V>(token_x + h * 2 * half + half, new_hi);
+    }
   }
 }
 
 __device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + __expf(-v)); }
 
-template <typename scalar_t>
+// SwiGLU: a block walks rows (grid-strided), its threads V consecutive columns each (16-byte
+// loads of gate and up, stores of out), so no per-element division by the row width.
+template <typename scalar_t, int V>
 __global__ void swiglu_forward_kernel(const scalar_t* gate_up, scalar_t* out, int64_t rows,
                                       int64_t width) {
-  const int64_t total = rows * width;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / width, c = i % width;
-    const float g = to_float(gate_up[r * 2 * width + c]),
-                u = to_float(gate_up[r * 2 * width + width + c]);
-    const float silu = to_float(from_float<scalar_t>(g * sigmoid(g)));
-    out[i] = from_float<scalar_t>(silu * u);
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const scalar_t* gate_row = gate_up + r * 2 * width;
+    for (int64_t c = int64_t(threadIdx.x) * V; c < width; c += int64_t(blockDim.x) * V) {
+      float g[V], u[V], o[V];
+      load_vec<scalar_t, V>(gate_row + c, g);
+      load_vec<scalar_t, V>(gate_row + width + c, u);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const float silu = to_float(from_float<scalar_t>(g[i] * sigmoid(g[i])));
+        o[i] = silu * u[i];
+      }
+      store_vec<scalar_t, V>(out + r * width + c, o);
+    }
   }
 }
-template <typename scalar_t>
+template <typename scalar_t, int V>
 __global__ void swiglu_backward_kernel(const scalar_t* dout, const scalar_t* gate_up,
                                        scalar_t* dgate_up, int64_t rows, int64_t width) {
-  const int64_t total = rows * width;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / width, c = i % width;
-    const float g = to_float(gate_up[r * 2 * width + c]),
-                u = to_float(gate_up[r * 2 * width + width + c]);
-    const float d = to_float(dout[i]);
-    const float sg = sigmoid(g);
-    dgate_up[r * 2 * width + c] = from_float<scalar_t>(d * u * sg * (1.0f + g * (1.0f - sg)));
-    dgate_up[r * 2 * width + width + c] = from_float<scalar_t>(d * g * sg);
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const scalar_t* gate_row = gate_up + r * 2 * width;
+    scalar_t* dgate_row = dgate_up + r * 2 * width;
+    for (int64_t c = int64_t(threadIdx.x) * V; c < width; c += int64_t(blockDim.x) * V) {
+      float g[V], u[V], d[V], dg[V], du[V];
+      load_vec<scalar_t, V>(gate_row + c, g);
+      load_vec<scalar_t, V>(gate_row + width + c, u);
+      load_vec<scalar_t, V>(dout + r * width + c, d);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const float sg = sigmoid(g[i]);
+        dg[i] = d[i] * u[i] * sg * (1.0f + g[i] * (1.0f - sg));
+        du[i] = d[i] * g[i] * sg;
+      }
+      store_vec<scalar_t, V>(dgate_row + c, dg);
+      store_vec<scalar_t, V>(dgate_row + width + c, du);
+    }
   }
 }
 
 int row_threads(int64_t d) {
   return static_cast<int>(std::min<int64_t>(512, std::max<int64_t>(32, ceil_div(d, 32) * 32)));
 }
+
+int sm_count() {
+  int device = 0, sms = 132;
+  if (cudaGetDevice(&device) == cudaSuccess)
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  return sms;
+}
+
+// Blocks of kRowThreads for a rows kernel: one per 8 * (32 / group) rows, at most as many as
+// the GPU holds at once (the kernels stride over the rest). Depends only on the kernel and
+// the GPU, so the backward's dweight summation order is the same run to run.
+template <typename Kernel>
+int rows_grid(Kernel kernel, size_t smem, int64_t rows, int group) {
+  int per_sm = 0;
+  MOETUNE_CUDA_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kRowThreads, int(smem)));
+  const int64_t rows_per_block = int64_t(kRowThreads / 32) * (32 / group);
+  return static_cast<int>(std::clamp<int64_t>(ceil_div(rows, rows_per_block), 1,
+                                              int64_t(std::max(per_sm, 1)) * sm_count()));
+}
+
+// Blocks for the SwiGLU kernels: one per row, at most as many as the GPU holds at once.
+int swiglu_grid(int64_t rows, int threads) {
+  const int64_t resident = int64_t(sm_count()) * std::max(1, 2048 / threads);
+  return static_cast<int>(std::clamp<int64_t>(rows, 1, resident));
+}
+
+// Calls BODY with kVector (16-byte vectors of scalar_t, or 1 when `vectorised` is false)
+// and kChunks (4 or 8, split.chunks) bound as constants.
+#define MOETUNE_DISPATCH_ROWS(VECTORISED, CHUNKS, ...)    \
+  do {                                                    \
+    if (VECTORISED) {                                     \
+      constexpr int kVector = 16 / int(sizeof(scalar_t)); \
+      if ((CHUNKS) == 4) {                                \
+        constexpr int kChunks = 4;                        \
+        __VA_ARGS__;                                      \
+      } else {                                            \
+        constexpr int kChunks = 8;                        \
+        __VA_ARGS__;                                      \
+      }                                                   \
+    } else {                                              \
+      constexpr int kVector = 1;                          \
+      if ((CHUNKS) == 4) {                                \
+        constexpr int kChunks = 4;                        \
+        __VA_ARGS__;                                      \
+      } else {                                            \
+        constexpr int kChunks = 8;                        \
+        __VA_ARGS__;                                      \
+      }                                                   \
+    }                                                     \
+  } while (0)
 
 }  // namespace
 
@@ -377,10 +721,31 @@ void launch_rmsnorm_forward(const Tensor* residual, const Tensor* delta, const T
     fail("add_rmsnorm: delta ", delta->shape.str(), " vs ", x.shape.str());
   (void)residual;
   if (rows == 0) return;
+  const void* delta_data = delta ? delta->data : nullptr;
+  const Kind delta_kind = delta ? kind_of(*delta) : Kind::F32;
   MOETUNE_DISPATCH_FLOAT(x.dtype, "rmsnorm", {
-    rmsnorm_forward_kernel<scalar_t><<<rows, row_threads(d), 0, stream>>>(
-        x.ptr<scalar_t>(), delta ? delta->data : nullptr, delta ? kind_of(*delta) : Kind::F32,
-        weight.data, kind_of(weight), eps, out.ptr<scalar_t>(), rstd.ptr<float>(), d);
+    constexpr int kVec = 16 / int(sizeof(scalar_t));
+    // 16-byte vectors when the rows, x, out and delta (in x's dtype) allow them.
+    const bool vectorised = vector_aligned(d, sizeof(scalar_t), {x.data, out.data, delta_data}) &&
+                            (!delta || delta->dtype == x.dtype);
+    const RowSplit split = row_split(vectorised ? d / kVec : d);
+    if (split.chunks > 0) {
+      const size_t smem = sizeof(float) * d;
+      MOETUNE_DISPATCH_ROWS(vectorised, split.chunks, {
+        auto kernel = rmsnorm_forward_rows_kernel<scalar_t, kVector, kChunks>;
+        kernel<<<rows_grid(kernel, smem, rows, split.group), kRowThreads, smem, stream>>>(
+            x.ptr<scalar_t>(), delta_data, delta_kind, weight.data, kind_of(weight), eps,
+            out.ptr<scalar_t>(), rstd.ptr<float>(), rows, d, split.group);
+      });
+    } else if (vectorised) {
+      rmsnorm_forward_kernel<scalar_t, kVec><<<rows, row_threads(d / kVec), 0, stream>>>(
+          x.ptr<scalar_t>(), delta_data, delta_kind, weight.data, kind_of(weight), eps,
+          out.ptr<scalar_t>(), rstd.ptr<float>(), d);
+    } else {
+      rmsnorm_forward_kernel<scalar_t, 1><<<rows, row_threads(d), 0, stream>>>(
+          x.ptr<scalar_t>(), delta_data, delta_kind, weight.data, kind_of(weight), eps,
+          out.ptr<scalar_t>(), rstd.ptr<float>(), d);
+    }
   });
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
@@ -400,28 +765,42 @@ void launch_rmsnorm_backward(const Tensor& dout, const Tensor& x, const Tensor& 
     if (!accumulate_dweight) launch_fill(dweight, 0.0f, stream);
     return;
   }
-  // 8 warps per block while their dweight rows fit in 96 KB of shared memory (fewer for
-  // wide rows), at most 1024 blocks (their partials: 1024 * d floats of scratch).
   MOETUNE_DISPATCH_FLOAT(x.dtype, "rmsnorm_backward", {
     constexpr int kVec = 16 / int(sizeof(scalar_t));
-    const bool vectorised = d % kVec == 0 && reinterpret_cast<uintptr_t>(dout.data) % 16 == 0 &&
-                            reinterpret_cast<uintptr_t>(x.data) % 16 == 0 &&
-                            reinterpret_cast<uintptr_t>(dx.data) % 16 == 0;
-    auto kernel =
-        vectorised ? rmsnorm_backward_kernel<scalar_t, kVec> : rmsnorm_backward_kernel<scalar_t, 1>;
-    const int64_t row_floats = vectorised ? dweight_row_floats<kVec>(d) : dweight_row_floats<1>(d);
-    const int warps = static_cast<int>(
-        std::clamp<int64_t>((96 << 10) / (int64_t(sizeof(float)) * row_floats), 1, 8));
-    const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(rows, warps), 1024));
-    auto* partial = static_cast<float*>(scratch.get(sizeof(float) * blocks * d));
-    const size_t smem = sizeof(float) * warps * row_floats;
-    if (smem > 227 * 1024) fail("rmsnorm_backward: rows of ", d, " elements are too wide");
-    if (smem > 48 * 1024)
-      MOETUNE_CUDA_CHECK(
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    kernel<<<blocks, 32 * warps, smem, stream>>>(
-        dout.ptr<scalar_t>(), x.ptr<scalar_t>(), weight.data, kind_of(weight), rstd.ptr<float>(),
-        dx.ptr<scalar_t>(), accumulate_dx, partial, rows, d);
+    const bool vectorised = vector_aligned(d, sizeof(scalar_t), {dout.data, x.data, dx.data});
+    const RowSplit split = row_split(vectorised ? d / kVec : d);
+    int blocks = 0;
+    float* partial = nullptr;
+    if (split.chunks > 0) {
+      const size_t smem = 2 * sizeof(float) * d;  // staged weight and the block's dweight
+      MOETUNE_DISPATCH_ROWS(vectorised, split.chunks, {
+        auto kernel = rmsnorm_backward_rows_kernel<scalar_t, kVector, kChunks>;
+        blocks = rows_grid(kernel, smem, rows, split.group);
+        partial = static_cast<float*>(scratch.get(sizeof(float) * blocks * d));
+        kernel<<<blocks, kRowThreads, smem, stream>>>(
+            dout.ptr<scalar_t>(), x.ptr<scalar_t>(), weight.data, kind_of(weight),
+            rstd.ptr<float>(), dx.ptr<scalar_t>(), accumulate_dx, partial, rows, d, split.group);
+      });
+    } else {
+      // 8 warps per block while their dweight rows fit in 96 KB of shared memory (fewer for
+      // wide rows), at most 1024 blocks (their partials: 1024 * d floats of scratch).
+      auto kernel = vectorised ? rmsnorm_backward_kernel<scalar_t, kVec>
+                               : rmsnorm_backward_kernel<scalar_t, 1>;
+      const int64_t row_floats =
+          vectorised ? dweight_row_floats<kVec>(d) : dweight_row_floats<1>(d);
+      const int warps = static_cast<int>(
+          std::clamp<int64_t>((96 << 10) / (int64_t(sizeof(float)) * row_floats), 1, 8));
+      blocks = static_cast<int>(std::min<int64_t>(ceil_div(rows, warps), 1024));
+      partial = static_cast<float*>(scratch.get(sizeof(float) * blocks * d));
+      const size_t smem = sizeof(float) * warps * row_floats;
+      if (smem > 227 * 1024) fail("rmsnorm_backward: rows of ", d, " elements are too wide");
+      if (smem > 48 * 1024)
+        MOETUNE_CUDA_CHECK(
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+      kernel<<<blocks, 32 * warps, smem, stream>>>(
+          dout.ptr<scalar_t>(), x.ptr<scalar_t>(), weight.data, kind_of(weight), rstd.ptr<float>(),
+          dx.ptr<scalar_t>(), accumulate_dx, partial, rows, d);
+    }
     MOETUNE_CUDA_LAUNCH_CHECK();
     sum_partials_kernel<<<static_cast<unsigned>(ceil_div(d, 32)), dim3(32, 32), 0, stream>>>(
         partial, blocks, dweight.data, kind_of(dweight), d, accumulate_dweight);
@@ -438,10 +817,29 @@ void launch_rope(const Tensor& x, const Tensor& positions, const Tensor& inv_fre
     fail("rope: x ", x.shape.str(), " positions ", positions.shape.str(), " inv_freq ",
          inv_freq.shape.str(), " do not fit (N, heads, D), (N), (D/2)");
   if (x.numel() == 0) return;
+  const int64_t tokens = x.size(0), heads = x.size(1), half = inv_freq.numel();
   MOETUNE_DISPATCH_FLOAT(x.dtype, "rope", {
-    rope_kernel<scalar_t><<<grid_for(x.numel() / 2), 256, 0, stream>>>(
-        x.ptr<scalar_t>(), positions.ptr<int32_t>(), inv_freq.ptr<float>(), x.size(0), x.size(1),
-        inv_freq.numel(), inverse ? -1.0f : 1.0f);
+    constexpr int kVec = 16 / int(sizeof(scalar_t));
+    const bool vectorised = vector_aligned(half, sizeof(scalar_t), {x.data});
+    const int64_t vectors = vectorised ? half / kVec : half;
+    // Up to 8 heads per thread (cos and sin shared), fewer while that leaves under ~512
+    // threads per SM (Qwen3's 4 k heads: 1 head per thread).
+    int group_heads = kRopeHeads;
+    while (group_heads > 1 &&
+           tokens * ceil_div(heads, group_heads) * vectors < int64_t(sm_count()) * 512)
+      group_heads /= 2;
+    // Blocks of 128: the 16-byte kernel takes ~210 registers (16 vectors and 8 cos/sin
+    // pairs in flight), 2 such blocks per SM.
+    const int blocks = grid_for(tokens * ceil_div(heads, group_heads) * vectors, 128);
+    const float direction = inverse ? -1.0f : 1.0f;
+    if (vectorised)
+      rope_kernel<scalar_t, kVec><<<blocks, 128, 0, stream>>>(
+          x.ptr<scalar_t>(), positions.ptr<int32_t>(), inv_freq.ptr<float>(), tokens, heads, half,
+          group_heads, direction);
+    else
+      rope_kernel<scalar_t, 1><<<blocks, 128, 0, stream>>>(
+          x.ptr<scalar_t>(), positions.ptr<int32_t>(), inv_freq.ptr<float>(), tokens, heads, half,
+          group_heads, direction);
   });
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
@@ -455,8 +853,16 @@ void launch_swiglu_forward(const Tensor& gate_up, const Tensor& out, cudaStream_
          " do not fit (M, 2I), (M, I)");
   if (out.numel() == 0) return;
   MOETUNE_DISPATCH_FLOAT(out.dtype, "swiglu", {
-    swiglu_forward_kernel<scalar_t><<<grid_for(out.numel()), 256, 0, stream>>>(
-        gate_up.ptr<scalar_t>(), out.ptr<scalar_t>(), rows, width);
+    constexpr int kVec = 16 / int(sizeof(scalar_t));
+    if (vector_aligned(width, sizeof(scalar_t), {gate_up.data, out.data})) {
+      const int threads = row_threads(width / kVec);
+      swiglu_forward_kernel<scalar_t, kVec><<<swiglu_grid(rows, threads), threads, 0, stream>>>(
+          gate_up.ptr<scalar_t>(), out.ptr<scalar_t>(), rows, width);
+    } else {
+      const int threads = row_threads(width);
+      swiglu_forward_kernel<scalar_t, 1><<<swiglu_grid(rows, threads), threads, 0, stream>>>(
+          gate_up.ptr<scalar_t>(), out.ptr<scalar_t>(), rows, width);
+    }
   });
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
@@ -470,8 +876,16 @@ void launch_swiglu_backward(const Tensor& dout, const Tensor& gate_up, const Ten
          dgate_up.shape.str(), " do not fit");
   if (dout.numel() == 0) return;
   MOETUNE_DISPATCH_FLOAT(dout.dtype, "swiglu_backward", {
-    swiglu_backward_kernel<scalar_t><<<grid_for(dout.numel()), 256, 0, stream>>>(
-        dout.ptr<scalar_t>(), gate_up.ptr<scalar_t>(), dgate_up.ptr<scalar_t>(), rows, width);
+    constexpr int kVec = 16 / int(sizeof(scalar_t));
+    if (vector_aligned(width, sizeof(scalar_t), {dout.data, gate_up.data, dgate_up.data})) {
+      const int threads = row_threads(width / kVec);
+      swiglu_backward_kernel<scalar_t, kVec><<<swiglu_grid(rows, threads), threads, 0, stream>>>(
+          dout.ptr<scalar_t>(), gate_up.ptr<scalar_t>(), dgate_up.ptr<scalar_t>(), rows, width);
+    } else {
+      const int threads = row_threads(width);
+      swiglu_backward_kernel<scalar_t, 1><<<swiglu_grid(rows, threads), threads, 0, stream>>>(
+          dout.ptr<scalar_t>(), gate_up.ptr<scalar_t>(), dgate_up.ptr<scalar_t>(), rows, width);
+    }
   });
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
