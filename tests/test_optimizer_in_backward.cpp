@@ -12,6 +12,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <functional>
+#include <memory>
 
 #include "core/error.h"
 #include "model/memory_plan.h"
@@ -37,55 +39,90 @@ ModelConfig tiny_config(bool tied) {
 using testing::make_tokens;
 using testing::Tokens;
 
+float host_value(Backend& backend, const Tensor& scalar) {
+  float value = 0;
+  backend.copy(Tensor(&value, DType::F32, {1}), scalar);
+  backend.synchronize();
+  return value;
+}
+
+// The training loop the bit-identity tests share: two copies of the tiny model from one
+// seed, `normal` (whole-model gradients, AdamW step after the backward) and `per_group`
+// (per-group gradient storage, updated by the hook or optimizer the test installs), each
+// with its own AdamW (lr 1e-2, `weight_decay`).
+struct TwinModels {
+  TwinModels(bool tied, uint64_t seed, double weight_decay) : config(tiny_config(tied)) {
+    ModelOptions per_group_options;
+    per_group_options.grad_storage = GradientStorage::PerGroup;
+    normal = Model::random_init(config, seed, *backend);
+    per_group = Model::random_init(config, seed, *backend, per_group_options);
+    AdamWConfig adamw_config;
+    adamw_config.lr = 1e-2;
+    adamw_config.weight_decay = weight_decay;
+    normal_adamw = std::make_unique<AdamW>(normal->parameters(), *backend, adamw_config);
+    per_group_adamw = std::make_unique<AdamW>(per_group->parameters(), *backend, adamw_config);
+  }
+
+  // One step on 2 rows of `seq` tokens drawn from `seed`: the normal model's backward, then
+  // its AdamW step at `lr`; the per-group model's zero_grads, `begin_step` (the test's
+  // per-step setup, e.g. the optimizer's begin_step), then its backward. Expects equal
+  // losses; returns the normal model's gradient norm (before its step).
+  double step(unsigned seed, int64_t seq, double lr, const std::function<void()>& begin_step) {
+    const Tokens tokens = make_tokens(2 * seq, seed, config.vocab_size);
+    const BatchView batch{2, seq, tokens.ids, tokens.labels, {}, {}};
+    normal->zero_grads();
+    const StepResult a = normal->forward_backward(batch, 0.1f);
+    std::vector<Tensor> grads;
+    for (const Parameter& parameter : normal->parameters()) grads.push_back(parameter.grad);
+    Buffer norm_squared(DType::F32, {1}, backend->device());
+    backend->grad_norm_squared(grads, norm_squared);
+    const double norm = std::sqrt(host_value(*backend, norm_squared));
+    normal_adamw->step(lr);
+    per_group->zero_grads();
+    begin_step();
+    const StepResult b = per_group->forward_backward(batch, 0.1f);
+    EXPECT_EQ(a.loss_sum, b.loss_sum) << "step of seed " << seed;
+    return norm;
+  }
+
+  void expect_same_weights() const {
+    for (size_t i = 0; i < normal->parameters().size(); ++i) {
+      const Tensor x = normal->parameters()[i].value, y = per_group->parameters()[i].value;
+      ASSERT_EQ(x.numel(), y.numel());
+      EXPECT_TRUE(std::equal(x.ptr<float>(), x.ptr<float>() + x.numel(), y.ptr<float>()))
+          << normal->parameters()[i].name;
+    }
+  }
+
+  std::unique_ptr<Backend> backend = make_cpu_backend();
+  ModelConfig config;
+  std::unique_ptr<Model> normal, per_group;
+  std::unique_ptr<AdamW> normal_adamw, per_group_adamw;
+};
+
 class OptimizerInBackward : public ::testing::TestWithParam<bool> {};
 
 TEST_P(OptimizerInBackward, WeightsBitIdenticalToTheWholeModelStep) {
-  const bool tied = GetParam();
-  auto backend = make_cpu_backend();
-  const ModelConfig config = tiny_config(tied);
-  ModelOptions per_group_options;
-  per_group_options.grad_storage = GradientStorage::PerGroup;
-  auto normal = Model::random_init(config, 41, *backend);
-  auto in_backward = Model::random_init(config, 41, *backend, per_group_options);
-  AdamWConfig adamw_config;
-  adamw_config.lr = 1e-2;
-  adamw_config.weight_decay = 0.1;
-  AdamW normal_adamw(normal->parameters(), *backend, adamw_config);
-  AdamW in_backward_adamw(in_backward->parameters(), *backend, adamw_config);
-
+  TwinModels twins(/*tied=*/GetParam(), /*seed=*/41, /*weight_decay=*/0.1);
+  Model& in_backward = *twins.per_group;
   const double lr = 3e-2;
   std::vector<size_t> reported;
-  in_backward->set_gradient_ready_hook([&](size_t index) {
-    const GradientGroup& group = in_backward->gradient_groups()[index];
+  in_backward.set_gradient_ready_hook([&](size_t index) {
+    const GradientGroup& group = in_backward.gradient_groups()[index];
     for (size_t i = group.begin; i < group.end; ++i)
-      ASSERT_NE(in_backward->parameters()[i].grad.data, nullptr)
-          << in_backward->parameters()[i].name;
+      ASSERT_NE(in_backward.parameters()[i].grad.data, nullptr) << in_backward.parameters()[i].name;
     reported.push_back(index);
-    in_backward_adamw.update(group.begin, group.end, lr);
+    twins.per_group_adamw->update(group.begin, group.end, lr);
   });
-
-  for (unsigned step = 0; step < 4; ++step) {
-    const Tokens tokens = make_tokens(2 * 7, 100 + step, config.vocab_size);
-    const BatchView batch{2, 7, tokens.ids, tokens.labels, {}, {}};
-    normal->zero_grads();
-    const StepResult a = normal->forward_backward(batch, 0.1f);
-    normal_adamw.step(lr);
-    in_backward->zero_grads();
-    in_backward_adamw.begin_step();
-    const StepResult b = in_backward->forward_backward(batch, 0.1f);
-    EXPECT_EQ(a.loss_sum, b.loss_sum) << "step " << step;
-  }
-  EXPECT_EQ(reported.size(), 4 * in_backward->gradient_groups().size());
-  EXPECT_EQ(normal_adamw.step_count(), in_backward_adamw.step_count());
-  for (size_t i = 0; i < normal->parameters().size(); ++i) {
-    const Tensor x = normal->parameters()[i].value, y = in_backward->parameters()[i].value;
-    ASSERT_EQ(x.numel(), y.numel());
-    EXPECT_TRUE(std::equal(x.ptr<float>(), x.ptr<float>() + x.numel(), y.ptr<float>()))
-        << normal->parameters()[i].name;
-    // Outside the hook the per-group gradients are returned.
-    EXPECT_EQ(in_backward->parameters()[i].grad.data, nullptr);
-  }
-  EXPECT_THROW(in_backward->hf_tensors_to_host(true), Error);
+  for (unsigned step = 0; step < 4; ++step)
+    twins.step(100 + step, 7, lr, [&] { twins.per_group_adamw->begin_step(); });
+  EXPECT_EQ(reported.size(), 4 * in_backward.gradient_groups().size());
+  EXPECT_EQ(twins.normal_adamw->step_count(), twins.per_group_adamw->step_count());
+  twins.expect_same_weights();
+  // Outside the hook the per-group gradients are returned.
+  for (const Parameter& parameter : in_backward.parameters())
+    EXPECT_EQ(parameter.grad.data, nullptr) << parameter.name;
+  EXPECT_THROW(in_backward.hf_tensors_to_host(true), Error);
 }
 
 INSTANTIATE_TEST_SUITE_P(Tied, OptimizerInBackward, ::testing::Bool());
@@ -134,68 +171,34 @@ TEST(OptimizerInBackwardPlan, GradientsOfOneGroup) {
 
 // ---- InBackwardOptimizer ----------------------------------------------------------------
 
-float host_value(Backend& backend, const Tensor& scalar) {
-  float value = 0;
-  backend.copy(Tensor(&value, DType::F32, {1}), scalar);
-  backend.synchronize();
-  return value;
-}
-
 class InBackwardOptimizerTest : public ::testing::TestWithParam<bool> {};
 
 TEST_P(InBackwardOptimizerTest, SameWeightsAndGradNormAsTheWholeModelStep) {
-  const bool tied = GetParam();
-  auto backend = make_cpu_backend();
-  const ModelConfig config = tiny_config(tied);
-  ModelOptions per_group_options;
-  per_group_options.grad_storage = GradientStorage::PerGroup;
-  auto normal = Model::random_init(config, 7, *backend);
-  auto in_backward = Model::random_init(config, 7, *backend, per_group_options);
-  AdamWConfig adamw_config;
-  adamw_config.lr = 1e-2;
-  adamw_config.weight_decay = 0.1;
-  AdamW normal_adamw(normal->parameters(), *backend, adamw_config);
-  AdamW in_backward_adamw(in_backward->parameters(), *backend, adamw_config);
-  std::vector<Tensor> normal_grads;
-  for (const Parameter& parameter : normal->parameters()) normal_grads.push_back(parameter.grad);
-  Buffer norm_squared(DType::F32, {1}, backend->device());
+  TwinModels twins(/*tied=*/GetParam(), /*seed=*/7, /*weight_decay=*/0.1);
+  Model& in_backward = *twins.per_group;
   {
-    InBackwardOptimizer optimizer(*in_backward, in_backward_adamw, InBackwardOptions{});
+    InBackwardOptimizer optimizer(in_backward, *twins.per_group_adamw, InBackwardOptions{});
     EXPECT_FALSE(optimizer.overlapping());  // the CPU has no streams: inline in the hook
-    EXPECT_EQ(in_backward->gradient_arenas(), 1);
+    EXPECT_EQ(in_backward.gradient_arenas(), 1);
     for (unsigned step = 0; step < 3; ++step) {
       const double lr = 2e-2 * (step + 1);  // a schedule
-      const Tokens tokens = make_tokens(2 * 7, 300 + step, config.vocab_size);
-      const BatchView batch{2, 7, tokens.ids, tokens.labels, {}, {}};
-      normal->zero_grads();
-      const StepResult a = normal->forward_backward(batch, 0.1f);
-      backend->grad_norm_squared(normal_grads, norm_squared);
-      const double normal_norm = std::sqrt(host_value(*backend, norm_squared));
-      normal_adamw.step(lr);
-      optimizer.begin_step(lr);
-      in_backward->zero_grads();
-      const StepResult b = in_backward->forward_backward(batch, 0.1f);
-      EXPECT_EQ(a.loss_sum, b.loss_sum) << "step " << step;
+      const double normal_norm = twins.step(300 + step, 7, lr, [&] { optimizer.begin_step(lr); });
       EXPECT_GT(normal_norm, 0.0);
       EXPECT_NEAR(optimizer.grad_norm(), normal_norm, 1e-5 * normal_norm) << "step " << step;
     }
   }
-  EXPECT_EQ(in_backward_adamw.step_count(), 3);
-  for (size_t i = 0; i < normal->parameters().size(); ++i) {
-    const Tensor x = normal->parameters()[i].value, y = in_backward->parameters()[i].value;
-    EXPECT_TRUE(std::equal(x.ptr<float>(), x.ptr<float>() + x.numel(), y.ptr<float>()))
-        << normal->parameters()[i].name;
-  }
+  EXPECT_EQ(twins.per_group_adamw->step_count(), 3);
+  twins.expect_same_weights();
   // The destructor removed the hook: a step now leaves the weights alone.
   std::vector<std::vector<float>> before;
-  for (const Parameter& parameter : in_backward->parameters())
+  for (const Parameter& parameter : in_backward.parameters())
     before.emplace_back(parameter.value.ptr<float>(),
                         parameter.value.ptr<float>() + parameter.value.numel());
-  const Tokens tokens = make_tokens(7, 9, config.vocab_size);
-  in_backward->zero_grads();
-  in_backward->forward_backward({1, 7, tokens.ids, tokens.labels, {}, {}}, 0.1f);
+  const Tokens tokens = make_tokens(7, 9, twins.config.vocab_size);
+  in_backward.zero_grads();
+  in_backward.forward_backward({1, 7, tokens.ids, tokens.labels, {}, {}}, 0.1f);
   for (size_t i = 0; i < before.size(); ++i) {
-    const Tensor y = in_backward->parameters()[i].value;
+    const Tensor y = in_backward.parameters()[i].value;
     EXPECT_TRUE(std::equal(before[i].begin(), before[i].end(), y.ptr<float>()));
   }
 }
@@ -228,45 +231,32 @@ class RecordingSideStream final : public Backend::SideStream {
 
 TEST_P(InBackwardOptimizerTest, SideStreamRingOfTwoArenasWithFences) {
   const bool tied = GetParam();
-  auto backend = make_cpu_backend();
-  const ModelConfig config = tiny_config(tied);
-  ModelOptions per_group_options;
-  per_group_options.grad_storage = GradientStorage::PerGroup;
-  auto normal = Model::random_init(config, 11, *backend);
-  auto model = Model::random_init(config, 11, *backend, per_group_options);
-  AdamWConfig adamw_config;
-  adamw_config.lr = 1e-2;
-  AdamW normal_adamw(normal->parameters(), *backend, adamw_config);
-  AdamW adamw(model->parameters(), *backend, adamw_config);
+  TwinModels twins(tied, /*seed=*/11, /*weight_decay=*/0.0);
+  Model& model = *twins.per_group;
   RecordingSideStream side;
-  model->set_gradient_side_stream(&side);
-  EXPECT_EQ(model->gradient_arenas(), 2);
+  model.set_gradient_side_stream(&side);
+  EXPECT_EQ(model.gradient_arenas(), 2);
   std::vector<const void*> arena_of_group;  // the group's first gradient's address
   const double lr = 3e-2;
-  model->set_gradient_ready_hook([&](size_t index) {
-    const GradientGroup& group = model->gradient_groups()[index];
-    arena_of_group.push_back(model->parameters()[group.begin].grad.data);
+  model.set_gradient_ready_hook([&](size_t index) {
+    const GradientGroup& group = model.gradient_groups()[index];
+    arena_of_group.push_back(model.parameters()[group.begin].grad.data);
     side.calls.push_back("hook " + group.name);
     SideStreamOps on_side(&side);
-    adamw.update(group.begin, group.end, lr);
+    twins.per_group_adamw->update(group.begin, group.end, lr);
   });
   for (unsigned step = 0; step < 2; ++step) {
-    const Tokens tokens = make_tokens(2 * 6, 500 + step, config.vocab_size);
-    const BatchView batch{2, 6, tokens.ids, tokens.labels, {}, {}};
-    normal->zero_grads();
-    normal->forward_backward(batch, 0.1f);
-    normal_adamw.step(lr);
-    side.calls.clear();
-    arena_of_group.clear();
-    model->zero_grads();
-    adamw.begin_step();
-    model->forward_backward(batch, 0.1f);
+    twins.step(500 + step, 6, lr, [&] {
+      side.calls.clear();
+      arena_of_group.clear();
+      twins.per_group_adamw->begin_step();
+    });
 
     // head, layer.2, layer.1, layer.0, embedding: the ring alternates 0, 1, 0, 1 (, 0); each
     // bind joins its slot's fence, each hook's side work is followed by the slot's record;
     // a tied embedding has its own arena (no fence); the step ends with a join.
     std::vector<std::string> expected = {"join 0"};
-    const auto& groups = model->gradient_groups();
+    const auto& groups = model.gradient_groups();
     int slot = 0;
     for (size_t g = 0; g < groups.size(); ++g) {
       const bool tied_group = tied && groups[g].name == "embedding";
@@ -284,17 +274,14 @@ TEST_P(InBackwardOptimizerTest, SideStreamRingOfTwoArenasWithFences) {
       EXPECT_EQ(arena_of_group[g], arena_of_group[g - 2]) << groups[g].name;
       EXPECT_NE(arena_of_group[g], arena_of_group[g - 1]) << groups[g].name;
     }
-    if (tied)
+    if (tied) {
       for (size_t g = 0; g + 1 < groups.size(); ++g)
         EXPECT_NE(arena_of_group.back(), arena_of_group[g]);
+    }
   }
-  for (size_t i = 0; i < normal->parameters().size(); ++i) {
-    const Tensor x = normal->parameters()[i].value, y = model->parameters()[i].value;
-    EXPECT_TRUE(std::equal(x.ptr<float>(), x.ptr<float>() + x.numel(), y.ptr<float>()))
-        << normal->parameters()[i].name;
-  }
-  model->set_gradient_side_stream(nullptr);
-  EXPECT_EQ(model->gradient_arenas(), 1);
+  twins.expect_same_weights();
+  model.set_gradient_side_stream(nullptr);
+  EXPECT_EQ(model.gradient_arenas(), 1);
 }
 
 INSTANTIATE_TEST_SUITE_P(Tied, InBackwardOptimizerTest, ::testing::Bool());

@@ -10,6 +10,10 @@
 //   Ctrl-C and forwards it, and stopping a rank stops whatever it started too.
 // - Children ask the kernel for SIGKILL when the launcher dies (PR_SET_PDEATHSIG): a killed
 //   launcher leaves no orphaned ranks holding GPUs.
+// - The rank named when several fail: one whose own fault it was (not kExitPeerFailure, not
+//   stopped by this launcher) before the others, then the one seen ending first: its output
+//   pipes close at its exit, before its peers can notice (and before it can be reaped), so
+//   that order is the order of the exits, up to the resolution of one pass of the loop.
 // - Signals reach the poll() loop through a self-pipe; the loop reads the ranks' pipes,
 //   reaps children and enforces the grace period. No threads.
 #include <fcntl.h>
@@ -205,6 +209,9 @@ struct Rank {
   std::deque<std::string> tail;  // last lines not shown (for the failure report)
   bool running = false;
   int status = 0;
+  int64_t ended_pass = -1;  // the loop pass that first saw it end (output closed or reaped)
+  bool failed = false;      // failed on its own or because of a peer, outside an interrupt
+  bool root_cause = false;  // failed, neither with kExitPeerFailure nor stopped by us
 };
 
 void signal_rank(const Rank& rank, int signal_number) {
@@ -313,6 +320,7 @@ class Launcher {
       rank.partial[stream].clear();
       ::close(rank.fds[stream]);
       rank.fds[stream] = -1;
+      if (rank.fds[0] < 0 && rank.fds[1] < 0 && rank.ended_pass < 0) rank.ended_pass = pass_;
       return;
     }
     std::string& partial = rank.partial[stream];
@@ -332,15 +340,15 @@ class Launcher {
         if (rank.pid != pid || !rank.running) continue;
         rank.running = false;
         rank.status = status;
-        const bool failed = !(WIFEXITED(status) && WEXITSTATUS(status) == 0);
-        // A rank that stopped because a peer failed (kExitPeerFailure) may be reaped before
-        // the peer itself: the peer's own failure, when it comes, is the one to report.
-        const bool root_cause = !(WIFEXITED(status) && WEXITSTATUS(status) == kExitPeerFailure);
-        if (failed && first_failure_ && root_cause && !stopped_by_us(status) &&
-            !is_root_cause(ranks_[*first_failure_].status))
-          first_failure_ = rank.rank;
-        if (failed && !first_failure_ && !interrupted_) {
-          first_failure_ = rank.rank;
+        if (rank.ended_pass < 0) rank.ended_pass = pass_;
+        if (WIFEXITED(status) && WEXITSTATUS(status) == 0) continue;
+        // Failures after an interrupt we passed on are its consequence, unless one came first.
+        if (interrupted_ && !any_failure_) continue;
+        rank.failed = true;
+        rank.root_cause = !(WIFEXITED(status) && WEXITSTATUS(status) == kExitPeerFailure) &&
+                          !stopped_by_us(status);
+        if (!any_failure_) {
+          any_failure_ = true;
           std::fprintf(stderr, "moetune launch: rank %d (pid %d) %s; stopping the other ranks\n",
                        rank.rank, static_cast<int>(pid), describe_status(status).c_str());
           std::fflush(stderr);
@@ -350,9 +358,19 @@ class Launcher {
     }
   }
 
-  static bool is_root_cause(int status) {
-    return !(WIFEXITED(status) && WEXITSTATUS(status) == kExitPeerFailure);
+  // The failed rank to name: a root cause before a rank that stopped because of another,
+  // then the one seen ending first, then the lowest rank.
+  const Rank* culprit() const {
+    const Rank* best = nullptr;
+    for (const Rank& rank : ranks_) {
+      if (!rank.failed) continue;
+      if (!best || (rank.root_cause != best->root_cause ? rank.root_cause
+                                                        : rank.ended_pass < best->ended_pass))
+        best = &rank;
+    }
+    return best;
   }
+
   // Killed by the SIGTERM/SIGKILL this launcher sends after a failure.
   bool stopped_by_us(int status) const {
     return kill_deadline_ && WIFSIGNALED(status) &&
@@ -414,6 +432,7 @@ class Launcher {
         timeout_ms = static_cast<int>(std::clamp<int64_t>(left, 0, 1000));
       }
       int ready = ::poll(fds.data(), fds.size(), timeout_ms);
+      ++pass_;
       if (ready < 0 && errno != EINTR) fail("poll failed: ", std::strerror(errno));
       if (ready > 0) {
         if (fds[0].revents & POLLIN) {
@@ -443,8 +462,8 @@ class Launcher {
   }
 
   int report() {
-    if (first_failure_) {
-      const Rank& rank = ranks_[*first_failure_];
+    if (const Rank* failed = culprit()) {
+      const Rank& rank = *failed;
       std::fprintf(stderr, "moetune launch: failed: rank %d %s\n", rank.rank,
                    describe_status(rank.status).c_str());
       if (!rank.tail.empty()) {
@@ -465,7 +484,8 @@ class Launcher {
 
   LaunchOptions options_;
   std::vector<Rank> ranks_;
-  std::optional<int> first_failure_;
+  bool any_failure_ = false;
+  int64_t pass_ = 0;  // passes of the poll loop so far
   int interrupted_ = 0;
   std::optional<Clock::time_point> kill_deadline_;
 };

@@ -597,6 +597,8 @@ void Store::barrier(const std::string& name) {
     try {
       reply =
           request(kGet, {prefix + "/done", std::to_string(timeout_s_ * 1000.0)}, timeout_s_ + 10.0);
+    } catch (const PeerFailure& error) {  // keeps its type: the process exits with 75 for it
+      throw PeerFailure(detail::concat("barrier '", name, "' on rank ", rank_, ": ", error.what()));
     } catch (const Error& error) {
       fail("barrier '", name, "' on rank ", rank_, ": ", error.what());
     }

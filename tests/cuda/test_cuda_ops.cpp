@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <random>
@@ -102,6 +103,9 @@ class CudaOps : public ::testing::TestWithParam<DType> {
     EXPECT_LE(max_diff / max_ref, tolerance)
         << what << " (" << dtype_name(dt()) << ", max |ref| " << max_ref << ")";
   }
+  // Defined beside the AdamW tests that call it.
+  void check_multi_tensor_adamw(const std::vector<int64_t>& sizes, int64_t step,
+                                const std::function<float(size_t)>& decay_of, float grad_scale);
   void expect_ints_equal(const Dual& dual, const char* what) {
     Buffer host(DType::I32, dual.gpu.shape(), Device::CPU);
     gpu_->copy(host, dual.gpu);
@@ -724,11 +728,12 @@ TEST_P(CudaOps, AdamWBf16State) {
   expect_close(q, 1e-2, "adamw bf16 param (no decay)");
 }
 
-// The vectorised multi-tensor path on tensors spanning several 4096-element chunks (a
-// partial last chunk, tiny tensors between big ones), fp32 state (+ an fp32 master in bf16
-// mode), and the deterministic grad-norm reduction over the same tensors.
-TEST_P(CudaOps, AdamWVectorisedChunks) {
-  const std::vector<int64_t> sizes = {2 * 4096 + 8, 16, 4096, 5 * 4096 - 24, 8};
+// The multi-tensor AdamW and grad-norm paths on tensors of `sizes` (fp32 state, + an fp32
+// master in bf16 mode) against the CPU reference: the deterministic grad-norm reduction over
+// the gradients, then one AdamW step (lr 1e-2) with `decay_of(i)` as tensor i's weight decay.
+void CudaOps::check_multi_tensor_adamw(const std::vector<int64_t>& sizes, int64_t step,
+                                       const std::function<float(size_t)>& decay_of,
+                                       float grad_scale) {
   std::vector<Dual*> p, g, m, v, master;
   for (int64_t n : sizes) {
     p.push_back(&random(Shape{n}));
@@ -744,31 +749,41 @@ TEST_P(CudaOps, AdamWVectorisedChunks) {
   for (Dual* grad : g) cpu_grads.push_back(grad->c()), gpu_grads.push_back(grad->g());
   cpu_->grad_norm_squared(cpu_grads, norm.c());
   gpu_->grad_norm_squared(gpu_grads, norm.g());
-  expect_close(norm, 1e-5, "grad_norm_squared (vectorised)");
+  expect_close(norm, 1e-5, "grad_norm_squared");
   AdamWHyper hyper;
   hyper.lr = 1e-2;
-  hyper.step = 4;
+  hyper.step = step;
   std::vector<AdamWParam> cpu_params, gpu_params;
   for (size_t i = 0; i < sizes.size(); ++i) {
-    const float decay = i % 2 ? 0.0f : 0.1f;
+    const float decay = decay_of(i);
     cpu_params.push_back(
         {bf16() ? master[i]->c() : p[i]->c(), g[i]->c(), m[i]->c(), v[i]->c(), Tensor(), decay});
     gpu_params.push_back(
         {p[i]->g(), g[i]->g(), m[i]->g(), v[i]->g(), bf16() ? master[i]->g() : Tensor(), decay});
   }
-  cpu_->adamw_update(cpu_params, hyper, 0.25f);
-  gpu_->adamw_update(gpu_params, hyper, 0.25f);
+  cpu_->adamw_update(cpu_params, hyper, grad_scale);
+  gpu_->adamw_update(gpu_params, hyper, grad_scale);
   for (size_t i = 0; i < sizes.size(); ++i) {
-    expect_close(*m[i], 1e-5, "adamw exp_avg (vectorised)");
-    expect_close(*v[i], 1e-5, "adamw exp_avg_sq (vectorised)");
-    expect_close(bf16() ? *master[i] : *p[i], 1e-5, "adamw param / master (vectorised)");
+    SCOPED_TRACE("tensor " + std::to_string(i) + " of " + std::to_string(sizes[i]));
+    expect_close(*m[i], 1e-5, "adamw exp_avg");
+    expect_close(*v[i], 1e-5, "adamw exp_avg_sq");
+    expect_close(bf16() ? *master[i] : *p[i], 1e-5, "adamw param / master");
+    if (HasFailure()) return;
   }
+}
+
+// The vectorised multi-tensor path on tensors spanning several 4096-element chunks (a
+// partial last chunk, tiny tensors between big ones); decay on every other tensor.
+TEST_P(CudaOps, AdamWVectorisedChunks) {
+  check_multi_tensor_adamw(
+      {2 * 4096 + 8, 16, 4096, 5 * 4096 - 24, 8}, /*step=*/4,
+      [](size_t i) { return i % 2 ? 0.0f : 0.1f; }, /*grad_scale=*/0.25f);
 }
 
 // More tensors than one launch's descriptor table holds (the CUDA backend splits AdamW and
 // the grad norm into several launches): 1000 small tensors of awkward sizes, once all
 // multiples of 8 (the vectorised path, with a few multi-chunk tensors) and once with odd
-// sizes (the scalar path), each against the CPU reference; decay alternates per tensor.
+// sizes (the scalar path), each against the CPU reference; decay on two tensors in three.
 TEST_P(CudaOps, AdamWManyTensorsSplitLaunches) {
   std::mt19937 size_rng(77);
   for (const bool vectorised : {true, false}) {
@@ -781,42 +796,10 @@ TEST_P(CudaOps, AdamWManyTensorsSplitLaunches) {
       else
         sizes.push_back(vectorised ? 8 * (r + 1) : r + 1);
     }
-    std::vector<Dual*> p, g, m, v, master;
-    for (int64_t n : sizes) {
-      p.push_back(&random(Shape{n}));
-      g.push_back(&random(Shape{n}));
-      m.push_back(&random_f32(Shape{n}, 0.1f));
-      v.push_back(&make(Shape{n}, DType::F32, std::vector<float>(size_t(n), 0.03f)));
-      master.push_back(
-          &make(Shape{n}, DType::F32,
-                std::vector<float>(p.back()->cpu.ptr<float>(), p.back()->cpu.ptr<float>() + n)));
-    }
-    Dual& norm = out_f32(Shape{1});
-    std::vector<Tensor> cpu_grads, gpu_grads;
-    for (Dual* grad : g) cpu_grads.push_back(grad->c()), gpu_grads.push_back(grad->g());
-    cpu_->grad_norm_squared(cpu_grads, norm.c());
-    gpu_->grad_norm_squared(gpu_grads, norm.g());
-    expect_close(norm, 1e-5, "grad_norm_squared (split)");
-    AdamWHyper hyper;
-    hyper.lr = 1e-2;
-    hyper.step = 5;
-    std::vector<AdamWParam> cpu_params, gpu_params;
-    for (size_t i = 0; i < sizes.size(); ++i) {
-      const float decay = i % 3 ? 0.05f : 0.0f;
-      cpu_params.push_back(
-          {bf16() ? master[i]->c() : p[i]->c(), g[i]->c(), m[i]->c(), v[i]->c(), Tensor(), decay});
-      gpu_params.push_back(
-          {p[i]->g(), g[i]->g(), m[i]->g(), v[i]->g(), bf16() ? master[i]->g() : Tensor(), decay});
-    }
-    cpu_->adamw_update(cpu_params, hyper, 0.5f);
-    gpu_->adamw_update(gpu_params, hyper, 0.5f);
-    for (size_t i = 0; i < sizes.size(); ++i) {
-      SCOPED_TRACE("tensor " + std::to_string(i) + " of " + std::to_string(sizes[i]));
-      expect_close(*m[i], 1e-5, "adamw exp_avg (split)");
-      expect_close(*v[i], 1e-5, "adamw exp_avg_sq (split)");
-      expect_close(bf16() ? *master[i] : *p[i], 1e-5, "adamw param / master (split)");
-      if (HasFailure()) return;
-    }
+    check_multi_tensor_adamw(
+        sizes, /*step=*/5, [](size_t i) { return i % 3 ? 0.05f : 0.0f; },
+        /*grad_scale=*/0.5f);
+    if (HasFailure()) return;
   }
 }
 

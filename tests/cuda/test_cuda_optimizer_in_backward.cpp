@@ -13,12 +13,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <nlohmann/json.hpp>
 #include <vector>
 
-#include "../test_util.h"
+#include "../test_model_fixtures.h"
 #include "core/error.h"
-#include "io/model_config.h"
 #include "model/model.h"
 #include "ops/backend.h"
 #include "ops/cuda/cuda_profile.h"
@@ -28,28 +26,23 @@
 namespace moetune {
 namespace {
 
-ModelConfig tiny_moe(bool tied) {
-  nlohmann::json json = {{"model_type", "qwen3_moe"},
-                         {"vocab_size", 384},
-                         {"hidden_size", 128},
-                         {"intermediate_size", 192},
-                         {"moe_intermediate_size", 64},
-                         {"num_hidden_layers", 4},
-                         {"num_attention_heads", 4},
-                         {"num_key_value_heads", 2},
-                         {"head_dim", 32},
-                         {"num_experts", 8},
-                         {"num_experts_per_tok", 2},
-                         {"norm_topk_prob", true},
-                         {"mlp_only_layers", {1}},
-                         {"output_router_logits", true},
-                         {"router_aux_loss_coef", 0.01},
-                         {"rms_norm_eps", 1e-6},
-                         {"rope_theta", 10000.0},
-                         {"max_position_embeddings", 512},
-                         {"initializer_range", 0.05},
-                         {"tie_word_embeddings", tied}};
-  return parse_model_config(json, "tiny_moe");
+// The shared tiny Qwen3-MoE grown to sizes where the side stream has work to overlap
+// (4 layers, layer 1 dense, 8 experts top-2, hidden 128, sequences of 256).
+ModelConfig gpu_moe(bool tied) {
+  return testing::tiny_moe_config({{"vocab_size", 384},
+                                   {"hidden_size", 128},
+                                   {"intermediate_size", 192},
+                                   {"moe_intermediate_size", 64},
+                                   {"num_hidden_layers", 4},
+                                   {"num_attention_heads", 4},
+                                   {"num_key_value_heads", 2},
+                                   {"head_dim", 32},
+                                   {"num_experts", 8},
+                                   {"router_aux_loss_coef", 0.01},
+                                   {"max_position_embeddings", 512},
+                                   {"initializer_range", 0.05},
+                                   {"tie_word_embeddings", tied}},
+                                  "gpu_moe");
 }
 
 enum class Path { Plain, InBackward, Overlapped };
@@ -61,7 +54,7 @@ struct TrainedRun {
 };
 
 TrainedRun train(Backend& backend, Path path, bool tied, bool recompute) {
-  const ModelConfig config = tiny_moe(tied);
+  const ModelConfig config = gpu_moe(tied);
   ModelOptions options;
   options.param_dtype = DType::BF16;
   options.grad_dtype = DType::F32;
@@ -81,11 +74,10 @@ TrainedRun train(Backend& backend, Path path, bool tied, bool recompute) {
   TrainedRun run;
   const int64_t B = 2, T = 256;
   for (int step = 0; step < 4; ++step) {
-    const auto noise = testing::random_floats(static_cast<size_t>(B * T), 77 + step, 1.0f);
-    std::vector<int32_t> ids;
-    for (float x : noise)
-      ids.push_back(static_cast<int32_t>((x + 1.0f) * 0.5f * (config.vocab_size - 1)));
-    const BatchView batch{B, T, ids, ids, {}, {}};
+    // Every token trained (no label masked above 1).
+    const testing::Tokens tokens =
+        testing::make_tokens(B * T, 77 + step, config.vocab_size, /*masked_above=*/1.0f);
+    const BatchView batch{B, T, tokens.ids, tokens.labels, {}, {}};
     const double lr = 1e-3 * (step + 1);
     model->zero_grads();
     if (in_backward) in_backward->begin_step(lr);

@@ -33,10 +33,15 @@ void check_cuda(cudaError_t status, const char* what) {
 
 void check_nccl(ncclResult_t status, const char* what, ncclComm_t comm = nullptr) {
   if (status == ncclSuccess) return;
-  const char* detail = ncclGetLastError(comm);
-  fail("NCCL error in ", what, ": ", ncclGetErrorString(status),
-       detail && *detail ? std::string(" (") + detail + ")" : std::string(),
-       " (NCCL_DEBUG=WARN shows more)");
+  const char* last_error = ncclGetLastError(comm);
+  const std::string message = detail::concat(
+      "NCCL error in ", what, ": ", ncclGetErrorString(status),
+      last_error && *last_error ? std::string(" (") + last_error + ")" : std::string(),
+      " (NCCL_DEBUG=WARN shows more)");
+  // A peer that exited or lost its network: exit status 75, so that a launcher names the
+  // rank that failed first rather than this one.
+  if (status == ncclRemoteError) throw PeerFailure(message);
+  throw Error(message);
 }
 
 ncclDataType_t sum_type(DType dtype) {
