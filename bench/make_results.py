@@ -20,7 +20,7 @@ for line in open(sys.argv[1]):
     entry["recompute"] = r.get("recompute", False)
     for optional in ("gpus", "expert_parallel", "zero_stage", "overlap_comm", "optimizer_in_backward",
                      "plan_gib", "peak_alloc_gib", "phases_s", "overlap_optimizer", "grad_arena_gib",
-                     "side_stream_s", "ops_ms", "grouped_gemm_tflops"):
+                     "side_stream_s", "ops_ms", "grouped_gemm_tflops", "ep_chunks"):
         if optional in r:
             entry[optional] = r[optional]
     runs.append(entry)
