@@ -52,7 +52,7 @@ class ExpertParallelDispatcher final : public TokenDispatcher {
     plan_exchange(saved);
     const int64_t M = saved.expert_rows;
     ensure_capacity(scratch.exchanged, x.dtype, M, H, backend_.device());
-    ensure_rows(saved.rows, x.dtype, M, H, backend_.device());
+    ensure_capacity(saved.rows, x.dtype, M, H, backend_.device());
     send_to_experts(sorted, first_rows(scratch.exchanged, M), saved.plan);
   }
 

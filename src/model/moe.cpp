@@ -25,8 +25,11 @@ void ensure_capacity(Buffer& buffer, DType dtype, int64_t rows, int64_t width, D
   if (buffer.data() != nullptr && buffer.dtype() == dtype && buffer.shape().rank == 2 &&
       buffer.shape()[1] == width && buffer.shape()[0] >= rows)
     return;
+  const bool growing = buffer.data() != nullptr && buffer.dtype() == dtype &&
+                       buffer.shape().rank == 2 && buffer.shape()[1] == width;
   buffer = Buffer();  // free first: the caching allocator can hand the memory back at once
-  buffer = Buffer(dtype, Shape{std::max<int64_t>(rows + rows / 8, 1), width}, device);
+  buffer =
+      Buffer(dtype, Shape{std::max<int64_t>(growing ? rows + rows / 8 : rows, 1), width}, device);
 }
 
 namespace {
@@ -119,8 +122,8 @@ void moe_forward(Backend& backend, TokenDispatcher& dispatcher, const ModelConfi
                                                                      : saved.topk_ids.tensor();
   dispatcher.dispatch(x, dispatch_ids, saved, scratch);  // (M, H)
   const int64_t M = saved.expert_rows;
-  ensure_rows(saved.gate_up, dtype, M, 2 * I, device);
-  ensure_rows(saved.hidden, dtype, M, I, device);
+  ensure_capacity(saved.gate_up, dtype, M, 2 * I, device);
+  ensure_capacity(saved.hidden, dtype, M, I, device);
   // experts, chunk by chunk (none of this rank's experts may have rows: M = 0 with expert
   // parallelism)
   const Tensor expert_out = dispatcher.expert_output(saved, scratch);  // (M, H)

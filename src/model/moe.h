@@ -86,11 +86,12 @@ struct MoeScratch {
 Tensor first_rows(const Buffer& buffer, int64_t rows);
 // (Re)allocates buffer as (max(rows, 1), width) unless it already has that shape.
 void ensure_rows(Buffer& buffer, DType dtype, int64_t rows, int64_t width, Device device);
-// Scratch whose row count changes per call (expert rows received with expert parallelism):
-// keeps the buffer while it has the dtype and width and at least `rows` rows, else
-// reallocates it with an eighth more rows than asked, so it settles at the largest layer's
-// size instead of leaving a block of every size behind in the device allocator's cache.
-// Users take first_rows(buffer, rows).
+// Buffers whose row count changes per call (expert rows received with expert parallelism:
+// the MoE scratch and each layer's saved expert activations): keeps the buffer while it has
+// the dtype and width and at least `rows` rows; grows it with an eighth more rows than asked
+// (a first allocation, or another dtype or width, gets exactly `rows`). The buffers settle at
+// the largest size seen instead of leaving a block of every size behind in the device
+// allocator's cache. Users take first_rows(buffer, rows).
 void ensure_capacity(Buffer& buffer, DType dtype, int64_t rows, int64_t width, Device device);
 
 class TokenDispatcher {
