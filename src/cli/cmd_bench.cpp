@@ -203,11 +203,9 @@ int run_bench(int argc, char** argv) {
     model->zero_grads();
     if (in_backward) in_backward->begin_step(kLr);
     const StepResult result = model->forward_backward(batch, loss_scale);
-    if (in_backward)
-      ;  // updated in the backward
-    else if (dp_optimizer)
+    if (!in_backward && dp_optimizer)  // (in_backward: updated in the backward)
       dp_optimizer->step(kLr, 1.0f);
-    else
+    else if (!in_backward)
       adamw->step(kLr);
     backend->synchronize();
     last_loss = result.trained_tokens ? result.loss_sum / double(result.trained_tokens) : 0.0;

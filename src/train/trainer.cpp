@@ -674,11 +674,9 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
       const double max_norm = recipe.optimizer.grad_clip;
       const double clip = max_norm > 0 ? std::min(1.0, max_norm / (grad_norm + 1e-6)) : 1.0;
       // 4. AdamW at the schedule's lr (done in the backward with optimizer_in_backward).
-      if (optimizer_in_backward)
-        ;
-      else if (dp_optimizer)
+      if (!optimizer_in_backward && dp_optimizer)
         dp_optimizer->step(static_cast<float>(lr), static_cast<float>(clip));
-      else
+      else if (!optimizer_in_backward)
         single_optimizer->step(static_cast<float>(lr), static_cast<float>(clip));
     }
     ++step;
