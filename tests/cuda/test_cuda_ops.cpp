@@ -239,13 +239,15 @@ Tensor at_offset(const Tensor& t, int64_t offset, Shape shape) {
 }
 
 // Every row split of the norm kernels: rows held in registers by 1 to 32 lanes with 4 or 8
-// vectors each (16-byte vectors or, for widths that are not a multiple of them, single
-// elements), and the block-per-row kernels past 256 vectors. Rows beyond one wave of the
-// grid (Qwen3's q-norm: 131,072 rows of 128), one row, odd row counts, 7168-wide rows.
+// vectors each (forward; the backward: 1 to 256 threads, up to 8 warps, with 2 vectors each),
+// 16-byte vectors or, for widths that are not a multiple of them, single elements, and the
+// block/warp-per-row kernels past them. Rows beyond one wave of the grid (Qwen3's q-norm:
+// 131,072 rows of 128; 4096 hidden-size rows, multi-warp row groups several times over), one
+// row, odd row counts, 7168-wide rows.
 TEST_P(CudaOps, RmsNormRowSplits) {
   const std::pair<int64_t, int64_t> shapes[] = {
-      {128, 131072}, {128, 1},  {8, 33},   {24, 7},   {4, 1000},  {3, 11},   {1, 5},
-      {136, 45},     {256, 19}, {1024, 9}, {1536, 5}, {2048, 37}, {2056, 5}, {7168, 3}};
+      {128, 131072}, {128, 1},  {8, 33},   {24, 7},    {4, 1000},    {3, 11},   {1, 5},   {136, 45},
+      {256, 19},     {1024, 9}, {1536, 5}, {2048, 37}, {2048, 4096}, {2056, 5}, {7168, 3}};
   for (const auto& [d, rows] : shapes) {
     SCOPED_TRACE("d " + std::to_string(d) + " rows " + std::to_string(rows));
     Dual& x = random(Shape{rows, d}, 2.0f);

@@ -1,11 +1,12 @@
 // Memory-bound kernels: fill, dtype conversion, add, bias, embedding, RMSNorm (with the fused
 // residual add), rotary embedding and SwiGLU. The training step's hot ones (norms, RoPE,
 // SwiGLU) move 16-byte vectors (ops/cuda/vector_access.cuh) when the row width and pointers
-// allow, with single-element instantiations otherwise; norm rows of up to 256 vectors are
-// held in registers by a group of lanes of one warp (shuffle reductions, grid sized to the
-// GPU), wider rows take a block (forward) or a warp (backward) each. Flat grid-stride loops
-// elsewhere. Secondary operands (weights, biases) are read through `load_any`, a uniform
-// run-time dtype branch, so each kernel is compiled once or twice rather than for every
+// allow, with single-element instantiations otherwise; norm rows of up to 256 vectors
+// (forward) are held in registers by a group of lanes of one warp, up to 512 (backward: 2
+// vectors a thread) by a group of up to 8 warps (shuffle reductions, named barriers across
+// warps, grid sized to the GPU); wider rows take a block (forward) or a warp (backward) each. Flat
+// grid-stride loops elsewhere. Secondary operands (weights, biases) are read through `load_any`, a
+// uniform run-time dtype branch, so each kernel is compiled once or twice rather than for every
 // dtype combination.
 #include <algorithm>
 
@@ -185,6 +186,15 @@ RowSplit row_split(int64_t vectors) {
   return {chunks, group};
 }
 
+// The backward's split: kBackwardChunks vectors per thread, groups of up to a block.
+constexpr int kBackwardChunks = 2;
+RowSplit backward_split(int64_t vectors) {
+  if (vectors > int64_t(kBackwardChunks) * kRowThreads) return {};
+  int group = 1;
+  while (group * kBackwardChunks < vectors) group *= 2;
+  return {kBackwardChunks, group};
+}
+
 // Vectors of a row that lane `sub` of its group holds: sub, sub + group, ... below `vectors`.
 __device__ __forceinline__ int lane_chunks(int64_t vectors, int sub, int group) {
   return vectors > sub ? int((vectors - sub + group - 1) / group) : 0;
@@ -285,98 +295,126 @@ __global__ void rmsnorm_forward_kernel(scalar_t* x, const void* delta, Kind kdel
   }
 }
 
-// Backward over rows in registers (split as in rmsnorm_forward_rows_kernel): dx as below;
-// each lane sums dout * xhat of its columns over its rows in registers, the groups of a
-// warp holding the same columns add theirs by shuffles, the warps of the block add theirs
-// into shared memory one after another (fixed order), and the block writes its partial.
-// At most 128 registers (2 blocks per SM) with 4 chunks per lane; with 8 the rows take 255
-// (1 block per SM: still 8 KB in flight per warp).
+// Backward over rows in registers. A row of `vectors` vectors is taken by `group` threads of
+// the block (a power of two, 1 to 256: up to a warp, or 2 to 8 whole warps for hidden-size
+// rows), thread `sub` of the group holding vectors sub and sub + group (CHUNKS = 2: dout, x
+// and, when accumulating, the old dx, loaded together up front), so a thread keeps few
+// registers and the SM holds 3 or 4 blocks of 256 threads (backward_blocks_per_sm). dx = rstd * (g
+// - xhat * mean(g * xhat)), g = dout * w: the row's dot sums by shuffles over the group's lanes
+// and, for multi-warp groups, over its warps through shared memory (double-buffered, one named
+// barrier per row). dweight: each of the block's kRowThreads / group row slots has its own row of
+// sums in shared memory (weight_slot order; at most kRowThreads * CHUNKS * V floats in all), each
+// thread adding dout * xhat of its columns there (no other thread touches them, so no
+// atomics and no registers held across rows); the block then sums its slots in order into
+// its partial (deterministic).
+// Blocks of kRowThreads per SM the backward's registers allow: 3 with bf16 16-byte vectors (80
+// registers; capped at 64 they spill), 4 otherwise (64).
+template <typename scalar_t, int V>
+constexpr int backward_blocks_per_sm() {
+  return sizeof(scalar_t) == 2 && V > 1 ? 3 : 4;
+}
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+template <int V>
+__device__ __forceinline__ void add_staged_vec(float* staged, int64_t vectors, int64_t vec,
+                                               const float (&add)[V]) {
+  if constexpr (V % 4 == 0) {
+#pragma unroll
+    for (int plane = 0; plane < V / 4; ++plane) {
+      float4& f = reinterpret_cast<float4*>(staged)[plane * vectors + vec];
+      float4 sum = f;
+      sum.x += add[plane * 4 + 0];
+      sum.y += add[plane * 4 + 1];
+      sum.z += add[plane * 4 + 2];
+      sum.w += add[plane * 4 + 3];
+      f = sum;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) staged[vec * V + i] += add[i];
+  }
+}
 template <typename scalar_t, int V, int CHUNKS>
-__global__ void __launch_bounds__(kRowThreads, CHUNKS == 8 ? 1 : 2)
+__global__ void __launch_bounds__(kRowThreads, (backward_blocks_per_sm<scalar_t, V>()))
     rmsnorm_backward_rows_kernel(const scalar_t* dout, const scalar_t* x, const void* weight,
                                  Kind kw, const float* rstd, scalar_t* dx, bool accumulate,
                                  float* dweight_partial, int64_t rows, int64_t d, int group) {
-  extern __shared__ __align__(16) float staged[];  // (d) weight (weight_slot order), (d) dweight
-  float* block_dweight = staged + d;
-  stage_weight<V>(staged, weight, kw, d);
-  const int lane = threadIdx.x & 31, sub = lane & (group - 1), warp = threadIdx.x >> 5;
-  const int stride = group * V;
-  const int64_t vectors = d / V, rows_per_warp = 32 / group;
+  // (d) weight, then (kRowThreads / group, d) dweight sums, both in weight_slot order
+  extern __shared__ __align__(16) float staged[];
+  __shared__ float warp_dots[2][kRowThreads / 32];  // multi-warp groups' partial dots
+  const int64_t vectors = d / V, slots = kRowThreads / group;
+  float* dweight_sums = staged + d;
+  for (int64_t c = threadIdx.x; c < slots * d; c += kRowThreads) dweight_sums[c] = 0.0f;
+  stage_weight<V>(staged, weight, kw, d);  // and waits for the block
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int sub = threadIdx.x & (group - 1), slot = threadIdx.x / group;
+  const int stride = group * V, lanes = group < 32 ? group : 32;
+  const int group_warps = group / lanes;  // warps per row (1 unless group > 32)
+  float* my_sums = dweight_sums + slot * d;
   const int held = lane_chunks(vectors, sub, group);  // <= CHUNKS
-  const int64_t step = int64_t(gridDim.x) * (blockDim.x >> 5) * rows_per_warp;
-  float dw[CHUNKS][V];
-#pragma unroll
-  for (int k = 0; k < CHUNKS; ++k)
-#pragma unroll
-    for (int i = 0; i < V; ++i) dw[k][i] = 0.0f;
-  for (int64_t base = (int64_t(blockIdx.x) * (blockDim.x >> 5) + warp) * rows_per_warp; base < rows;
-       base += step) {
-    const int64_t row = base + lane / group;
+  int parity = 0;
+  // Uniform over the block (the multi-warp groups' barriers need every thread of the row).
+  for (int64_t base = int64_t(blockIdx.x) * slots; base < rows;
+       base += int64_t(gridDim.x) * slots) {
+    const int64_t row = base + slot;
     const int chunks = row < rows ? held : 0;
-    const int64_t first = row * d + sub * V;  // this lane's first element
+    const int64_t first = row * d + sub * V;  // this thread's first element
     const float inv = chunks > 0 ? rstd[row] : 0.0f;
-    Packed<scalar_t, V> g[CHUNKS], xv[CHUNKS];
+    Packed<scalar_t, V> g[CHUNKS], xv[CHUNKS], old[CHUNKS];
 #pragma unroll
     for (int k = 0; k < CHUNKS; ++k) {
       if (k >= chunks) continue;
       g[k] = load_packed<scalar_t, V>(dout + first + k * stride);
       xv[k] = load_packed<scalar_t, V>(x + first + k * stride);
+      if (accumulate) old[k] = load_packed<scalar_t, V>(dx + first + k * stride);
     }
     float dot = 0.0f;
 #pragma unroll
     for (int k = 0; k < CHUNKS; ++k) {
       if (k >= chunks) continue;
-      float w[V];
+      float w[V], gx[V];
       staged_weight_vec<V>(staged, vectors, sub + k * group, w);
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        const float gi = to_float(g[k].v[i]), xhat = to_float(xv[k].v[i]) * inv;
-        dot += gi * w[i] * xhat;
-        dw[k][i] += gi * xhat;
+        gx[i] = to_float(g[k].v[i]) * (to_float(xv[k].v[i]) * inv);
+        dot += gx[i] * w[i];
       }
+      add_staged_vec<V>(my_sums, vectors, sub + k * group, gx);
     }
-    const float mean = group_sum(dot, group) / float(d);
+    dot = group_sum(dot, lanes);
+    if (group_warps > 1) {  // uniform over the block
+      if (lane == 0) warp_dots[parity][warp] = dot;
+      named_barrier(1 + slot, group);
+      const int first_warp = warp & ~(group_warps - 1);
+      dot = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kRowThreads / 32; ++w)
+        if (w < group_warps) dot += warp_dots[parity][first_warp + w];
+      parity ^= 1;  // the next row's writes go to the other buffer (no second barrier)
+    }
+    const float mean = dot / float(d);
 #pragma unroll
     for (int k = 0; k < CHUNKS; ++k) {
       if (k >= chunks) continue;
       float w[V], value[V];
       staged_weight_vec<V>(staged, vectors, sub + k * group, w);
-      Packed<scalar_t, V> old;
-      if (accumulate) old = load_packed<scalar_t, V>(dx + first + k * stride);
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         const float gw = to_float(g[k].v[i]) * w[i];
         const float delta = inv * (gw - to_float(xv[k].v[i]) * inv * mean);
-        value[i] = accumulate ? to_float(old.v[i]) + delta : delta;
+        value[i] = accumulate ? to_float(old[k].v[i]) + delta : delta;
       }
       store_vec<scalar_t, V>(dx + first + k * stride, value);
     }
   }
-  // Lanes sub, sub + group, ... of a warp hold the same columns.
-#pragma unroll
-  for (int k = 0; k < CHUNKS; ++k)
-#pragma unroll
-    for (int i = 0; i < V; ++i)
-      for (int offset = 16; offset >= group; offset >>= 1)
-        dw[k][i] += __shfl_xor_sync(0xffffffffu, dw[k][i], offset);
-  const int warps = blockDim.x >> 5;
-  for (int w = 0; w < warps; ++w) {
-    if (warp == w && lane < group) {
-#pragma unroll
-      for (int k = 0; k < CHUNKS; ++k) {
-        const int64_t vec = lane + int64_t(k) * group;
-        if (vec >= vectors) continue;
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          const int64_t c = vec * V + i;
-          block_dweight[c] = (w == 0 ? 0.0f : block_dweight[c]) + dw[k][i];
-        }
-      }
-    }
-    __syncthreads();
+  __syncthreads();
+  for (int64_t c = threadIdx.x; c < d; c += kRowThreads) {
+    const int64_t at = weight_slot<V>(c, vectors);
+    float sum = 0.0f;
+    for (int64_t s = 0; s < slots; ++s) sum += dweight_sums[s * d + at];
+    dweight_partial[blockIdx.x * d + c] = sum;
   }
-  for (int64_t c = threadIdx.x; c < d; c += blockDim.x)
-    dweight_partial[blockIdx.x * d + c] = block_dweight[c];
 }
 
 // Backward for rows wider than rmsnorm_backward_rows_kernel holds.
@@ -573,7 +611,7 @@ int sm_count() {
   return sms;
 }
 
-// Blocks of kRowThreads for a rows kernel: one per 8 * (32 / group) rows, at most as many as
+// Blocks of kRowThreads for a rows kernel: one per kRowThreads / group rows, at most as many as
 // the GPU holds at once (the kernels stride over the rest). Depends only on the kernel and
 // the GPU, so the backward's dweight summation order is the same run to run.
 template <typename Kernel>
@@ -581,7 +619,7 @@ int rows_grid(Kernel kernel, size_t smem, int64_t rows, int group) {
   int per_sm = 0;
   MOETUNE_CUDA_CHECK(
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kRowThreads, int(smem)));
-  const int64_t rows_per_block = int64_t(kRowThreads / 32) * (32 / group);
+  const int64_t rows_per_block = kRowThreads / group;
   return static_cast<int>(std::clamp<int64_t>(ceil_div(rows, rows_per_block), 1,
                                               int64_t(std::max(per_sm, 1)) * sm_count()));
 }
@@ -768,19 +806,19 @@ void launch_rmsnorm_backward(const Tensor& dout, const Tensor& x, const Tensor& 
   MOETUNE_DISPATCH_FLOAT(x.dtype, "rmsnorm_backward", {
     constexpr int kVec = 16 / int(sizeof(scalar_t));
     const bool vectorised = vector_aligned(d, sizeof(scalar_t), {dout.data, x.data, dx.data});
-    const RowSplit split = row_split(vectorised ? d / kVec : d);
+    const RowSplit split = backward_split(vectorised ? d / kVec : d);
     int blocks = 0;
     float* partial = nullptr;
     if (split.chunks > 0) {
-      const size_t smem = 2 * sizeof(float) * d;  // staged weight and the block's dweight
-      MOETUNE_DISPATCH_ROWS(vectorised, split.chunks, {
-        auto kernel = rmsnorm_backward_rows_kernel<scalar_t, kVector, kChunks>;
-        blocks = rows_grid(kernel, smem, rows, split.group);
-        partial = static_cast<float*>(scratch.get(sizeof(float) * blocks * d));
-        kernel<<<blocks, kRowThreads, smem, stream>>>(
-            dout.ptr<scalar_t>(), x.ptr<scalar_t>(), weight.data, kind_of(weight),
-            rstd.ptr<float>(), dx.ptr<scalar_t>(), accumulate_dx, partial, rows, d, split.group);
-      });
+      // staged weight and the row slots' dweight sums (at most 32 KB)
+      const size_t smem = sizeof(float) * d * (1 + kRowThreads / split.group);
+      auto kernel = vectorised ? rmsnorm_backward_rows_kernel<scalar_t, kVec, kBackwardChunks>
+                               : rmsnorm_backward_rows_kernel<scalar_t, 1, kBackwardChunks>;
+      blocks = rows_grid(kernel, smem, rows, split.group);
+      partial = static_cast<float*>(scratch.get(sizeof(float) * blocks * d));
+      kernel<<<blocks, kRowThreads, smem, stream>>>(
+          dout.ptr<scalar_t>(), x.ptr<scalar_t>(), weight.data, kind_of(weight), rstd.ptr<float>(),
+          dx.ptr<scalar_t>(), accumulate_dx, partial, rows, d, split.group);
     } else {
       // 8 warps per block while their dweight rows fit in 96 KB of shared memory (fewer for
       // wide rows), at most 1024 blocks (their partials: 1024 * d floats of scratch).
