@@ -8,11 +8,19 @@
 
 namespace moetune {
 
+namespace {
+// The routed experts of layer l (gate, up and down of each), 0 for a dense layer.
+int64_t layer_expert_parameters(const ModelConfig& config, int64_t l) {
+  return config.layer_is_moe(l)
+             ? config.num_experts * 3 * config.hidden_size * config.moe_intermediate_size
+             : 0;
+}
+}  // namespace
+
 int64_t count_expert_parameters(const ModelConfig& config) {
   int64_t experts = 0;
   for (int64_t l = 0; l < config.num_hidden_layers; ++l)
-    if (config.layer_is_moe(l))
-      experts += config.num_experts * 3 * config.hidden_size * config.moe_intermediate_size;
+    experts += layer_expert_parameters(config, l);
   return experts;
 }
 
@@ -39,10 +47,7 @@ MemoryPlan plan_memory(const ModelConfig& config, const MemoryPlanOptions& optio
     const int64_t head = H + (config.tie_word_embeddings ? 0 : V * H);
     int64_t largest = std::max(head, config.tie_word_embeddings ? 0 : embed);
     for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
-      const int64_t layer_experts =
-          config.layer_is_moe(l)
-              ? config.num_experts * 3 * config.hidden_size * config.moe_intermediate_size
-              : 0;
+      const int64_t layer_experts = layer_expert_parameters(config, l);
       largest = std::max(largest, layer_parameters(config, l) - layer_experts + layer_experts / ep);
     }
     const int64_t held = largest * std::max<int64_t>(1, options.gradient_arenas) +

@@ -105,6 +105,8 @@ class CudaOps : public ::testing::TestWithParam<DType> {
     EXPECT_LE(max_diff / max_ref, tolerance)
         << what << " (" << dtype_name(dt()) << ", max |ref| " << max_ref << ")";
   }
+  // Defined beside the RMSNorm tests that call it.
+  void check_rmsnorm(int64_t d, int64_t rows);
   // Defined beside the AdamW tests that call it.
   void check_multi_tensor_adamw(const std::vector<int64_t>& sizes, int64_t step,
                                 const std::function<float(size_t)>& decay_of, float grad_scale);
@@ -166,6 +168,45 @@ TEST_P(CudaOps, ElementwiseAndEmbedding) {
   expect_close(table, bwd_tol(), "embedding_backward");
 }
 
+// RMSNorm forward, the fused residual add and the backward in every accumulate mode on
+// (rows, d): the GPU against the CPU.
+void CudaOps::check_rmsnorm(int64_t d, int64_t rows) {
+  Dual& x = random(Shape{rows, d}, 2.0f);
+  Dual& w = random(Shape{d});
+  Dual& y = out(Shape{rows, d});
+  Dual& rstd = out_f32(Shape{rows});
+  cpu_->rmsnorm_forward(x.c(), w.c(), 1e-6f, y.c(), rstd.c());
+  gpu_->rmsnorm_forward(x.g(), w.g(), 1e-6f, y.g(), rstd.g());
+  expect_close(y, fwd_tol(), "rmsnorm_forward");
+  expect_close(rstd, fwd_tol(), "rmsnorm rstd");
+
+  Dual& delta = random(Shape{rows, d});
+  cpu_->add_rmsnorm_forward(x.c(), delta.c(), w.c(), 1e-5f, y.c(), rstd.c());
+  gpu_->add_rmsnorm_forward(x.g(), delta.g(), w.g(), 1e-5f, y.g(), rstd.g());
+  expect_close(x, fwd_tol(), "add_rmsnorm residual");
+  expect_close(y, fwd_tol(), "add_rmsnorm out");
+  expect_close(rstd, fwd_tol(), "add_rmsnorm rstd");
+
+  // Width 1: x * rstd is +-1 whatever x, so dx is only the rounding left of a cancellation
+  // (~1e-6 against terms of ~1): compared against a floor of 1e-2, as wider rows are.
+  const double dx_floor = 1e-2;
+  Dual& dy = random(Shape{rows, d});
+  Dual& dx = random(Shape{rows, d});
+  Dual& dw = random(Shape{d});
+  cpu_->rmsnorm_backward(dy.c(), x.c(), w.c(), rstd.c(), dx.c(), dw.c(), true, true);
+  gpu_->rmsnorm_backward(dy.g(), x.g(), w.g(), rstd.g(), dx.g(), dw.g(), true, true);
+  expect_close(dx, bwd_tol(), "rmsnorm_backward dx (accumulate)", dx_floor);
+  expect_close(dw, bwd_tol(), "rmsnorm_backward dweight (accumulate)");
+  cpu_->rmsnorm_backward(dy.c(), x.c(), w.c(), rstd.c(), dx.c(), dw.c(), false, false);
+  gpu_->rmsnorm_backward(dy.g(), x.g(), w.g(), rstd.g(), dx.g(), dw.g(), false, false);
+  expect_close(dx, bwd_tol(), "rmsnorm_backward dx", dx_floor);
+  expect_close(dw, bwd_tol(), "rmsnorm_backward dweight (overwrite)");
+  cpu_->rmsnorm_backward(dy.c(), x.c(), w.c(), rstd.c(), dx.c(), dw.c(), false, true);
+  gpu_->rmsnorm_backward(dy.g(), x.g(), w.g(), rstd.g(), dx.g(), dw.g(), false, true);
+  expect_close(dx, bwd_tol(), "rmsnorm_backward dx (dweight accumulating)", dx_floor);
+  expect_close(dw, bwd_tol(), "rmsnorm_backward dweight (accumulate, dx overwritten)");
+}
+
 TEST_P(CudaOps, RmsNormAndResidual) {
   // (d, rows): tiny rows; d not a multiple of the 16-byte vector (scalar path); Qwen3's q/k
   // norm rows (head_dim 128, more rows than the grid's warps); a hidden-size row; a row wider
@@ -173,32 +214,9 @@ TEST_P(CudaOps, RmsNormAndResidual) {
   const std::pair<int64_t, int64_t> shapes[] = {{40, 5},     {1000, 3},   {130, 77},
                                                 {128, 9000}, {2048, 300}, {7168, 4}};
   for (const auto& [d, rows] : shapes) {
-    Dual& x = random(Shape{rows, d}, 2.0f);
-    Dual& w = random(Shape{d});
-    Dual& y = out(Shape{rows, d});
-    Dual& rstd = out_f32(Shape{rows});
-    cpu_->rmsnorm_forward(x.c(), w.c(), 1e-6f, y.c(), rstd.c());
-    gpu_->rmsnorm_forward(x.g(), w.g(), 1e-6f, y.g(), rstd.g());
-    expect_close(y, fwd_tol(), "rmsnorm_forward");
-    expect_close(rstd, fwd_tol(), "rmsnorm rstd");
-
-    Dual& delta = random(Shape{rows, d});
-    cpu_->add_rmsnorm_forward(x.c(), delta.c(), w.c(), 1e-5f, y.c(), rstd.c());
-    gpu_->add_rmsnorm_forward(x.g(), delta.g(), w.g(), 1e-5f, y.g(), rstd.g());
-    expect_close(x, fwd_tol(), "add_rmsnorm residual");
-    expect_close(y, fwd_tol(), "add_rmsnorm out");
-
-    Dual& dy = random(Shape{rows, d});
-    Dual& dx = random(Shape{rows, d});
-    Dual& dw = random(Shape{d});
-    cpu_->rmsnorm_backward(dy.c(), x.c(), w.c(), rstd.c(), dx.c(), dw.c(), true);
-    gpu_->rmsnorm_backward(dy.g(), x.g(), w.g(), rstd.g(), dx.g(), dw.g(), true);
-    expect_close(dx, bwd_tol(), "rmsnorm_backward dx (accumulate)");
-    expect_close(dw, bwd_tol(), "rmsnorm_backward dweight");
-    Dual& dx2 = out(Shape{rows, d});
-    cpu_->rmsnorm_backward(dy.c(), x.c(), w.c(), rstd.c(), dx2.c(), dw.c(), false);
-    gpu_->rmsnorm_backward(dy.g(), x.g(), w.g(), rstd.g(), dx2.g(), dw.g(), false);
-    expect_close(dx2, bwd_tol(), "rmsnorm_backward dx");
+    SCOPED_TRACE("d " + std::to_string(d) + " rows " + std::to_string(rows));
+    check_rmsnorm(d, rows);
+    if (HasFailure()) return;
   }
 }
 
@@ -250,36 +268,7 @@ TEST_P(CudaOps, RmsNormRowSplits) {
       {256, 19},     {1024, 9}, {1536, 5}, {2048, 37}, {2048, 4096}, {2056, 5}, {7168, 3}};
   for (const auto& [d, rows] : shapes) {
     SCOPED_TRACE("d " + std::to_string(d) + " rows " + std::to_string(rows));
-    Dual& x = random(Shape{rows, d}, 2.0f);
-    Dual& w = random(Shape{d});
-    Dual& y = out(Shape{rows, d});
-    Dual& rstd = out_f32(Shape{rows});
-    cpu_->rmsnorm_forward(x.c(), w.c(), 1e-6f, y.c(), rstd.c());
-    gpu_->rmsnorm_forward(x.g(), w.g(), 1e-6f, y.g(), rstd.g());
-    expect_close(y, fwd_tol(), "rmsnorm_forward");
-    expect_close(rstd, fwd_tol(), "rmsnorm rstd");
-
-    Dual& delta = random(Shape{rows, d});
-    cpu_->add_rmsnorm_forward(x.c(), delta.c(), w.c(), 1e-5f, y.c(), rstd.c());
-    gpu_->add_rmsnorm_forward(x.g(), delta.g(), w.g(), 1e-5f, y.g(), rstd.g());
-    expect_close(x, fwd_tol(), "add_rmsnorm residual");
-    expect_close(y, fwd_tol(), "add_rmsnorm out");
-    expect_close(rstd, fwd_tol(), "add_rmsnorm rstd");
-
-    Dual& dy = random(Shape{rows, d});
-    Dual& dx = out(Shape{rows, d});
-    Dual& dw = out(Shape{d});
-    cpu_->rmsnorm_backward(dy.c(), x.c(), w.c(), rstd.c(), dx.c(), dw.c(), false, false);
-    gpu_->rmsnorm_backward(dy.g(), x.g(), w.g(), rstd.g(), dx.g(), dw.g(), false, false);
-    // Width 1: x * rstd is +-1 whatever x, so dx is only the rounding left of a cancellation
-    // (~1e-6 against terms of ~1): compared against a floor of 1e-2, as wider rows are.
-    const double dx_floor = 1e-2;
-    expect_close(dx, bwd_tol(), "rmsnorm_backward dx", dx_floor);
-    expect_close(dw, bwd_tol(), "rmsnorm_backward dweight (overwrite)");
-    cpu_->rmsnorm_backward(dy.c(), x.c(), w.c(), rstd.c(), dx.c(), dw.c(), true, true);
-    gpu_->rmsnorm_backward(dy.g(), x.g(), w.g(), rstd.g(), dx.g(), dw.g(), true, true);
-    expect_close(dx, bwd_tol(), "rmsnorm_backward dx (accumulate)", dx_floor);
-    expect_close(dw, bwd_tol(), "rmsnorm_backward dweight (accumulate)");
+    check_rmsnorm(d, rows);
     if (HasFailure()) return;
   }
 }

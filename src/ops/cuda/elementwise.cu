@@ -775,12 +775,10 @@ void launch_rmsnorm_forward(const Tensor* residual, const Tensor* delta, const T
             x.ptr<scalar_t>(), delta_data, delta_kind, weight.data, kind_of(weight), eps,
             out.ptr<scalar_t>(), rstd.ptr<float>(), rows, d, split.group);
       });
-    } else if (vectorised) {
-      rmsnorm_forward_kernel<scalar_t, kVec><<<rows, row_threads(d / kVec), 0, stream>>>(
-          x.ptr<scalar_t>(), delta_data, delta_kind, weight.data, kind_of(weight), eps,
-          out.ptr<scalar_t>(), rstd.ptr<float>(), d);
     } else {
-      rmsnorm_forward_kernel<scalar_t, 1><<<rows, row_threads(d), 0, stream>>>(
+      auto kernel =
+          vectorised ? rmsnorm_forward_kernel<scalar_t, kVec> : rmsnorm_forward_kernel<scalar_t, 1>;
+      kernel<<<rows, row_threads(vectorised ? d / kVec : d), 0, stream>>>(
           x.ptr<scalar_t>(), delta_data, delta_kind, weight.data, kind_of(weight), eps,
           out.ptr<scalar_t>(), rstd.ptr<float>(), d);
     }
@@ -869,15 +867,10 @@ void launch_rope(const Tensor& x, const Tensor& positions, const Tensor& inv_fre
     // Blocks of 128: the 16-byte kernel takes ~210 registers (16 vectors and 8 cos/sin
     // pairs in flight), 2 such blocks per SM.
     const int blocks = grid_for(tokens * ceil_div(heads, group_heads) * vectors, 128);
-    const float direction = inverse ? -1.0f : 1.0f;
-    if (vectorised)
-      rope_kernel<scalar_t, kVec><<<blocks, 128, 0, stream>>>(
-          x.ptr<scalar_t>(), positions.ptr<int32_t>(), inv_freq.ptr<float>(), tokens, heads, half,
-          group_heads, direction);
-    else
-      rope_kernel<scalar_t, 1><<<blocks, 128, 0, stream>>>(
-          x.ptr<scalar_t>(), positions.ptr<int32_t>(), inv_freq.ptr<float>(), tokens, heads, half,
-          group_heads, direction);
+    auto kernel = vectorised ? rope_kernel<scalar_t, kVec> : rope_kernel<scalar_t, 1>;
+    kernel<<<blocks, 128, 0, stream>>>(x.ptr<scalar_t>(), positions.ptr<int32_t>(),
+                                       inv_freq.ptr<float>(), tokens, heads, half, group_heads,
+                                       inverse ? -1.0f : 1.0f);
   });
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
@@ -892,15 +885,12 @@ void launch_swiglu_forward(const Tensor& gate_up, const Tensor& out, cudaStream_
   if (out.numel() == 0) return;
   MOETUNE_DISPATCH_FLOAT(out.dtype, "swiglu", {
     constexpr int kVec = 16 / int(sizeof(scalar_t));
-    if (vector_aligned(width, sizeof(scalar_t), {gate_up.data, out.data})) {
-      const int threads = row_threads(width / kVec);
-      swiglu_forward_kernel<scalar_t, kVec><<<swiglu_grid(rows, threads), threads, 0, stream>>>(
-          gate_up.ptr<scalar_t>(), out.ptr<scalar_t>(), rows, width);
-    } else {
-      const int threads = row_threads(width);
-      swiglu_forward_kernel<scalar_t, 1><<<swiglu_grid(rows, threads), threads, 0, stream>>>(
-          gate_up.ptr<scalar_t>(), out.ptr<scalar_t>(), rows, width);
-    }
+    const bool vectorised = vector_aligned(width, sizeof(scalar_t), {gate_up.data, out.data});
+    auto kernel =
+        vectorised ? swiglu_forward_kernel<scalar_t, kVec> : swiglu_forward_kernel<scalar_t, 1>;
+    const int threads = row_threads(vectorised ? width / kVec : width);
+    kernel<<<swiglu_grid(rows, threads), threads, 0, stream>>>(gate_up.ptr<scalar_t>(),
+                                                               out.ptr<scalar_t>(), rows, width);
   });
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
@@ -915,15 +905,13 @@ void launch_swiglu_backward(const Tensor& dout, const Tensor& gate_up, const Ten
   if (dout.numel() == 0) return;
   MOETUNE_DISPATCH_FLOAT(dout.dtype, "swiglu_backward", {
     constexpr int kVec = 16 / int(sizeof(scalar_t));
-    if (vector_aligned(width, sizeof(scalar_t), {dout.data, gate_up.data, dgate_up.data})) {
-      const int threads = row_threads(width / kVec);
-      swiglu_backward_kernel<scalar_t, kVec><<<swiglu_grid(rows, threads), threads, 0, stream>>>(
-          dout.ptr<scalar_t>(), gate_up.ptr<scalar_t>(), dgate_up.ptr<scalar_t>(), rows, width);
-    } else {
-      const int threads = row_threads(width);
-      swiglu_backward_kernel<scalar_t, 1><<<swiglu_grid(rows, threads), threads, 0, stream>>>(
-          dout.ptr<scalar_t>(), gate_up.ptr<scalar_t>(), dgate_up.ptr<scalar_t>(), rows, width);
-    }
+    const bool vectorised =
+        vector_aligned(width, sizeof(scalar_t), {dout.data, gate_up.data, dgate_up.data});
+    auto kernel =
+        vectorised ? swiglu_backward_kernel<scalar_t, kVec> : swiglu_backward_kernel<scalar_t, 1>;
+    const int threads = row_threads(vectorised ? width / kVec : width);
+    kernel<<<swiglu_grid(rows, threads), threads, 0, stream>>>(
+        dout.ptr<scalar_t>(), gate_up.ptr<scalar_t>(), dgate_up.ptr<scalar_t>(), rows, width);
   });
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
