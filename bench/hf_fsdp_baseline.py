@@ -175,11 +175,14 @@ def main():
             "peak_alloc_gib": round(peaks[1].item() / 2**30, 2) if on_gpu else None,
             "step_s": round(step_s, 4), "loss": round(loss.item() / world, 4),
         }), flush=True)
-    # Every rank's collectives (FSDP's asynchronous ones too) end before any rank tears down:
-    # a gloo rank leaving while its peer still prints has aborted at exit ("terminate called
-    # without an active exception", seen once in CI on a loaded 2-core machine).
+    # Every rank's collectives (FSDP's asynchronous ones too) end, then the process leaves
+    # without running torch's C++ teardown: on CPU (gloo) that teardown has aborted after the
+    # result was printed ("terminate called without an active exception", twice in CI on a
+    # loaded 2-core machine, with and without destroy_process_group after a barrier).
     dist.barrier()
-    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
