@@ -275,33 +275,6 @@ __global__ void combine_kernel(const scalar_t* y, const float* weights, const in
   }
 }
 
-template <typename scalar_t, int V>
-__global__ void combine_backward_kernel(const scalar_t* dout, const scalar_t* y,
-                                        const float* weights, const int32_t* slot_rows, int top_k,
-                                        scalar_t* dy, float* dweights, int64_t hidden) {
-  const int64_t token = blockIdx.x;
-  for (int j = 0; j < top_k; ++j) {
-    const int32_t row = slot_rows[token * top_k + j];
-    const float w = weights[token * top_k + j];
-    float dot = 0.0f;
-    if (row >= 0) {
-      for (int64_t c = int64_t(threadIdx.x) * V; c < hidden; c += int64_t(blockDim.x) * V) {
-        float d[V], yv[V], out[V];
-        load_vec<scalar_t, V>(dout + token * hidden + c, d);
-        load_vec<scalar_t, V>(y + int64_t(row) * hidden + c, yv);
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          dot += d[i] * yv[i];
-          out[i] = w * d[i];
-        }
-        store_vec<scalar_t, V>(dy + int64_t(row) * hidden + c, out);
-      }
-    }
-    dot = block_sum(dot);
-    if (threadIdx.x == 0) dweights[token * top_k + j] = dot;
-  }
-}
-
 // Block (p, e) of a (peers, local) grid; see the file comment. width = E + 1.
 __global__ void regroup_kernel(const int32_t* peer_offsets, int peers, int64_t width,
                                int64_t first_expert, int local, int32_t* local_offsets,
@@ -501,32 +474,6 @@ void launch_moe_combine(const Tensor& y, const Tensor& weights, const Tensor& sl
       combine_kernel<scalar_t, 1><<<tokens, row_threads(hidden), 0, stream>>>(
           y.ptr<scalar_t>(), weights.ptr<float>(), slot_rows.ptr<int32_t>(), top_k,
           out.ptr<scalar_t>(), hidden);
-  });
-  MOETUNE_CUDA_LAUNCH_CHECK();
-}
-
-void launch_moe_combine_backward(const Tensor& dout, const Tensor& y, const Tensor& weights,
-                                 const Tensor& slot_rows, const Tensor& dy, const Tensor& dweights,
-                                 cudaStream_t stream) {
-  check_f32(weights, "moe_combine_backward weights");
-  check_f32(dweights, "moe_combine_backward dweights");
-  const int64_t hidden = dout.size(-1), tokens = hidden ? dout.numel() / hidden : 0;
-  const int top_k = tokens ? static_cast<int>(weights.numel() / tokens) : 1;
-  if (y.numel() != tokens * top_k * hidden || dy.numel() != y.numel() ||
-      dweights.numel() != weights.numel() || y.dtype != dout.dtype || dy.dtype != dout.dtype)
-    fail("moe_combine_backward: dout ", dout.shape.str(), " y ", y.shape.str(), " dy ",
-         dy.shape.str(), " do not fit");
-  if (tokens == 0) return;
-  MOETUNE_DISPATCH_FLOAT(dout.dtype, "moe_combine_backward", {
-    constexpr int kVec = 16 / int(sizeof(scalar_t));
-    if (vector_aligned(hidden, sizeof(scalar_t), {dout.data, y.data, dy.data}))
-      combine_backward_kernel<scalar_t, kVec><<<tokens, row_threads(hidden / kVec), 0, stream>>>(
-          dout.ptr<scalar_t>(), y.ptr<scalar_t>(), weights.ptr<float>(), slot_rows.ptr<int32_t>(),
-          top_k, dy.ptr<scalar_t>(), dweights.ptr<float>(), hidden);
-    else
-      combine_backward_kernel<scalar_t, 1><<<tokens, row_threads(hidden), 0, stream>>>(
-          dout.ptr<scalar_t>(), y.ptr<scalar_t>(), weights.ptr<float>(), slot_rows.ptr<int32_t>(),
-          top_k, dy.ptr<scalar_t>(), dweights.ptr<float>(), hidden);
   });
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
