@@ -233,6 +233,31 @@ __global__ void gather_kernel(const scalar_t* x, const int32_t* sorted_slots, in
   }
 }
 
+// Rows narrower than a warp (the router weights of the slots: one fp32 each): one thread
+// per element instead of a block per row.
+template <typename scalar_t>
+__global__ void gather_narrow_kernel(const scalar_t* x, const int32_t* sorted_slots, int top_k,
+                                     scalar_t* out, int64_t rows, int64_t hidden) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= rows * hidden) return;
+  const int64_t row = i / hidden, c = i % hidden;
+  out[i] = x[int64_t(sorted_slots[row] / top_k) * hidden + c];
+}
+template <typename scalar_t>
+__global__ void gather_backward_narrow_kernel(const scalar_t* dout, const int32_t* slot_rows,
+                                              int top_k, scalar_t* dx, int64_t tokens,
+                                              int64_t hidden) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= tokens * hidden) return;
+  const int64_t token = i / hidden, c = i % hidden;
+  float sum = to_float(dx[i]);
+  for (int j = 0; j < top_k; ++j) {
+    const int32_t row = slot_rows[token * top_k + j];
+    if (row >= 0) sum += to_float(dout[int64_t(row) * hidden + c]);
+  }
+  dx[i] = from_float<scalar_t>(sum);
+}
+
 __global__ void invert_kernel(const int32_t* sorted_slots, int64_t rows, int32_t* slot_rows) {
   const int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (r < rows) slot_rows[sorted_slots[r]] = static_cast<int32_t>(r);
@@ -417,10 +442,13 @@ void launch_moe_gather(const Tensor& x, const Tensor& sorted_slots, int top_k, c
   if (out.numel() != rows * hidden || out.dtype != x.dtype || x.numel() * top_k != rows * hidden)
     fail("moe_gather: x ", x.shape.str(), " out ", out.shape.str(), " sorted_slots ",
          sorted_slots.shape.str(), " do not fit");
-  if (rows == 0) return;
+  if (rows == 0 || hidden == 0) return;
   MOETUNE_DISPATCH_FLOAT(x.dtype, "moe_gather", {
     constexpr int kVec = 16 / int(sizeof(scalar_t));
-    if (vector_aligned(hidden, sizeof(scalar_t), {x.data, out.data}))
+    if (hidden < 32)
+      gather_narrow_kernel<scalar_t><<<ceil_div(rows * hidden, 256), 256, 0, stream>>>(
+          x.ptr<scalar_t>(), sorted_slots.ptr<int32_t>(), top_k, out.ptr<scalar_t>(), rows, hidden);
+    else if (vector_aligned(hidden, sizeof(scalar_t), {x.data, out.data}))
       gather_kernel<scalar_t, kVec><<<rows, row_threads(hidden / kVec), 0, stream>>>(
           x.ptr<scalar_t>(), sorted_slots.ptr<int32_t>(), top_k, out.ptr<scalar_t>(), hidden);
     else
@@ -436,14 +464,18 @@ void launch_moe_gather_backward(const Tensor& dout, const Tensor& sorted_slots, 
   if (dout.numel() != rows * hidden || dout.dtype != dx.dtype ||
       dx.numel() * top_k != rows * hidden)
     fail("moe_gather_backward: dout ", dout.shape.str(), " dx ", dx.shape.str(), " do not fit");
-  if (rows == 0) return;
+  if (rows == 0 || hidden == 0) return;
   auto* slot_rows = static_cast<int32_t*>(scratch.get(sizeof(int32_t) * rows));
   invert_kernel<<<ceil_div(rows, 256), 256, 0, stream>>>(sorted_slots.ptr<int32_t>(), rows,
                                                          slot_rows);
   MOETUNE_CUDA_LAUNCH_CHECK();
   MOETUNE_DISPATCH_FLOAT(dx.dtype, "moe_gather_backward", {
     constexpr int kVec = 16 / int(sizeof(scalar_t));
-    if (vector_aligned(hidden, sizeof(scalar_t), {dout.data, dx.data}))
+    if (hidden < 32)
+      gather_backward_narrow_kernel<scalar_t>
+          <<<ceil_div(rows / top_k * hidden, 256), 256, 0, stream>>>(
+              dout.ptr<scalar_t>(), slot_rows, top_k, dx.ptr<scalar_t>(), rows / top_k, hidden);
+    else if (vector_aligned(hidden, sizeof(scalar_t), {dout.data, dx.data}))
       gather_backward_kernel<scalar_t, kVec>
           <<<rows / top_k, row_threads(hidden / kVec), 0, stream>>>(
               dout.ptr<scalar_t>(), slot_rows, top_k, dx.ptr<scalar_t>(), hidden);
