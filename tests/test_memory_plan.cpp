@@ -49,9 +49,10 @@ TEST(MemoryPlan, ExpertParallelSplitsOnlyTheExperts) {
   EXPECT_EQ(split.grads, split.weights);
   // Without ZeRO each rank keeps the state of what it holds (fp32: 8 bytes per element).
   EXPECT_EQ(split.optimizer_state, (all - experts + experts / 4) * 8);
-  // The exchange buffers: three (tokens * top-k, hidden) bf16 buffers of scratch.
+  // The exchange buffers: two (tokens * top-k, hidden) bf16 buffers of scratch (sorted and
+  // received rows) and two fp32 columns of their router weights.
   const int64_t slots = 64 * config.num_experts_per_tok;
-  EXPECT_EQ(split.scratch - alone.scratch, 3 * slots * config.hidden_size * 2);
+  EXPECT_EQ(split.scratch - alone.scratch, 2 * slots * config.hidden_size * 2 + 2 * slots * 4);
   EXPECT_GT(split.activations, alone.activations);  // the saved permutations
 }
 

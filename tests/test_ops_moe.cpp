@@ -157,7 +157,7 @@ TEST(OpsMoe, GatherAndCombineGradients) {
 
   HostF32 y = HostF32::random({tokens * top_k, width}, 47);
   HostF32 weights = HostF32::random({tokens, top_k}, 48);
-  HostF32 out({tokens, width}), out_weights = HostF32::random({tokens, width}, 49);
+  HostF32 out({tokens, width});
   backend->moe_combine(y.tensor(), weights.tensor(), sorted.slot_rows.tensor(), out.tensor());
   for (int64_t n = 0; n < tokens; ++n)
     for (int64_t d = 0; d < width; ++d) {
@@ -166,15 +166,45 @@ TEST(OpsMoe, GatherAndCombineGradients) {
         expected += weights[n * top_k + j] * y[sorted.slot_rows[n * top_k + j] * width + d];
       EXPECT_NEAR(out[n * width + d], expected, 1e-6);
     }
-  auto loss = [&] {
-    backend->moe_combine(y.tensor(), weights.tensor(), sorted.slot_rows.tensor(), out.tensor());
-    return weighted_sum(out.values, out_weights.values);
-  };
-  HostF32 dy({tokens * top_k, width}), dweights({tokens, top_k});
-  backend->moe_combine_backward(out_weights.tensor(), y.tensor(), weights.tensor(),
-                                sorted.slot_rows.tensor(), dy.tensor(), dweights.tensor());
-  expect_gradient("moe_combine dy", y.values, dy.values, loss);
-  expect_gradient("moe_combine dweights", weights.values, dweights.values, loss);
+  // (the combine's backward is checked through the whole block in test_ops_moe_layer.cpp)
+}
+
+// moe_swiglu_backward is the gradient of f(gate_up, w) = sum_r w[r] <dh[r], silu(gate) * up>
+// (the down projection folded into dh), and weighted_hidden = w * swiglu(gate_up).
+TEST(OpsMoe, SwigluBackwardWithRowWeightsMatchesFiniteDifferences) {
+  auto backend = make_cpu_backend();
+  for (const auto& [rows, width] : {std::pair<int64_t, int64_t>{5, 3}, {1, 1}, {4, 8}}) {
+    SCOPED_TRACE(::testing::Message() << rows << " rows of width " << width);
+    HostF32 gate_up = HostF32::random({rows, 2 * width}, 61);
+    HostF32 row_weights = HostF32::random({rows, 1}, 62);
+    HostF32 dh = HostF32::random({rows, width}, 63);
+    HostF32 hidden({rows, width});
+    auto f = [&] {
+      backend->swiglu_forward(gate_up.tensor(), hidden.tensor());
+      double sum = 0.0;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < width; ++j)
+          sum += static_cast<double>(row_weights[r]) * dh[r * width + j] * hidden[r * width + j];
+      return sum;
+    };
+    HostF32 dgate_up({rows, 2 * width}), weighted_hidden({rows, width}), drow_weights({rows, 1});
+    backend->moe_swiglu_backward(dh.tensor(), gate_up.tensor(), row_weights.tensor(),
+                                 dgate_up.tensor(), weighted_hidden.tensor(),
+                                 drow_weights.tensor());
+    expect_gradient("moe_swiglu_backward dgate_up", gate_up.values, dgate_up.values, f);
+    expect_gradient("moe_swiglu_backward drow_weights", row_weights.values, drow_weights.values, f);
+    f();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < width; ++j)
+        EXPECT_NEAR(weighted_hidden[r * width + j], row_weights[r] * hidden[r * width + j], 1e-6);
+  }
+  HostF32 gate_up({2, 6}), bad({2, 4}), weights({2, 1}), dweights({2, 1}), hidden({2, 3});
+  EXPECT_THROW(backend->moe_swiglu_backward(bad.tensor(), gate_up.tensor(), weights.tensor(),
+                                            gate_up.tensor(), hidden.tensor(), dweights.tensor()),
+               Error);
+  EXPECT_THROW(backend->moe_swiglu_backward(hidden.tensor(), gate_up.tensor(), bad.tensor(),
+                                            gate_up.tensor(), hidden.tensor(), dweights.tensor()),
+               Error);
 }
 
 // c[R_e] = a[R_e] @ op(w[e]) in double.

@@ -2,7 +2,9 @@
 // the fused HF layouts gate_up (E, 2I, H) and down (E, H, I):
 //   route -> sort -> gather -> grouped_gemm(gate_up^T) -> SwiGLU -> grouped_gemm(down^T)
 //   -> weighted combine,
-// and its backward chained from the backward ops, checked against central differences
+// and its backward chained from the backward ops as moe.cpp chains them (router weights
+// applied at the experts: gather of the unweighted output gradient, moe_swiglu_backward,
+// the weights' gradients scattered back to slot order), checked against central differences
 // for x, the router logits and both expert weights (top-2 of 5 experts, 7 tokens, so some
 // experts get few or no rows).
 #include <algorithm>
@@ -77,17 +79,25 @@ TEST(OpsMoeLayer, ChainedBackwardMatchesFiniteDifferences) {
   };
   loss();
   const int64_t rows = block.tokens * block.top_k;
-  HostF32 dexpert_out({rows, block.hidden}), dtopk_weights({block.tokens, block.top_k});
-  backend->moe_combine_backward(dout.tensor(), block.expert_out.tensor(),
-                                block.topk_weights.tensor(), block.slot_rows.tensor(),
-                                dexpert_out.tensor(), dtopk_weights.tensor());
+  // each row's token's output gradient, unweighted, and the row's router weight
+  HostF32 dexpert_out({rows, block.hidden}), row_weights({rows, 1});
+  backend->moe_gather(dout.tensor(), block.sorted_slots.tensor(), block.top_k,
+                      dexpert_out.tensor());
+  backend->moe_gather(block.topk_weights.tensor().view(Shape{rows, 1}), block.sorted_slots.tensor(),
+                      1, row_weights.tensor());
   HostF32 dactivated({rows, block.inter}), ddown({block.experts, block.hidden, block.inter});
   backend->grouped_gemm(dexpert_out.tensor(), block.down.tensor(), false, block.offsets.tensor(),
                         dactivated.tensor());
-  backend->grouped_gemm_weight_grad(dexpert_out.tensor(), block.activated.tensor(),
+  HostF32 dgate_up_out({rows, 2 * block.inter}), weighted_hidden({rows, block.inter});
+  HostF32 drow_weights({rows, 1});
+  backend->moe_swiglu_backward(dactivated.tensor(), block.gate_up_out.tensor(),
+                               row_weights.tensor(), dgate_up_out.tensor(),
+                               weighted_hidden.tensor(), drow_weights.tensor());
+  backend->grouped_gemm_weight_grad(dexpert_out.tensor(), weighted_hidden.tensor(),
                                     block.offsets.tensor(), ddown.tensor());
-  HostF32 dgate_up_out({rows, 2 * block.inter});
-  backend->swiglu_backward(dactivated.tensor(), block.gate_up_out.tensor(), dgate_up_out.tensor());
+  HostF32 dtopk_weights({block.tokens, block.top_k}, 0.0f);
+  backend->moe_gather_backward(drow_weights.tensor(), block.sorted_slots.tensor(), 1,
+                               dtopk_weights.tensor().view(Shape{rows, 1}));
   HostF32 dgathered({rows, block.hidden}), dgate_up({block.experts, 2 * block.inter, block.hidden});
   backend->grouped_gemm(dgate_up_out.tensor(), block.gate_up.tensor(), false,
                         block.offsets.tensor(), dgathered.tensor());

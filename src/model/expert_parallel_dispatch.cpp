@@ -8,6 +8,7 @@
 #include "model/expert_parallel_dispatch.h"
 
 #include <algorithm>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -47,13 +48,17 @@ class ExpertParallelDispatcher final : public TokenDispatcher {
     backend_.moe_sort_by_expert(topk_ids, static_cast<int>(num_experts_), saved.expert_offsets,
                                 saved.sorted_slots, saved.slot_rows);
     ensure_rows(scratch.sorted_rows, x.dtype, slots, H, backend_.device());
-    const Tensor sorted = first_rows(scratch.sorted_rows, slots);  // (N*k, H)
+    ensure_rows(scratch.sorted_weights, DType::F32, slots, 1, backend_.device());
+    const Tensor sorted = first_rows(scratch.sorted_rows, slots);             // (N*k, H)
+    const Tensor sorted_weights = first_rows(scratch.sorted_weights, slots);  // (N*k, 1)
     backend_.moe_gather(x, saved.sorted_slots, top_k_, sorted);
+    backend_.moe_gather(slot_column(saved.topk_weights), saved.sorted_slots, 1, sorted_weights);
     plan_exchange(saved);
     const int64_t M = saved.expert_rows;
-    ensure_capacity(scratch.exchanged, x.dtype, M, H, backend_.device());
+    reserve_received(scratch, x.dtype, M, H);
     ensure_capacity(saved.rows, x.dtype, M, H, backend_.device());
-    send_to_experts(sorted, first_rows(scratch.exchanged, M), saved.plan);
+    ensure_capacity(saved.row_weights, DType::F32, M, 1, backend_.device());
+    send_to_experts({sorted, sorted_weights}, received(scratch, M), saved.plan);
   }
 
   std::vector<ExpertChunk> chunks(const MoeSaved& saved) const override {
@@ -68,44 +73,57 @@ class ExpertParallelDispatcher final : public TokenDispatcher {
     return first_rows(scratch.expert_result, saved.expert_rows);
   }
 
-  // received rows of the chunk -> its expert-major rows of saved.rows
+  // received rows (and router weights) of the chunk -> its expert-major rows of saved.rows
   void chunk_ready(MoeSaved& saved, MoeScratch& scratch, size_t c) override {
-    regroup(saved.plan.chunks[c], scratch.exchanged, saved.rows, saved.expert_rows);
+    const ExchangeChunk& chunk = saved.plan.chunks[c];
+    const int64_t M = saved.expert_rows;
+    regroup(chunk, first_rows(scratch.exchanged, M), first_rows(saved.rows, M));
+    regroup(chunk, first_rows(scratch.exchanged_weights, M), first_rows(saved.row_weights, M));
   }
 
-  // the chunk's outputs -> received order -> back to their ranks (into saved.expert_out)
+  // the chunk's outputs -> received order -> back to their ranks (into scratch.sorted_rows)
   void chunk_done(MoeSaved& saved, MoeScratch& scratch, size_t c) override {
     const ExchangeChunk& chunk = saved.plan.chunks[c];
-    ungroup(chunk, scratch.expert_result, scratch.exchanged, saved.expert_rows);
-    send_home(c, first_rows(scratch.exchanged, saved.expert_rows), saved.expert_out, saved.plan);
+    const int64_t M = saved.expert_rows, slots = saved.sorted_slots.numel();
+    ungroup(chunk, first_rows(scratch.expert_result, M), first_rows(scratch.exchanged, M));
+    send_home(c, {first_rows(scratch.exchanged, M)}, {first_rows(scratch.sorted_rows, slots)},
+              saved.plan);
   }
 
-  void combine(MoeSaved& saved, MoeScratch&, const Tensor& out) override {
+  void combine(MoeSaved& saved, MoeScratch& scratch, const Tensor& out) override {
     if (side_stream_) side_stream_->join();  // every chunk is home
-    backend_.moe_combine(saved.expert_out, saved.topk_weights, saved.slot_rows, out);
+    backend_.moe_combine(first_rows(scratch.sorted_rows, saved.sorted_slots.numel()),
+                         saved.topk_weights, saved.slot_rows, out);
   }
 
+  // Each row's token's gradient dout (unweighted) to the row's expert.
   void combine_backward(const Tensor& dout, const MoeSaved& saved, MoeScratch& scratch) override {
     const int64_t slots = saved.sorted_slots.numel(), M = saved.expert_rows;
     const int64_t H = dout.size(1);
     ensure_rows(scratch.sorted_rows, dout.dtype, slots, H, backend_.device());
-    ensure_capacity(scratch.exchanged, dout.dtype, M, H, backend_.device());
+    ensure_rows(scratch.sorted_weights, DType::F32, slots, 1, backend_.device());
+    reserve_received(scratch, dout.dtype, M, H);
     ensure_capacity(scratch.dexpert_out, dout.dtype, M, H, backend_.device());
     const Tensor dsorted = first_rows(scratch.sorted_rows, slots);  // (N*k, H)
-    backend_.moe_combine_backward(dout, saved.expert_out, saved.topk_weights, saved.slot_rows,
-                                  dsorted, scratch.dtopk_weights);
-    send_to_experts(dsorted, first_rows(scratch.exchanged, M), saved.plan);
+    backend_.moe_gather(dout, saved.sorted_slots, top_k_, dsorted);
+    send_to_experts({dsorted}, {first_rows(scratch.exchanged, M)}, saved.plan);
   }
 
   void chunk_backward_ready(const MoeSaved& saved, MoeScratch& scratch, size_t c) override {
-    regroup(saved.plan.chunks[c], scratch.exchanged, scratch.dexpert_out, saved.expert_rows);
+    const int64_t M = saved.expert_rows;
+    regroup(saved.plan.chunks[c], first_rows(scratch.exchanged, M),
+            first_rows(scratch.dexpert_out, M));
   }
 
+  // the chunk's input gradients and router weight gradients -> received order -> home
   void chunk_backward_done(const MoeSaved& saved, MoeScratch& scratch, size_t c) override {
-    const int64_t slots = saved.sorted_slots.numel();
-    ungroup(saved.plan.chunks[c], scratch.drows, scratch.exchanged, saved.expert_rows);
-    send_home(c, first_rows(scratch.exchanged, saved.expert_rows),
-              first_rows(scratch.sorted_rows, slots), saved.plan);
+    const ExchangeChunk& chunk = saved.plan.chunks[c];
+    const int64_t M = saved.expert_rows, slots = saved.sorted_slots.numel();
+    ungroup(chunk, first_rows(scratch.drows, M), first_rows(scratch.exchanged, M));
+    ungroup(chunk, first_rows(scratch.drow_weights, M), first_rows(scratch.exchanged_weights, M));
+    send_home(c, received(scratch, M),
+              {first_rows(scratch.sorted_rows, slots), first_rows(scratch.sorted_weights, slots)},
+              saved.plan);
   }
 
   void dispatch_backward(const MoeSaved& saved, MoeScratch& scratch, const Tensor& dx) override {
@@ -113,6 +131,8 @@ class ExpertParallelDispatcher final : public TokenDispatcher {
     const int64_t slots = saved.sorted_slots.numel();
     backend_.moe_gather_backward(first_rows(scratch.sorted_rows, slots), saved.sorted_slots, top_k_,
                                  dx);
+    scatter_weight_grads(backend_, saved, first_rows(scratch.sorted_weights, slots),
+                         scratch.dtopk_weights);
   }
 
  private:
@@ -124,40 +144,58 @@ class ExpertParallelDispatcher final : public TokenDispatcher {
     return side_stream_->handle();
   }
 
-  // Every chunk's rows from `sorted` (this rank's slots, expert-sorted) to the ranks of
-  // their experts, into `received` (M, H). The ops wait for chunk 0 now, for chunk c + 1 at
+  // The received-order buffers of M rows: the rows (M, H) and their weights (M, 1).
+  void reserve_received(MoeScratch& scratch, DType dtype, int64_t M, int64_t H) {
+    ensure_capacity(scratch.exchanged, dtype, M, H, backend_.device());
+    ensure_capacity(scratch.exchanged_weights, DType::F32, M, 1, backend_.device());
+  }
+  static std::vector<Tensor> received(const MoeScratch& scratch, int64_t M) {
+    return {first_rows(scratch.exchanged, M), first_rows(scratch.exchanged_weights, M)};
+  }
+
+  // Every chunk's rows of each tensor of `sorted` (this rank's slots, expert-sorted) to the
+  // ranks of their experts, into the same tensor of `received` (M rows); a chunk's tensors
+  // travel in one communicator group. The ops wait for chunk 0 now, for chunk c + 1 at
   // chunk c's send_home (the exchanges are enqueued in that order, so a fence waits for
   // exactly what was enqueued before it).
-  void send_to_experts(const Tensor& sorted, const Tensor& received, const ExchangePlan& plan) {
+  void send_to_experts(const std::vector<Tensor>& sorted, const std::vector<Tensor>& received,
+                       const ExchangePlan& plan) {
     void* stream = exchange_stream();
     for (size_t c = 0; c < plan.chunks.size(); ++c) {
-      comm_.all_to_all_v_blocks(sorted, plan.chunks[c].send, received, plan.chunks[c].recv, stream);
+      exchange(sorted, plan.chunks[c].send, received, plan.chunks[c].recv, stream);
       if (c == 0 && side_stream_) side_stream_->join();
     }
   }
 
-  // Chunk c's rows of `received` (in received order, ungrouped) back to the ranks they came
-  // from, into their blocks of `home` (N*k, H).
-  void send_home(size_t c, const Tensor& received, const Tensor& home, const ExchangePlan& plan) {
+  // Chunk c's rows of each tensor of `received` (in received order, ungrouped) back to the
+  // ranks they came from, into their blocks of the same tensor of `home` (N*k rows).
+  void send_home(size_t c, const std::vector<Tensor>& received, const std::vector<Tensor>& home,
+                 const ExchangePlan& plan) {
     // the ops wait for the next chunk's rows (enqueued before anything else of this chunk)
     if (side_stream_ && c + 1 < plan.chunks.size()) side_stream_->join();
-    comm_.all_to_all_v_blocks(received, plan.chunks[c].recv, home, plan.chunks[c].send,
-                              exchange_stream());
+    exchange(received, plan.chunks[c].recv, home, plan.chunks[c].send, exchange_stream());
   }
 
-  // out[chunk rows] = received-order rows of `from` gathered into expert-major order.
-  void regroup(const ExchangeChunk& chunk, const Buffer& from, const Buffer& to, int64_t M) {
+  void exchange(const std::vector<Tensor>& from, std::span<const dist::RowBlock> from_blocks,
+                const std::vector<Tensor>& to, std::span<const dist::RowBlock> to_blocks,
+                void* stream) {
+    dist::CommunicatorGroup group(comm_);
+    for (size_t t = 0; t < from.size(); ++t)
+      comm_.all_to_all_v_blocks(from[t], from_blocks, to[t], to_blocks, stream);
+    group.end();
+  }
+
+  // to[chunk rows] = received-order rows of `from` gathered into expert-major order.
+  void regroup(const ExchangeChunk& chunk, const Tensor& from, const Tensor& to) {
     if (chunk.experts.rows() == 0) return;
     const int64_t begin = chunk.experts.row_begin, end = chunk.experts.row_end;
-    backend_.moe_gather(first_rows(from, M).slice_rows(begin, end), chunk.regroup, 1,
-                        first_rows(to, M).slice_rows(begin, end));
+    backend_.moe_gather(from.slice_rows(begin, end), chunk.regroup, 1, to.slice_rows(begin, end));
   }
   // The inverse: expert-major rows of `from` back to received order in `to`.
-  void ungroup(const ExchangeChunk& chunk, const Buffer& from, const Buffer& to, int64_t M) {
+  void ungroup(const ExchangeChunk& chunk, const Tensor& from, const Tensor& to) {
     if (chunk.experts.rows() == 0) return;
     const int64_t begin = chunk.experts.row_begin, end = chunk.experts.row_end;
-    backend_.moe_gather(first_rows(from, M).slice_rows(begin, end), chunk.ungroup, 1,
-                        first_rows(to, M).slice_rows(begin, end));
+    backend_.moe_gather(from.slice_rows(begin, end), chunk.ungroup, 1, to.slice_rows(begin, end));
   }
 
   // From saved.expert_offsets: every peer's offsets (one all_gather on the device), the

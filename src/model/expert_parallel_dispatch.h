@@ -9,9 +9,10 @@
 //   2. the expert offsets (E + 1) of every rank of the group, by one all_gather on the
 //      device, then one device->host copy of them (the layer's only host synchronisation:
 //      the host must know the per-peer row counts to size the exchanges);
-//   3. the local experts are cut into C chunks (2 by default): chunk c's rows go to the
-//      ranks of its experts by an all-to-all of row blocks (all_to_all_v_blocks); each
-//      rank receives M_c rows, grouped by source rank, each source's block sorted by expert;
+//   3. the local experts are cut into C chunks (2 by default): chunk c's rows and their
+//      router weights go to the ranks of its experts by an all-to-all of row blocks
+//      (all_to_all_v_blocks, both in one communicator group); each rank receives M_c rows,
+//      grouped by source rank, each source's block sorted by expert;
 //   4. a permutation (a gather) regroups a chunk's rows by local expert (expert-major,
 //      source-minor) -> its part of the (M, H) input of the grouped GEMMs; chunk c's rows
 //      follow chunk c-1's, so the whole is expert-major over the E_local experts. The
@@ -24,10 +25,11 @@
 // chunk c+1's rows travel while chunk c's experts compute, and chunk c's outputs travel
 // back while chunk c+1's compute (fences: the ops wait for chunk 0 at once, for chunk
 // c+1 when chunk c is done; the side stream waits for the ops before each exchange).
-// Backward mirrors it chunk by chunk: the combine's backward, the exchange of the row
-// gradients to the experts, per chunk the experts' input gradients, the reverse exchange
-// of them (started before the chunk's weight gradients, which compute meanwhile), and
-// after every chunk the gather's backward. Results equal C = 1 bit for bit (each expert's
+// Backward mirrors it chunk by chunk: each row's token's output gradient (unweighted: the
+// router weights apply at the experts, moe.h) to the experts, per chunk the experts' input
+// gradients and router weight gradients, the reverse exchange of both (started before the
+// chunk's weight gradients, which compute meanwhile), and after every chunk the gather's
+// backward and the weight gradients' scatter to slot order. Results equal C = 1 bit for bit (each expert's
 // rows and GEMMs are the same; only the order of independent work changes).
 // M varies per step and layer: the (M, ...) buffers are sized per call (Buffer; cheap
 // with the CUDA caching allocator), never for the worst case ep*N*k. The backward reuses

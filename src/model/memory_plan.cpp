@@ -76,8 +76,10 @@ MemoryPlan plan_memory(const ModelConfig& config, const MemoryPlanOptions& optio
                  N * (config.num_attention_heads + config.num_key_value_heads) * 4;
   const int64_t norms = 3 * N * H * act + 2 * N * 4;  // attn_norm, mid, mlp_norm, 2 rstd
   const int64_t dense = N * 3 * I * act;
+  // MoE, per layer: probs, top-k ids and weights, offsets, sorted slots and slot rows, each
+  // expert row's input, gate_up and router weight
   const int64_t moe =
-      N * E * 4 + N * k * 8 + (E + 1) * 4 + N * k * 8 + N * k * (2 * H + 3 * I_moe) * act;
+      N * E * 4 + N * k * 8 + (E + 1) * 4 + N * k * 8 + N * k * (H + 2 * I_moe) * act + N * k * 4;
   bool any_dense = false, any_moe = false;
   for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
     const bool is_moe = config.layer_is_moe(l);
@@ -91,12 +93,14 @@ MemoryPlan plan_memory(const ModelConfig& config, const MemoryPlanOptions& optio
   plan.scratch = 3 * N * H * act + N * (2 * q_width + 2 * kv_width) * act;
   if (config.qk_norm) plan.scratch += N * (q_width + kv_width) * act;
   if (any_dense) plan.scratch += N * 3 * I * act;
-  if (any_moe) plan.scratch += N * E * act * 2 + N * k * (2 * H + 3 * I_moe) * act + N * k * 4;
+  // MoE scratch (moe.h): router logits and their gradient; the SwiGLU output, the experts'
+  // result, dexpert_out, dhidden, dgate_up, drows; drow_weights and dtopk_weights
+  if (any_moe) plan.scratch += N * E * act * 2 + N * k * (3 * H + 4 * I_moe) * act + N * k * 8;
   if (any_moe && ep > 1) {
-    // The exchange (expert_parallel_dispatch.cpp): this rank's rows sorted for sending, the
-    // received rows and the experts' results before they travel home (balanced: N*k rows
-    // each), and per MoE layer the saved plan's permutations.
-    plan.scratch += 3 * N * k * H * act;
+    // The exchange (expert_parallel_dispatch.cpp): this rank's rows sorted for sending and
+    // the rows as received (balanced: N*k rows each), with their router weights, and per
+    // MoE layer the saved plan's permutations.
+    plan.scratch += 2 * N * k * H * act + 2 * N * k * 4;
     for (int64_t l = 0; l < config.num_hidden_layers; ++l)
       if (config.layer_is_moe(l)) plan.activations += 2 * N * k * 4;
   }

@@ -32,6 +32,8 @@ void ensure_capacity(Buffer& buffer, DType dtype, int64_t rows, int64_t width, D
       Buffer(dtype, Shape{std::max<int64_t>(growing ? rows + rows / 8 : rows, 1), width}, device);
 }
 
+Tensor slot_column(const Buffer& buffer) { return buffer.tensor().view(Shape{buffer.numel(), 1}); }
+
 namespace {
 class LocalDispatcher final : public TokenDispatcher {
  public:
@@ -45,22 +47,27 @@ class LocalDispatcher final : public TokenDispatcher {
                                 saved.slot_rows);
     saved.expert_rows = topk_ids.numel();  // N*k, the size allocate_moe gave saved.rows
     backend_.moe_gather(x, saved.sorted_slots, top_k_, saved.rows);
+    backend_.moe_gather(slot_column(saved.topk_weights), saved.sorted_slots, 1, saved.row_weights);
   }
   std::vector<ExpertChunk> chunks(const MoeSaved& saved) const override {
     return {ExpertChunk{0, saved.expert_rows, 0, num_experts_, saved.expert_offsets.tensor()}};
   }
-  Tensor expert_output(MoeSaved& saved, MoeScratch&) override { return saved.expert_out; }
-  void combine(MoeSaved& saved, MoeScratch&, const Tensor& out) override {
-    backend_.moe_combine(saved.expert_out, saved.topk_weights, saved.slot_rows, out);
+  Tensor expert_output(MoeSaved& saved, MoeScratch& scratch) override {
+    return first_rows(scratch.expert_result, saved.expert_rows);
+  }
+  void combine(MoeSaved& saved, MoeScratch& scratch, const Tensor& out) override {
+    backend_.moe_combine(first_rows(scratch.expert_result, saved.expert_rows), saved.topk_weights,
+                         saved.slot_rows, out);
   }
   void combine_backward(const Tensor& dout, const MoeSaved& saved, MoeScratch& scratch) override {
-    backend_.moe_combine_backward(dout, saved.expert_out, saved.topk_weights, saved.slot_rows,
-                                  first_rows(scratch.dexpert_out, saved.expert_rows),
-                                  scratch.dtopk_weights);
+    backend_.moe_gather(dout, saved.sorted_slots, top_k_,
+                        first_rows(scratch.dexpert_out, saved.expert_rows));
   }
   void dispatch_backward(const MoeSaved& saved, MoeScratch& scratch, const Tensor& dx) override {
     backend_.moe_gather_backward(first_rows(scratch.drows, saved.expert_rows), saved.sorted_slots,
                                  top_k_, dx);
+    scatter_weight_grads(backend_, saved, first_rows(scratch.drow_weights, saved.expert_rows),
+                         scratch.dtopk_weights);
   }
 
  private:
@@ -69,6 +76,13 @@ class LocalDispatcher final : public TokenDispatcher {
   int top_k_;
 };
 }  // namespace
+
+void scatter_weight_grads(Backend& backend, const MoeSaved& saved, const Tensor& sorted_grads,
+                          const Buffer& dtopk_weights) {
+  const Tensor dslots = slot_column(dtopk_weights);  // (N*k, 1)
+  backend.fill(dslots, 0.0f);
+  backend.moe_gather_backward(sorted_grads, saved.sorted_slots, 1, dslots);
+}
 
 std::unique_ptr<TokenDispatcher> make_local_dispatcher(Backend& backend, int64_t num_experts,
                                                        int64_t top_k) {
@@ -87,9 +101,8 @@ void allocate_moe(const ModelConfig& config, int64_t tokens, DType dtype, Device
   saved.slot_rows = Buffer(DType::I32, {slots}, device);
   saved.expert_rows = slots;
   saved.rows = Buffer(dtype, {slots, H}, device);
+  saved.row_weights = Buffer(DType::F32, {slots, 1}, device);
   saved.gate_up = Buffer(dtype, {slots, 2 * I}, device);
-  saved.hidden = Buffer(dtype, {slots, I}, device);
-  saved.expert_out = Buffer(dtype, {slots, H}, device);
 }
 
 void allocate_moe_scratch(const ModelConfig& config, int64_t tokens, DType dtype, Device device,
@@ -97,10 +110,13 @@ void allocate_moe_scratch(const ModelConfig& config, int64_t tokens, DType dtype
   const int64_t E = config.num_experts, k = config.num_experts_per_tok;
   const int64_t H = config.hidden_size, I = config.moe_intermediate_size, slots = tokens * k;
   scratch.router_logits = Buffer(dtype, {tokens, E}, device);
+  scratch.hidden = Buffer(dtype, {slots, I}, device);
+  scratch.expert_result = Buffer(dtype, {slots, H}, device);
   scratch.dexpert_out = Buffer(dtype, {slots, H}, device);
   scratch.dhidden = Buffer(dtype, {slots, I}, device);
   scratch.dgate_up = Buffer(dtype, {slots, 2 * I}, device);
   scratch.drows = Buffer(dtype, {slots, H}, device);
+  scratch.drow_weights = Buffer(DType::F32, {slots, 1}, device);
   scratch.dtopk_weights = Buffer(DType::F32, {tokens, k}, device);
   scratch.drouter_logits = Buffer(dtype, {tokens, E}, device);
 }
@@ -123,7 +139,7 @@ void moe_forward(Backend& backend, TokenDispatcher& dispatcher, const ModelConfi
   dispatcher.dispatch(x, dispatch_ids, saved, scratch);  // (M, H)
   const int64_t M = saved.expert_rows;
   ensure_capacity(saved.gate_up, dtype, M, 2 * I, device);
-  ensure_capacity(saved.hidden, dtype, M, I, device);
+  ensure_capacity(scratch.hidden, dtype, M, I, device);
   // experts, chunk by chunk (none of this rank's experts may have rows: M = 0 with expert
   // parallelism)
   const Tensor expert_out = dispatcher.expert_output(saved, scratch);  // (M, H)
@@ -139,7 +155,7 @@ void moe_forward(Backend& backend, TokenDispatcher& dispatcher, const ModelConfi
         return weights.slice_rows(chunk.expert_begin, chunk.expert_end);
       };
       const Tensor gate_up = part(first_rows(saved.gate_up, M));
-      const Tensor hidden = part(first_rows(saved.hidden, M));
+      const Tensor hidden = part(first_rows(scratch.hidden, M));
       backend.grouped_gemm(part(first_rows(saved.rows, M)), experts(w.experts_gate_up), true,
                            chunk.offsets, gate_up);  // (rows, 2I)
       backend.swiglu_forward(gate_up, hidden);       // (rows, I)
@@ -162,11 +178,13 @@ void moe_backward(Backend& backend, TokenDispatcher& dispatcher, const ModelConf
   const Device device = backend.device();
   // combine
   dispatcher.combine_backward(dout, saved, scratch);  // dexpert_out (M, H), dtopk_weights
-  // experts, chunk by chunk: down then SwiGLU then gate_up; the input gradients start
-  // home before the weight gradients
+  // experts, chunk by chunk: down then SwiGLU (with the router weights) then gate_up; the
+  // input gradients start home before the weight gradients
+  ensure_capacity(scratch.hidden, dtype, M, I, device);
   ensure_capacity(scratch.dhidden, dtype, M, I, device);
   ensure_capacity(scratch.dgate_up, dtype, M, 2 * I, device);
   ensure_capacity(scratch.drows, dtype, M, H, device);
+  ensure_capacity(scratch.drow_weights, DType::F32, M, 1, device);
   const std::vector<ExpertChunk> chunks = dispatcher.chunks(saved);
   for (size_t c = 0; c < chunks.size(); ++c) {
     const ExpertChunk& chunk = chunks[c];
@@ -179,15 +197,17 @@ void moe_backward(Backend& backend, TokenDispatcher& dispatcher, const ModelConf
     dispatcher.chunk_backward_ready(saved, scratch, c);
     if (chunk.rows() > 0) {
       backend.grouped_gemm(part(scratch.dexpert_out), experts(w.experts_down), false, chunk.offsets,
-                           part(scratch.dhidden));  // (rows, I)
-      backend.swiglu_backward(part(scratch.dhidden), part(saved.gate_up), part(scratch.dgate_up));
+                           part(scratch.dhidden));  // (rows, I), unweighted
+      backend.moe_swiglu_backward(part(scratch.dhidden), part(saved.gate_up),
+                                  part(saved.row_weights), part(scratch.dgate_up),
+                                  part(scratch.hidden), part(scratch.drow_weights));
       backend.grouped_gemm(part(scratch.dgate_up), experts(w.experts_gate_up), false, chunk.offsets,
                            part(scratch.drows));  // (rows, H)
     }
     dispatcher.chunk_backward_done(saved, scratch, c);
     if (chunk.rows() > 0) {
-      backend.grouped_gemm_weight_grad(part(scratch.dexpert_out), part(saved.hidden), chunk.offsets,
-                                       experts(g.experts_down),
+      backend.grouped_gemm_weight_grad(part(scratch.dexpert_out), part(scratch.hidden),
+                                       chunk.offsets, experts(g.experts_down),
                                        accumulate_grads);  // (experts, H, I)
       backend.grouped_gemm_weight_grad(part(scratch.dgate_up), part(saved.rows), chunk.offsets,
                                        experts(g.experts_gate_up),

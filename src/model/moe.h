@@ -4,11 +4,17 @@
 //            experts: M rows sorted by (this rank's) expert
 //   experts  grouped GEMM gate_up (E_local, 2I, H) -> SwiGLU -> grouped GEMM down (E_local, H, I)
 //   combine  out[n] = sum_j weight[n, j] * expert_out[row of (n, j)]
+// Saved for the backward: each expert row's input (M, H), gate_up (M, 2I) and router weight
+// (M); the SwiGLU output and the expert outputs are not. The backward applies the router
+// weights at the experts (Backend::moe_swiglu_backward): the rows receive their tokens'
+// unweighted output gradient g, the down projection's data gradient dh = g W_down gives
+// the weight's gradient <dh, h> and the SwiGLU backward scaled by the weight, and the down
+// weight gradient is g^T (w h), with w h recomputed from gate_up.
 // Dispatch and combine sit behind TokenDispatcher: the local one (all experts here, M = N*k)
 // or the expert-parallel one (model/expert_parallel_dispatch.h: rows travel to the rank of
 // their expert by all-to-all, M varies per step and layer). Routing and the expert GEMMs
 // are the same code for both.
-// Buffers of M rows (rows, gate_up, hidden and the backward's) are sized by the dispatcher
+// Buffers of M rows (rows, gate_up and the backward's) are sized by the dispatcher
 // on each call; with the local dispatcher they keep their (N*k) size and are never
 // reallocated. They hold at least one row, so that no tensor has a null pointer; views of
 // exactly M rows are what the ops see.
@@ -62,24 +68,27 @@ struct MoeSaved {
   Buffer slot_rows;         // (N*k) I32: row of each slot
   int64_t expert_rows = 0;  // M: rows this rank's experts process
   Buffer rows;              // (M, H) inputs of this rank's experts, sorted by expert
+  Buffer row_weights;       // (M, 1) fp32: the router weight of each row's slot
   Buffer gate_up;           // (M, 2I)
-  Buffer hidden;            // (M, I)
-  Buffer expert_out;        // (N*k, H) expert outputs of this rank's slots, expert-sorted
   ExchangePlan plan;        // expert parallel only
 };
 struct MoeScratch {
   Buffer router_logits;   // (N, E)
-  Buffer dexpert_out;     // (M, H)
+  Buffer hidden;          // (M, I) SwiGLU output (forward), times the row weight (backward)
+  Buffer expert_result;   // (M, H) the experts' output (forward, until combined or sent back)
+  Buffer dexpert_out;     // (M, H) each row's token's output gradient, unweighted
   Buffer dhidden;         // (M, I)
   Buffer dgate_up;        // (M, 2I)
   Buffer drows;           // (M, H)
+  Buffer drow_weights;    // (M, 1) fp32: gradient of each row's router weight
   Buffer dtopk_weights;   // (N, k) fp32
   Buffer drouter_logits;  // (N, E)
   Buffer balanced_ids;    // (N, k) I32, optional: dispatch by these ids instead of the top-k
   // expert parallel only
-  Buffer sorted_rows;    // (N*k, H) this rank's slots, expert-sorted (sent / received back)
-  Buffer exchanged;      // (M, H) rows as received, grouped by source rank
-  Buffer expert_result;  // (M, H) the experts' output before it goes back
+  Buffer sorted_rows;        // (N*k, H) this rank's slots, expert-sorted (sent / received back)
+  Buffer sorted_weights;     // (N*k, 1) fp32: their router weights, then their gradients
+  Buffer exchanged;          // (M, H) rows as received, grouped by source rank
+  Buffer exchanged_weights;  // (M, 1) fp32: their router weights / gradients as received
 };
 
 // The first `rows` rows of a buffer of at least that many.
@@ -98,8 +107,9 @@ class TokenDispatcher {
  public:
   virtual ~TokenDispatcher() = default;
   // Sorts the N*k slots of topk_ids (N, k) by expert (saved.expert_offsets, sorted_slots,
-  // slot_rows) and starts bringing each slot's row of x (N, H) to its expert: sets
-  // saved.expert_rows = M and sizes saved.rows (M, H); chunk_ready() completes a chunk.
+  // slot_rows) and starts bringing each slot's row of x (N, H) and its router weight (of
+  // saved.topk_weights) to its expert: sets saved.expert_rows = M and sizes saved.rows
+  // (M, H) and saved.row_weights (M, 1); chunk_ready() completes a chunk.
   virtual void dispatch(const Tensor& x, const Tensor& topk_ids, MoeSaved& saved,
                         MoeScratch& scratch) = 0;
   // The expert work, in the order it runs (the local dispatcher: one chunk of all rows).
@@ -113,22 +123,30 @@ class TokenDispatcher {
   virtual void chunk_done(MoeSaved&, MoeScratch&, size_t /*chunk*/) {}
   // out (N, H) = weighted sum of each token's expert outputs (weights saved.topk_weights).
   virtual void combine(MoeSaved& saved, MoeScratch& scratch, const Tensor& out) = 0;
-  // From dout (N, H): sizes scratch.dexpert_out (M, H) and starts filling it (every chunk
-  // after its chunk_backward_ready), scratch.dtopk_weights.
+  // From dout (N, H): sizes scratch.dexpert_out (M, H) and starts filling it with each
+  // row's token's gradient, unweighted (every chunk after its chunk_backward_ready).
   virtual void combine_backward(const Tensor& dout, const MoeSaved& saved, MoeScratch& scratch) = 0;
   // Backward, around each chunk's experts: the chunk's rows of scratch.dexpert_out are
   // complete after chunk_backward_ready; chunk_backward_done once its rows of
-  // scratch.drows are (they start home; not to be written afterwards), so that the
-  // experts' weight gradients compute meanwhile.
+  // scratch.drows and scratch.drow_weights are (they start home; not to be written
+  // afterwards), so that the experts' weight gradients compute meanwhile.
   virtual void chunk_backward_ready(const MoeSaved&, MoeScratch&, size_t /*chunk*/) {}
   virtual void chunk_backward_done(const MoeSaved&, MoeScratch&, size_t /*chunk*/) {}
-  // dx (N, H) += gradient of dispatch given scratch.drows (M, H).
+  // dx (N, H) += gradient of dispatch given scratch.drows (M, H); scratch.dtopk_weights
+  // (N, k) = scratch.drow_weights back in slot order.
   virtual void dispatch_backward(const MoeSaved& saved, MoeScratch& scratch, const Tensor& dx) = 0;
 };
 
 // All experts on this device.
 std::unique_ptr<TokenDispatcher> make_local_dispatcher(Backend& backend, int64_t num_experts,
                                                        int64_t top_k);
+
+// A (N, k) buffer as one column (N*k, 1), the layout of the slot-indexed gathers.
+Tensor slot_column(const Buffer& buffer);
+// dtopk_weights (N, k) = the router weights' gradients sorted_grads (N*k, 1), given in the
+// expert-sorted slot order of saved.sorted_slots, back in slot order.
+void scatter_weight_grads(Backend& backend, const MoeSaved& saved, const Tensor& sorted_grads,
+                          const Buffer& dtopk_weights);
 
 void allocate_moe(const ModelConfig& config, int64_t tokens, DType dtype, Device device,
                   MoeSaved& saved);

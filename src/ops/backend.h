@@ -210,10 +210,22 @@ class Backend {
   // out (N, H) = sum_j weights[n, j] * y[slot_rows[n*k + j]]   (y (N*k, H) expert-sorted)
   virtual void moe_combine(const Tensor& y, const Tensor& weights, const Tensor& slot_rows,
                            const Tensor& out) = 0;
-  // dy (N*k, H) = weights * dout (overwritten); dweights (N, k) fp32 = <dout[n], y[row]>
-  virtual void moe_combine_backward(const Tensor& dout, const Tensor& y, const Tensor& weights,
-                                    const Tensor& slot_rows, const Tensor& dy,
-                                    const Tensor& dweights) = 0;
+  // The combine's backward is a moe_gather of dout (every row gets its token's unweighted
+  // gradient g) plus moe_swiglu_backward, which applies the router weights at the experts,
+  // so that neither the expert outputs nor the SwiGLU outputs are saved for the backward.
+
+  // ---- MoE: the experts' SwiGLU backward, router weights applied at the experts ---------
+  // For out[n] = sum_j w[n, j] * down(h[row of (n, j)]), h = silu(gate) * up, per row r with
+  // w = row_weights[r] (fp32, the router weight of the row's slot) and dh (M, I) = g @ W_down
+  // for the row's unweighted output gradient g:
+  //   dgate_up (M, 2I) = w * dh[r] . dh/dgate_up        (overwritten)
+  //   weighted_hidden (M, I) = w * h[r]                   the down weight gradient's input:
+  //                                                       dW_down = sum_r g[r]^T weighted_hidden[r]
+  //   drow_weights (M) fp32 = <dh[r], h[r]>               the router weight's gradient
+  //                                                       (= <g[r], down(h[r])>)
+  virtual void moe_swiglu_backward(const Tensor& dh, const Tensor& gate_up,
+                                   const Tensor& row_weights, const Tensor& dgate_up,
+                                   const Tensor& weighted_hidden, const Tensor& drow_weights) = 0;
 
   // ---- MoE: expert parallelism, regroup of the rows received from the peers ------------
   // peer_offsets (P, E + 1) I32: the expert_offsets of each of the P ranks of an

@@ -256,6 +256,54 @@ Tensor at_offset(const Tensor& t, int64_t offset, Shape shape) {
                 t.device);
 }
 
+// The experts' SwiGLU backward with router weights, on awkward shapes (no rows, one row,
+// widths that are not a multiple of the 16-byte vector, the model's 768) and unaligned views.
+TEST_P(CudaOps, MoeSwigluBackward) {
+  for (const auto& [rows, width] : {std::pair<int64_t, int64_t>{0, 8},
+                                    {1, 1},
+                                    {5, 3},
+                                    {1000, 768},
+                                    {4099, 100},
+                                    {37, 1001},
+                                    {64, 8}}) {
+    SCOPED_TRACE(::testing::Message() << rows << " rows of width " << width);
+    Dual& gate_up = random(Shape{rows, 2 * width}, 3.0f);
+    Dual& dh = random(Shape{rows, width});
+    Dual& row_weights = random_f32(Shape{rows, 1});
+    Dual& dgu = out(Shape{rows, 2 * width});
+    Dual& hidden = out(Shape{rows, width});
+    Dual& drow = out_f32(Shape{rows, 1});
+    cpu_->moe_swiglu_backward(dh.c(), gate_up.c(), row_weights.c(), dgu.c(), hidden.c(), drow.c());
+    gpu_->moe_swiglu_backward(dh.g(), gate_up.g(), row_weights.g(), dgu.g(), hidden.g(), drow.g());
+    expect_close(dgu, bwd_tol(), "moe_swiglu_backward dgate_up");
+    expect_close(hidden, fwd_tol(), "moe_swiglu_backward weighted_hidden");
+    expect_close(drow, bwd_tol(), "moe_swiglu_backward drow_weights");
+  }
+  // a view one element into its storage: not 16-byte aligned (the scalar kernel)
+  const int64_t rows = 33, width = 64;
+  Dual& gate_up = random(Shape{rows * 2 * width + 1}, 3.0f);
+  Dual& dh = random(Shape{rows * width + 1});
+  Dual& row_weights = random_f32(Shape{rows});
+  Dual& dgu = zeros(Shape{rows * 2 * width + 1}, dt());  // the skipped first element: 0 on both
+  Dual& hidden = zeros(Shape{rows * width + 1}, dt());
+  Dual& drow = out_f32(Shape{rows});
+  auto run = [&](Backend& backend, bool on_gpu) {
+    auto at = [&](Dual& d, Shape shape) { return at_offset(on_gpu ? d.g() : d.c(), 1, shape); };
+    backend.moe_swiglu_backward(at(dh, {rows, width}), at(gate_up, {rows, 2 * width}),
+                                on_gpu ? row_weights.g() : row_weights.c(),
+                                at(dgu, {rows, 2 * width}), at(hidden, {rows, width}),
+                                on_gpu ? drow.g() : drow.c());
+  };
+  run(*cpu_, false);
+  run(*gpu_, true);
+  expect_close(dgu, bwd_tol(), "moe_swiglu_backward dgate_up (unaligned)");
+  expect_close(hidden, fwd_tol(), "moe_swiglu_backward weighted_hidden (unaligned)");
+  expect_close(drow, bwd_tol(), "moe_swiglu_backward drow_weights (unaligned)");
+  EXPECT_THROW(gpu_->moe_swiglu_backward(dh.g(), gate_up.g(), row_weights.g(), dgu.g(), hidden.g(),
+                                         drow.g()),
+               Error);
+}
+
 // Every row split of the norm kernels: rows held in registers by 1 to 32 lanes with 4 or 8
 // vectors each (forward; the backward: 1 to 256 threads, up to 8 warps, with 2 vectors each),
 // 16-byte vectors or, for widths that are not a multiple of them, single elements, and the
@@ -461,7 +509,8 @@ TEST_P(CudaOps, MoePipeline) {
   struct Case {
     int64_t n, hidden, width;
   };
-  // hidden 16 and 2056 (bf16 and fp32) and 20 (fp32) take the 16-byte vector path.
+  // hidden 16 and 20 take the thread-per-element gathers (rows narrower than a warp), 2056
+  // and 40 the 16-byte vector path.
   for (const Case& c : {Case{150, 40, 24}, Case{9, 20, 12}, Case{1, 16, 8}, Case{64, 2056, 16}}) {
     const int64_t e = 5, k = 2;
     std::vector<int32_t> ids(c.n * k);
@@ -509,26 +558,48 @@ TEST_P(CudaOps, MoePipeline) {
     gpu_->moe_combine(y.g(), weights.g(), slot_rows.g(), combined.g());
     expect_close(combined, fwd_tol(), "moe_combine");
 
+    // the combine's backward as moe.cpp runs it: each row gets its token's gradient
+    // (unweighted) and its router weight; the weights apply in moe_swiglu_backward
     Dual& dcombined = random(Shape{c.n, c.hidden});
     Dual& dy = out(Shape{rows, c.hidden});
-    Dual& dweights = out_f32(Shape{c.n, k});
-    cpu_->moe_combine_backward(dcombined.c(), y.c(), weights.c(), slot_rows.c(), dy.c(),
-                               dweights.c());
-    gpu_->moe_combine_backward(dcombined.g(), y.g(), weights.g(), slot_rows.g(), dy.g(),
-                               dweights.g());
-    expect_close(dy, bwd_tol(), "moe_combine_backward dy");
-    expect_close(dweights, bwd_tol(), "moe_combine_backward dweights");
+    cpu_->moe_gather(dcombined.c(), sorted.c(), int(k), dy.c());
+    gpu_->moe_gather(dcombined.g(), sorted.g(), int(k), dy.g());
+    expect_close(dy, fwd_tol(), "moe_gather of the output gradient");
+    Dual& row_weights = out_f32(Shape{rows, 1});
+    cpu_->moe_gather(weights.c().view(Shape{c.n * k, 1}), sorted.c(), 1, row_weights.c());
+    gpu_->moe_gather(weights.g().view(Shape{c.n * k, 1}), sorted.g(), 1, row_weights.g());
+    expect_close(row_weights, fwd_tol(), "moe_gather of the router weights");
 
-    // data gradient through down (non-transposed layout) and the weight gradients
+    // data gradient through down (non-transposed layout), the weighted SwiGLU backward and
+    // the weight gradients
     gpu_->copy(dy.cpu, dy.gpu);
     Dual& dact = out(Shape{rows, c.width});
     cpu_->grouped_gemm(dy.c(), down_w.c(), false, offsets.c(), dact.c());
     gpu_->grouped_gemm(dy.g(), down_w.g(), false, offsets.g(), dact.g());
     expect_close(dact, bwd_tol(), "grouped_gemm (no transpose)");
+    gpu_->copy(dact.cpu, dact.gpu);
+    Dual& dgu = out(Shape{rows, 2 * c.width});
+    Dual& weighted_act = out(Shape{rows, c.width});
+    Dual& drow_weights = out_f32(Shape{rows, 1});
+    cpu_->moe_swiglu_backward(dact.c(), gu.c(), row_weights.c(), dgu.c(), weighted_act.c(),
+                              drow_weights.c());
+    gpu_->moe_swiglu_backward(dact.g(), gu.g(), row_weights.g(), dgu.g(), weighted_act.g(),
+                              drow_weights.g());
+    expect_close(dgu, bwd_tol(), "moe_swiglu_backward dgate_up");
+    expect_close(weighted_act, fwd_tol(), "moe_swiglu_backward weighted_hidden");
+    expect_close(drow_weights, bwd_tol(), "moe_swiglu_backward drow_weights");
+    gpu_->copy(weighted_act.cpu, weighted_act.gpu);
     Dual& ddown = random(Shape{e, c.hidden, c.width});
-    cpu_->grouped_gemm_weight_grad(dy.c(), act.c(), offsets.c(), ddown.c());
-    gpu_->grouped_gemm_weight_grad(dy.g(), act.g(), offsets.g(), ddown.g());
+    cpu_->grouped_gemm_weight_grad(dy.c(), weighted_act.c(), offsets.c(), ddown.c());
+    gpu_->grouped_gemm_weight_grad(dy.g(), weighted_act.g(), offsets.g(), ddown.g());
     expect_close(ddown, bwd_tol(), "grouped_gemm_weight_grad");
+    Dual& dweights = out_f32(Shape{c.n, k});
+    cpu_->fill(dweights.c(), 0.0f);
+    gpu_->fill(dweights.g(), 0.0f);
+    gpu_->copy(drow_weights.cpu, drow_weights.gpu);
+    cpu_->moe_gather_backward(drow_weights.c(), sorted.c(), 1, dweights.c().view(Shape{rows, 1}));
+    gpu_->moe_gather_backward(drow_weights.g(), sorted.g(), 1, dweights.g().view(Shape{rows, 1}));
+    expect_close(dweights, bwd_tol(), "router weight gradients back in slot order");
 
     Dual& dx = random(Shape{c.n, c.hidden});
     cpu_->moe_gather_backward(xs.c(), sorted.c(), int(k), dx.c());

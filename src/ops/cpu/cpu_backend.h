@@ -85,9 +85,9 @@ class CpuBackend final : public Backend {
                            const Tensor& dx) override;
   void moe_combine(const Tensor& y, const Tensor& weights, const Tensor& slot_rows,
                    const Tensor& out) override;
-  void moe_combine_backward(const Tensor& dout, const Tensor& y, const Tensor& weights,
-                            const Tensor& slot_rows, const Tensor& dy,
-                            const Tensor& dweights) override;
+  void moe_swiglu_backward(const Tensor& dh, const Tensor& gate_up, const Tensor& row_weights,
+                           const Tensor& dgate_up, const Tensor& weighted_hidden,
+                           const Tensor& drow_weights) override;
   void moe_regroup_by_expert(const Tensor& peer_offsets, int64_t first_expert,
                              const Tensor& local_offsets, const Tensor& regroup,
                              const Tensor& ungroup) override;

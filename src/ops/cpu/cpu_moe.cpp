@@ -1,6 +1,7 @@
 // CPU MoE pipeline: route (fp32 softmax, torch.topk order, optional renormalisation),
 // aux-loss statistics, a stable counting sort of the N*k slots by expert, gather into the
-// expert-sorted buffer, weighted combine back to token order, the expert-parallel regroup
+// expert-sorted buffer, weighted combine back to token order, the experts' SwiGLU backward
+// with the router weights applied at the experts, the expert-parallel regroup
 // of received rows by local expert, and grouped GEMMs (one cblas_sgemm per expert;
 // experts with zero rows are skipped).
 // Router backward: with w_j = p[id_j] / S (S = sum_i p[id_i]) when normalising,
@@ -265,32 +266,44 @@ void CpuBackend::moe_combine(const Tensor& y, const Tensor& weights, const Tenso
   }
 }
 
-void CpuBackend::moe_combine_backward(const Tensor& dout, const Tensor& y, const Tensor& weights,
-                                      const Tensor& slot_rows, const Tensor& dy,
-                                      const Tensor& dweights) {
-  const char* op = "moe_combine_backward";
-  const float* dout_data = f32(dout, op, "dout");
-  const float* y_data = f32(y, op, "y");
-  const float* weight_data = f32(weights, op, "weights");
-  const int32_t* row_data = i32(slot_rows, op, "slot_rows");
-  float* dy_data = f32(dy, op, "dy");
-  float* dweight_data = f32(dweights, op, "dweights");
-  expect_combine(y, weights, slot_rows, dout, op, "dout");
-  expect_shape(dy, y.shape, op, "dy");
-  expect_shape(dweights, weights.shape, op, "dweights");
-  const int64_t tokens = weights.size(0), top_k = weights.size(1), width = dout.size(1);
-  for (int64_t n = 0; n < tokens; ++n) {
-    const float* d_output = dout_data + n * width;
-    for (int64_t j = 0; j < top_k; ++j) {
-      const int64_t row = row_data[n * top_k + j];
-      const float weight = weight_data[n * top_k + j];
-      double dot = 0.0;
-      for (int64_t d = 0; d < width; ++d) {
-        dot += static_cast<double>(d_output[d]) * y_data[row * width + d];
-        dy_data[row * width + d] = weight * d_output[d];
-      }
-      dweight_data[n * top_k + j] = static_cast<float>(dot);
+void CpuBackend::moe_swiglu_backward(const Tensor& dh, const Tensor& gate_up,
+                                     const Tensor& row_weights, const Tensor& dgate_up,
+                                     const Tensor& weighted_hidden, const Tensor& drow_weights) {
+  const char* op = "moe_swiglu_backward";
+  const float* dh_data = f32(dh, op, "dh");
+  const float* gate_up_data = f32(gate_up, op, "gate_up");
+  const float* weight_data = f32(row_weights, op, "row_weights");
+  float* dgate_up_data = f32(dgate_up, op, "dgate_up");
+  float* hidden_data = f32(weighted_hidden, op, "weighted_hidden");
+  float* dweight_data = f32(drow_weights, op, "drow_weights");
+  if (gate_up.rank() != 2 || gate_up.size(1) % 2 != 0)
+    fail(op, ": gate_up must be (M, 2I), got ", gate_up.shape.str());
+  const int64_t rows = gate_up.size(0), width = gate_up.size(1) / 2;
+  expect_shape(dh, Shape{rows, width}, op, "dh");
+  expect_shape(dgate_up, gate_up.shape, op, "dgate_up");
+  expect_shape(weighted_hidden, Shape{rows, width}, op, "weighted_hidden");
+  if (row_weights.numel() != rows || drow_weights.numel() != rows)
+    fail(op, ": row_weights ", row_weights.shape.str(), " and drow_weights ",
+         drow_weights.shape.str(), " need one value per row of gate_up ", gate_up.shape.str());
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* gate = gate_up_data + r * 2 * width;  // (I)
+    const float* up = gate + width;                    // (I)
+    const float* d = dh_data + r * width;              // (I)
+    float* dgate = dgate_up_data + r * 2 * width;
+    float* dup = dgate + width;
+    const float w = weight_data[r];
+    double dot = 0.0;
+    for (int64_t j = 0; j < width; ++j) {
+      const float sigmoid = 1.0f / (1.0f + std::exp(-gate[j]));
+      const float silu = gate[j] * sigmoid;
+      const float h = silu * up[j];
+      dot += static_cast<double>(d[j]) * h;
+      hidden_data[r * width + j] = w * h;
+      // d silu / dgate = sigmoid * (1 + gate * (1 - sigmoid))
+      dgate[j] = w * d[j] * up[j] * sigmoid * (1.0f + gate[j] * (1.0f - sigmoid));
+      dup[j] = w * d[j] * silu;
     }
+    dweight_data[r] = static_cast<float>(dot);
   }
 }
 

@@ -407,11 +407,12 @@ class CudaBackend final : public Backend {
     PhaseScope scope(this, Phase::RouterDispatch);
     cuda::launch_moe_combine(y, weights, slot_rows, out, stream_);
   }
-  void moe_combine_backward(const Tensor& dout, const Tensor& y, const Tensor& weights,
-                            const Tensor& slot_rows, const Tensor& dy,
-                            const Tensor& dweights) override {
-    PhaseScope scope(this, Phase::RouterDispatch);
-    cuda::launch_moe_combine_backward(dout, y, weights, slot_rows, dy, dweights, stream_);
+  void moe_swiglu_backward(const Tensor& dh, const Tensor& gate_up, const Tensor& row_weights,
+                           const Tensor& dgate_up, const Tensor& weighted_hidden,
+                           const Tensor& drow_weights) override {
+    PhaseScope scope(this, Phase::Experts);
+    cuda::launch_moe_swiglu_backward(dh, gate_up, row_weights, dgate_up, weighted_hidden,
+                                     drow_weights, stream_);
   }
   void moe_regroup_by_expert(const Tensor& peer_offsets, int64_t first_expert,
                              const Tensor& local_offsets, const Tensor& regroup,

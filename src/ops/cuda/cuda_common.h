@@ -84,9 +84,9 @@ void launch_moe_gather_backward(const Tensor& dout, const Tensor& sorted_slots, 
                                 const Tensor& dx, Scratch& scratch, cudaStream_t stream);
 void launch_moe_combine(const Tensor& y, const Tensor& weights, const Tensor& slot_rows,
                         const Tensor& out, cudaStream_t stream);
-void launch_moe_combine_backward(const Tensor& dout, const Tensor& y, const Tensor& weights,
-                                 const Tensor& slot_rows, const Tensor& dy, const Tensor& dweights,
-                                 cudaStream_t stream);
+void launch_moe_swiglu_backward(const Tensor& dh, const Tensor& gate_up, const Tensor& row_weights,
+                                const Tensor& dgate_up, const Tensor& weighted_hidden,
+                                const Tensor& drow_weights, cudaStream_t stream);
 void launch_moe_regroup(const Tensor& peer_offsets, int64_t first_expert,
                         const Tensor& local_offsets, const Tensor& regroup, const Tensor& ungroup,
                         cudaStream_t stream);

@@ -1,5 +1,6 @@
 // Memory-bound kernels: fill, dtype conversion, add, bias, embedding, RMSNorm (with the fused
-// residual add), rotary embedding and SwiGLU. The training step's hot ones (norms, RoPE,
+// residual add), rotary embedding and SwiGLU (and the experts' SwiGLU backward with the
+// router weights, which also sums each row's <dh, h>). The training step's hot ones (norms, RoPE,
 // SwiGLU) move 16-byte vectors (ops/cuda/vector_access.cuh) when the row width and pointers
 // allow, with single-element instantiations otherwise; norm rows of up to 256 vectors
 // (forward) are held in registers by a group of lanes of one warp, up to 512 (backward: 2
@@ -600,6 +601,43 @@ __global__ void swiglu_backward_kernel(const scalar_t* dout, const scalar_t* gat
   }
 }
 
+// The experts' SwiGLU backward with the router weights (Backend::moe_swiglu_backward): as
+// swiglu_backward, times the row's weight w, plus weighted_hidden = w * h (h as the forward
+// stored it: silu rounded, then times up, rounded) and the row's <dh, h> by a block sum.
+template <typename scalar_t, int V>
+__global__ void moe_swiglu_backward_kernel(const scalar_t* dh, const scalar_t* gate_up,
+                                           const float* row_weights, scalar_t* dgate_up,
+                                           scalar_t* weighted_hidden, float* drow_weights,
+                                           int64_t rows, int64_t width) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const scalar_t* gate_row = gate_up + r * 2 * width;
+    scalar_t* dgate_row = dgate_up + r * 2 * width;
+    const float w = row_weights[r];
+    float dot = 0.0f;
+    for (int64_t c = int64_t(threadIdx.x) * V; c < width; c += int64_t(blockDim.x) * V) {
+      float g[V], u[V], d[V], dg[V], du[V], h[V];
+      load_vec<scalar_t, V>(gate_row + c, g);
+      load_vec<scalar_t, V>(gate_row + width + c, u);
+      load_vec<scalar_t, V>(dh + r * width + c, d);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const float sg = sigmoid(g[i]);
+        const float silu = to_float(from_float<scalar_t>(g[i] * sg));
+        const float hidden = to_float(from_float<scalar_t>(silu * u[i]));
+        dot += d[i] * hidden;
+        h[i] = w * hidden;
+        dg[i] = w * d[i] * u[i] * sg * (1.0f + g[i] * (1.0f - sg));
+        du[i] = w * d[i] * silu;
+      }
+      store_vec<scalar_t, V>(dgate_row + c, dg);
+      store_vec<scalar_t, V>(dgate_row + width + c, du);
+      store_vec<scalar_t, V>(weighted_hidden + r * width + c, h);
+    }
+    dot = block_sum(dot);
+    if (threadIdx.x == 0) drow_weights[r] = dot;
+  }
+}
+
 int row_threads(int64_t d) {
   return static_cast<int>(std::min<int64_t>(512, std::max<int64_t>(32, ceil_div(d, 32) * 32)));
 }
@@ -912,6 +950,38 @@ void launch_swiglu_backward(const Tensor& dout, const Tensor& gate_up, const Ten
     const int threads = row_threads(vectorised ? width / kVec : width);
     kernel<<<swiglu_grid(rows, threads), threads, 0, stream>>>(
         dout.ptr<scalar_t>(), gate_up.ptr<scalar_t>(), dgate_up.ptr<scalar_t>(), rows, width);
+  });
+  MOETUNE_CUDA_LAUNCH_CHECK();
+}
+
+void launch_moe_swiglu_backward(const Tensor& dh, const Tensor& gate_up, const Tensor& row_weights,
+                                const Tensor& dgate_up, const Tensor& weighted_hidden,
+                                const Tensor& drow_weights, cudaStream_t stream) {
+  check_float(dh, "moe_swiglu_backward dh");
+  check_f32(row_weights, "moe_swiglu_backward row_weights");
+  check_f32(drow_weights, "moe_swiglu_backward drow_weights");
+  const int64_t width = dh.size(-1), rows = width ? dh.numel() / width : 0;
+  if (gate_up.size(-1) != 2 * width || gate_up.numel() != 2 * dh.numel() ||
+      dgate_up.numel() != gate_up.numel() || weighted_hidden.numel() != dh.numel() ||
+      weighted_hidden.size(-1) != width || row_weights.numel() != rows ||
+      drow_weights.numel() != rows || gate_up.dtype != dh.dtype || dgate_up.dtype != dh.dtype ||
+      weighted_hidden.dtype != dh.dtype)
+    fail("moe_swiglu_backward: dh ", dh.shape.str(), " gate_up ", gate_up.shape.str(),
+         " row_weights ", row_weights.shape.str(), " dgate_up ", dgate_up.shape.str(),
+         " weighted_hidden ", weighted_hidden.shape.str(), " drow_weights ",
+         drow_weights.shape.str(), " do not fit (M, I), (M, 2I), (M), (M, 2I), (M, I), (M)");
+  if (dh.numel() == 0) return;
+  MOETUNE_DISPATCH_FLOAT(dh.dtype, "moe_swiglu_backward", {
+    constexpr int kVec = 16 / int(sizeof(scalar_t));
+    const bool vectorised = vector_aligned(
+        width, sizeof(scalar_t), {dh.data, gate_up.data, dgate_up.data, weighted_hidden.data});
+    auto kernel = vectorised ? moe_swiglu_backward_kernel<scalar_t, kVec>
+                             : moe_swiglu_backward_kernel<scalar_t, 1>;
+    const int threads = row_threads(vectorised ? width / kVec : width);
+    kernel<<<swiglu_grid(rows, threads), threads, 0, stream>>>(
+        dh.ptr<scalar_t>(), gate_up.ptr<scalar_t>(), row_weights.ptr<float>(),
+        dgate_up.ptr<scalar_t>(), weighted_hidden.ptr<scalar_t>(), drow_weights.ptr<float>(), rows,
+        width);
   });
   MOETUNE_CUDA_LAUNCH_CHECK();
 }

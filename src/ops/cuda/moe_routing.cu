@@ -233,6 +233,31 @@ __global__ void gather_kernel(const scalar_t* x, const int32_t* sorted_slots, in
   }
 }
 
+// Rows narrower than a warp (the router weights of the slots: one fp32 each): one thread
+// per element instead of a block per row.
+template <typename scalar_t>
+__global__ void gather_narrow_kernel(const scalar_t* x, const int32_t* sorted_slots, int top_k,
+                                     scalar_t* out, int64_t rows, int64_t hidden) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= rows * hidden) return;
+  const int64_t row = i / hidden, c = i % hidden;
+  out[i] = x[int64_t(sorted_slots[row] / top_k) * hidden + c];
+}
+template <typename scalar_t>
+__global__ void gather_backward_narrow_kernel(const scalar_t* dout, const int32_t* slot_rows,
+                                              int top_k, scalar_t* dx, int64_t tokens,
+                                              int64_t hidden) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= tokens * hidden) return;
+  const int64_t token = i / hidden, c = i % hidden;
+  float sum = to_float(dx[i]);
+  for (int j = 0; j < top_k; ++j) {
+    const int32_t row = slot_rows[token * top_k + j];
+    if (row >= 0) sum += to_float(dout[int64_t(row) * hidden + c]);
+  }
+  dx[i] = from_float<scalar_t>(sum);
+}
+
 __global__ void invert_kernel(const int32_t* sorted_slots, int64_t rows, int32_t* slot_rows) {
   const int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (r < rows) slot_rows[sorted_slots[r]] = static_cast<int32_t>(r);
@@ -272,33 +297,6 @@ __global__ void combine_kernel(const scalar_t* y, const float* weights, const in
       for (int i = 0; i < V; ++i) sum[i] += w * part[i];
     }
     store_vec<scalar_t, V>(out + token * hidden + c, sum);
-  }
-}
-
-template <typename scalar_t, int V>
-__global__ void combine_backward_kernel(const scalar_t* dout, const scalar_t* y,
-                                        const float* weights, const int32_t* slot_rows, int top_k,
-                                        scalar_t* dy, float* dweights, int64_t hidden) {
-  const int64_t token = blockIdx.x;
-  for (int j = 0; j < top_k; ++j) {
-    const int32_t row = slot_rows[token * top_k + j];
-    const float w = weights[token * top_k + j];
-    float dot = 0.0f;
-    if (row >= 0) {
-      for (int64_t c = int64_t(threadIdx.x) * V; c < hidden; c += int64_t(blockDim.x) * V) {
-        float d[V], yv[V], out[V];
-        load_vec<scalar_t, V>(dout + token * hidden + c, d);
-        load_vec<scalar_t, V>(y + int64_t(row) * hidden + c, yv);
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          dot += d[i] * yv[i];
-          out[i] = w * d[i];
-        }
-        store_vec<scalar_t, V>(dy + int64_t(row) * hidden + c, out);
-      }
-    }
-    dot = block_sum(dot);
-    if (threadIdx.x == 0) dweights[token * top_k + j] = dot;
   }
 }
 
@@ -444,10 +442,13 @@ void launch_moe_gather(const Tensor& x, const Tensor& sorted_slots, int top_k, c
   if (out.numel() != rows * hidden || out.dtype != x.dtype || x.numel() * top_k != rows * hidden)
     fail("moe_gather: x ", x.shape.str(), " out ", out.shape.str(), " sorted_slots ",
          sorted_slots.shape.str(), " do not fit");
-  if (rows == 0) return;
+  if (rows == 0 || hidden == 0) return;
   MOETUNE_DISPATCH_FLOAT(x.dtype, "moe_gather", {
     constexpr int kVec = 16 / int(sizeof(scalar_t));
-    if (vector_aligned(hidden, sizeof(scalar_t), {x.data, out.data}))
+    if (hidden < 32)
+      gather_narrow_kernel<scalar_t><<<ceil_div(rows * hidden, 256), 256, 0, stream>>>(
+          x.ptr<scalar_t>(), sorted_slots.ptr<int32_t>(), top_k, out.ptr<scalar_t>(), rows, hidden);
+    else if (vector_aligned(hidden, sizeof(scalar_t), {x.data, out.data}))
       gather_kernel<scalar_t, kVec><<<rows, row_threads(hidden / kVec), 0, stream>>>(
           x.ptr<scalar_t>(), sorted_slots.ptr<int32_t>(), top_k, out.ptr<scalar_t>(), hidden);
     else
@@ -463,14 +464,18 @@ void launch_moe_gather_backward(const Tensor& dout, const Tensor& sorted_slots, 
   if (dout.numel() != rows * hidden || dout.dtype != dx.dtype ||
       dx.numel() * top_k != rows * hidden)
     fail("moe_gather_backward: dout ", dout.shape.str(), " dx ", dx.shape.str(), " do not fit");
-  if (rows == 0) return;
+  if (rows == 0 || hidden == 0) return;
   auto* slot_rows = static_cast<int32_t*>(scratch.get(sizeof(int32_t) * rows));
   invert_kernel<<<ceil_div(rows, 256), 256, 0, stream>>>(sorted_slots.ptr<int32_t>(), rows,
                                                          slot_rows);
   MOETUNE_CUDA_LAUNCH_CHECK();
   MOETUNE_DISPATCH_FLOAT(dx.dtype, "moe_gather_backward", {
     constexpr int kVec = 16 / int(sizeof(scalar_t));
-    if (vector_aligned(hidden, sizeof(scalar_t), {dout.data, dx.data}))
+    if (hidden < 32)
+      gather_backward_narrow_kernel<scalar_t>
+          <<<ceil_div(rows / top_k * hidden, 256), 256, 0, stream>>>(
+              dout.ptr<scalar_t>(), slot_rows, top_k, dx.ptr<scalar_t>(), rows / top_k, hidden);
+    else if (vector_aligned(hidden, sizeof(scalar_t), {dout.data, dx.data}))
       gather_backward_kernel<scalar_t, kVec>
           <<<rows / top_k, row_threads(hidden / kVec), 0, stream>>>(
               dout.ptr<scalar_t>(), slot_rows, top_k, dx.ptr<scalar_t>(), hidden);
@@ -501,32 +506,6 @@ void launch_moe_combine(const Tensor& y, const Tensor& weights, const Tensor& sl
       combine_kernel<scalar_t, 1><<<tokens, row_threads(hidden), 0, stream>>>(
           y.ptr<scalar_t>(), weights.ptr<float>(), slot_rows.ptr<int32_t>(), top_k,
           out.ptr<scalar_t>(), hidden);
-  });
-  MOETUNE_CUDA_LAUNCH_CHECK();
-}
-
-void launch_moe_combine_backward(const Tensor& dout, const Tensor& y, const Tensor& weights,
-                                 const Tensor& slot_rows, const Tensor& dy, const Tensor& dweights,
-                                 cudaStream_t stream) {
-  check_f32(weights, "moe_combine_backward weights");
-  check_f32(dweights, "moe_combine_backward dweights");
-  const int64_t hidden = dout.size(-1), tokens = hidden ? dout.numel() / hidden : 0;
-  const int top_k = tokens ? static_cast<int>(weights.numel() / tokens) : 1;
-  if (y.numel() != tokens * top_k * hidden || dy.numel() != y.numel() ||
-      dweights.numel() != weights.numel() || y.dtype != dout.dtype || dy.dtype != dout.dtype)
-    fail("moe_combine_backward: dout ", dout.shape.str(), " y ", y.shape.str(), " dy ",
-         dy.shape.str(), " do not fit");
-  if (tokens == 0) return;
-  MOETUNE_DISPATCH_FLOAT(dout.dtype, "moe_combine_backward", {
-    constexpr int kVec = 16 / int(sizeof(scalar_t));
-    if (vector_aligned(hidden, sizeof(scalar_t), {dout.data, y.data, dy.data}))
-      combine_backward_kernel<scalar_t, kVec><<<tokens, row_threads(hidden / kVec), 0, stream>>>(
-          dout.ptr<scalar_t>(), y.ptr<scalar_t>(), weights.ptr<float>(), slot_rows.ptr<int32_t>(),
-          top_k, dy.ptr<scalar_t>(), dweights.ptr<float>(), hidden);
-    else
-      combine_backward_kernel<scalar_t, 1><<<tokens, row_threads(hidden), 0, stream>>>(
-          dout.ptr<scalar_t>(), y.ptr<scalar_t>(), weights.ptr<float>(), slot_rows.ptr<int32_t>(),
-          top_k, dy.ptr<scalar_t>(), dweights.ptr<float>(), hidden);
   });
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
