@@ -1,8 +1,7 @@
-// The CUDA caching allocator's reuse rule (ops/cuda/caching_allocator.cpp): a large request
-// takes the smallest cached block up to a quarter larger instead of a new cudaMalloc (so
-// buffers sized per call, like the expert rows of real routing, stop growing the cache), a
-// much smaller one does not take it, small blocks follow the same rule, and a reused block is
-// zero-filled like a new one.
+// The CUDA caching allocator on the device (its bookkeeping, ops/cuda/block_pool.h, has CPU
+// tests in tests/test_block_pool.cpp): a freed large block serves a smaller request without a
+// new cudaMalloc and its rest serves another one, freed neighbours merge to serve a larger
+// request, small requests share a segment, and a reused block is zero-filled like a new one.
 #include <gtest/gtest.h>
 
 #include <vector>
@@ -16,48 +15,63 @@ namespace {
 
 constexpr int64_t kMiB = int64_t(1) << 20;
 
-TEST(CudaCachingAllocator, LargeRequestsReuseABlockUpToAQuarterLarger) {
+// A (bytes / 4) F32 device buffer.
+Buffer device_bytes(int64_t bytes) { return Buffer(DType::F32, {bytes / 4}, Device::CUDA); }
+
+void expect_zero_filled(Backend& backend, const Buffer& buffer) {
+  std::vector<float> head(4096, -1.0f), tail(4096, -1.0f);
+  const Tensor t = buffer.tensor();
+  const int64_t n = t.numel();
+  backend.copy(Tensor(head.data(), DType::F32, {4096}), t.slice_rows(0, 4096));
+  backend.copy(Tensor(tail.data(), DType::F32, {4096}), t.slice_rows(n - 4096, n));
+  backend.synchronize();
+  for (size_t i = 0; i < head.size(); ++i) {
+    ASSERT_EQ(head[i], 0.0f) << "reused block not zero-filled at " << i;
+    ASSERT_EQ(tail[i], 0.0f) << "reused block not zero-filled near the end, " << i;
+  }
+}
+
+TEST(CudaCachingAllocator, SplitsFreedBlocksAndMergesNeighbours) {
   auto backend = make_cuda_backend(0);
   backend->synchronize();
   cuda::release_cached_device_memory();  // nothing cached from earlier tests
-  void* first = nullptr;
+  char* first = nullptr;
   {
-    Buffer block(DType::F32, {301 * kMiB / 4}, Device::CUDA);
+    Buffer block = device_bytes(300 * kMiB);
     backend->fill(block, 1.0f);
-    first = block.data();
+    first = static_cast<char*>(block.data());
   }
   const size_t reserved = cuda::device_memory_stats().reserved;
   {
-    Buffer smaller(DType::F32, {250 * kMiB / 4}, Device::CUDA);  // 301 <= 1.25 * 250
+    Buffer smaller = device_bytes(200 * kMiB);  // the freed block, split
+    Buffer rest = device_bytes(100 * kMiB);     // its rest
     EXPECT_EQ(smaller.data(), first);
+    EXPECT_EQ(static_cast<char*>(rest.data()), first + 200 * kMiB);
     EXPECT_EQ(cuda::device_memory_stats().reserved, reserved) << "a new cudaMalloc ran";
-    std::vector<float> head(4096, -1.0f), tail(4096, -1.0f);
-    backend->copy(Tensor(head.data(), DType::F32, {4096}), smaller.tensor().slice_rows(0, 4096));
-    const int64_t n = smaller.tensor().numel();
-    backend->copy(Tensor(tail.data(), DType::F32, {4096}),
-                  smaller.tensor().slice_rows(n - 4096, n));
-    backend->synchronize();
-    for (size_t i = 0; i < head.size(); ++i) {
-      ASSERT_EQ(head[i], 0.0f) << "reused block not zero-filled at " << i;
-      ASSERT_EQ(tail[i], 0.0f) << "reused block not zero-filled near the end, " << i;
-    }
+    expect_zero_filled(*backend, smaller);
+    expect_zero_filled(*backend, rest);
+    backend->fill(smaller, 2.0f);
+    backend->fill(rest, 3.0f);
   }
   {
-    Buffer much_smaller(DType::F32, {200 * kMiB / 4}, Device::CUDA);  // 301 > 1.25 * 200
-    EXPECT_NE(much_smaller.data(), first);
+    // both pieces were freed: they merged back into one 300 MiB block
+    Buffer whole = device_bytes(300 * kMiB);
+    EXPECT_EQ(whole.data(), first);
+    EXPECT_EQ(cuda::device_memory_stats().reserved, reserved) << "the pieces did not merge";
+    expect_zero_filled(*backend, whole);
   }
-  // The same rule for small blocks (index plans of a few KiB vary per layer too).
+  // Small requests (index plans of a few KiB, varying per layer) share 2 MiB segments.
   backend->synchronize();
   cuda::release_cached_device_memory();
-  void* small = nullptr;
-  { small = Buffer(DType::I32, {5 * 1024}, Device::CUDA).data(); }  // 20 KiB
+  const size_t before = cuda::device_memory_stats().reserved;
   {
-    Buffer too_small(DType::I32, {3 * 1024}, Device::CUDA);  // 20 > 1.25 * 12 KiB
-    EXPECT_NE(too_small.data(), small);
-  }
-  {
-    Buffer within(DType::I32, {4 * 1024 + 100}, Device::CUDA);  // 20 <= 1.25 * 16.5 KiB
-    EXPECT_EQ(within.data(), small);
+    Buffer a(DType::I32, {5 * 1024}, Device::CUDA);
+    Buffer b(DType::I32, {3 * 1024}, Device::CUDA);
+    Buffer c(DType::I32, {100 * 1024}, Device::CUDA);
+    // at most one new 2 MiB segment for all three (other live buffers may leave room)
+    EXPECT_LE(cuda::device_memory_stats().reserved, before + 2 * kMiB);
+    EXPECT_NE(a.data(), b.data());
+    EXPECT_NE(b.data(), c.data());
   }
 }
 

@@ -1,84 +1,66 @@
 // The caching device allocator: cudaMalloc is slow and synchronises, so freed blocks are
-// kept in per-size free lists (sizes rounded up: 512 B steps below 1 MiB, 2 MiB steps
-// above) and handed out again. The ops run on the backend's one stream, so a block freed
-// by the host can be reused by any later launch on it without waiting. Best fit with slack:
-// a request with no cached block of its exact size takes the smallest cached block up to a
-// quarter larger. Buffers whose size changes from layer to layer and step to step (the
-// expert rows a rank receives with real routing, sized per call, and their index plans)
-// otherwise each leave a block of their own size behind, which no other size reuses: the
-// cache then grows until out-of-memory (measured: 46 GiB more reserved than with balanced
-// routing on 48 layers), and every new size costs a cudaMalloc, which synchronises. On
-// out-of-memory the cache is returned to the driver and the allocation retried once. Statistics (in
-// use, reserved, peaks) give `moetune bench` its peak memory; a block counts with its whole size.
+// kept and handed out again. The bookkeeping is BlockPool (ops/cuda/block_pool.h): segments
+// from cudaMalloc cut into blocks, best fit with splitting and coalescing, small requests
+// (< 1 MiB) from 2 MiB segments of their own. Buffers whose size changes from layer to layer
+// and step to step (the expert rows a rank receives with real routing) then reuse any freed
+// block large enough, and its rest serves other requests, instead of each size leaving a block
+// of its own behind (measured before: 6-7 GiB cached and unusable on 48 layers with real
+// routing; earlier still, with exact sizes only, 46 GiB). The ops run on the backend's one
+// stream, so a block freed by the host can be reused by any later launch on it without
+// waiting. On out-of-memory the entirely free segments are returned to the driver and the
+// allocation retried once. Statistics (in use, reserved, peaks) give `moetune bench` its peak
+// memory; a block counts with its rounded size.
 // Side streams (Backend::SideStream::begin_ops: optimizer updates beside the backward): while
 // a side stream is the allocation stream, new blocks are zero-filled on it, and a block
 // freed then is not reusable at once (the side kernels may still read it when the ops'
 // stream would take it): it waits in `pending_` with an event recorded on the side stream
-// at the free, and joins the free lists once the event has completed (polled, never
-// waited for, at each allocation). Blocks the side stream takes from the free lists were
+// at the free, and goes back to the pool once the event has completed (polled, never
+// waited for, at each allocation). Blocks the side stream takes from the pool were
 // freed before its begin_ops() (a single host thread), and begin_ops() makes the side
 // stream wait for every op enqueued so far: their last users have finished by then.
 #include <cuda_runtime.h>
 
-#include <map>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
 
 #include "core/error.h"
+#include "ops/cuda/block_pool.h"
 #include "ops/cuda/device_memory.h"
 
 namespace moetune::cuda {
 
 namespace {
 
-size_t round_size(size_t bytes) {
-  constexpr size_t kSmall = 512, kLarge = 2u << 20;
-  if (bytes < (1u << 20)) return (bytes + kSmall - 1) / kSmall * kSmall;
-  return (bytes + kLarge - 1) / kLarge * kLarge;
-}
-
 class CachingAllocator {
  public:
   void* allocate(size_t bytes, bool zero_fill) {
-    const size_t size = round_size(bytes);
     std::lock_guard<std::mutex> lock(mutex_);
     recycle_pending_locked(false);
-    void* pointer = nullptr;
-    size_t block = size;
-    // The smallest cached block of at least `size` bytes (lists are never left empty).
-    if (auto cached = free_.lower_bound(size);
-        cached != free_.end() && cached->first <= size + size / 4) {
-      block = cached->first;
-      pointer = cached->second.back();
-      cached->second.pop_back();
-      if (cached->second.empty()) free_.erase(cached);
-    } else {
-      cudaError_t status = cudaMalloc(&pointer, size);
-      if (status == cudaErrorMemoryAllocation) {
-        (void)cudaGetLastError();
-        release_locked();
-        status = cudaMalloc(&pointer, size);
-      }
-      if (status != cudaSuccess) {
-        (void)cudaGetLastError();
-        fail("out of GPU memory allocating ", bytes, " bytes (", stats_.in_use >> 20,
-             " MiB in use, ", stats_.reserved >> 20,
-             " MiB reserved): ", cudaGetErrorString(status));
-      }
-      stats_.reserved += size;
-      stats_.peak_reserved = std::max(stats_.peak_reserved, stats_.reserved);
+    BlockPool::Allocation block = pool_.allocate(bytes);
+    if (block.pointer == nullptr) {  // the pool gave its free segments back and retried
+      cudaDeviceSynchronize();       // then pending side-stream frees may join too
+      recycle_pending_locked(true);
+      pool_.release_free_segments();
+      block = pool_.allocate(bytes);
     }
+    if (block.pointer == nullptr) {
+      const cudaError_t status = cudaGetLastError();
+      fail("out of GPU memory allocating ", bytes, " bytes (", stats_.in_use >> 20, " MiB in use, ",
+           pool_.reserved() >> 20, " MiB reserved): ", cudaGetErrorString(status));
+    }
+    stats_.reserved = pool_.reserved();
+    stats_.peak_reserved = std::max(stats_.peak_reserved, stats_.reserved);
     cudaStream_t fill_stream = side_stream_ ? side_stream_ : stream_;
     if (fill_stream && zero_fill) {
-      const cudaError_t status = cudaMemsetAsync(pointer, 0, size, fill_stream);
+      const cudaError_t status = cudaMemsetAsync(block.pointer, 0, block.size, fill_stream);
       if (status != cudaSuccess)
         fail("zero-filling a device allocation: ", cudaGetErrorString(status));
     }
-    sizes_[pointer] = block;
-    stats_.in_use += block;
+    sizes_[block.pointer] = block.size;
+    stats_.in_use += block.size;
     stats_.peak_in_use = std::max(stats_.peak_in_use, stats_.in_use);
-    return pointer;
+    return block.pointer;
   }
 
   void deallocate(void* pointer) {
@@ -96,9 +78,9 @@ class CachingAllocator {
       }
       if (cudaEventRecord(event, side_stream_) != cudaSuccess)
         fail("recording a CUDA event for a side-stream free");
-      pending_.push_back({pointer, found->second, event});
+      pending_.push_back({pointer, event});
     } else {
-      free_[found->second].push_back(pointer);
+      pool_.free(pointer);
     }
     sizes_.erase(found);
   }
@@ -127,13 +109,13 @@ class CachingAllocator {
 
  private:
   // Pending side-stream frees whose event has completed (all of them after a device
-  // synchronisation: `all`) go back to the free lists.
+  // synchronisation: `all`) go back to the pool.
   void recycle_pending_locked(bool all) {
     size_t kept = 0;
     for (Pending& block : pending_) {
       const cudaError_t status = all ? cudaSuccess : cudaEventQuery(block.event);
       if (status == cudaSuccess) {
-        free_[block.size].push_back(block.pointer);
+        pool_.free(block.pointer);
         spare_events_.push_back(block.event);
       } else {
         if (status == cudaErrorNotReady) (void)cudaGetLastError();  // not an error: clear it
@@ -146,21 +128,22 @@ class CachingAllocator {
   void release_locked() {
     cudaDeviceSynchronize();
     recycle_pending_locked(true);
-    for (auto& [size, list] : free_) {
-      for (void* pointer : list) {
-        cudaFree(pointer);
-        stats_.reserved -= size;
-      }
-    }
-    free_.clear();
+    pool_.release_free_segments();
+    stats_.reserved = pool_.reserved();
   }
 
   std::mutex mutex_;
-  std::map<size_t, std::vector<void*>> free_;  // block size -> cached blocks (never empty)
-  std::unordered_map<void*, size_t> sizes_;
+  // Segments from cudaMalloc (nullptr when it fails: out of memory), back by cudaFree.
+  BlockPool pool_{[](size_t bytes) -> void* {
+                    void* pointer = nullptr;
+                    if (cudaMalloc(&pointer, bytes) == cudaSuccess) return pointer;
+                    (void)cudaGetLastError();  // clear the out-of-memory error
+                    return nullptr;
+                  },
+                  [](void* pointer) { cudaFree(pointer); }};
+  std::unordered_map<void*, size_t> sizes_;  // handed-out blocks (not pending ones)
   struct Pending {
     void* pointer;
-    size_t size;
     cudaEvent_t event;  // recorded on the side stream at the free
   };
   std::vector<Pending> pending_;
