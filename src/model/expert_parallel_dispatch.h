@@ -29,13 +29,13 @@
 // router weights apply at the experts, moe.h) to the experts, per chunk the experts' input
 // gradients and router weight gradients, the reverse exchange of both (started before the
 // chunk's weight gradients, which compute meanwhile), and after every chunk the gather's
-// backward and the weight gradients' scatter to slot order. Results equal C = 1 bit for bit (each expert's
-// rows and GEMMs are the same; only the order of independent work changes).
-// M varies per step and layer: the (M, ...) buffers are sized per call (Buffer; cheap
-// with the CUDA caching allocator), never for the worst case ep*N*k. The backward reuses
-// the forward's plan (row blocks on the host, permutations on the device): no exchange of
-// counts and no host synchronisation. (A recomputed layer, ModelOptions::recompute_layers,
-// dispatches again: one more synchronisation per MoE layer in that mode.)
+// backward and the weight gradients' scatter to slot order. Results equal C = 1 bit for bit (each
+// expert's rows and GEMMs are the same; only the order of independent work changes). M varies per
+// step and layer: the (M, ...) buffers are sized per call (Buffer; cheap with the CUDA caching
+// allocator), never for the worst case ep*N*k. The backward reuses the forward's plan (row blocks
+// on the host, permutations on the device): no exchange of counts and no host synchronisation. (A
+// recomputed layer, ModelOptions::recompute_layers, dispatches again: one more synchronisation per
+// MoE layer in that mode.)
 #pragma once
 
 #include <memory>
