@@ -168,7 +168,9 @@ TEST(BlockPool, RandomSequencesKeepTheInvariants) {
       ASSERT_FALSE(overlaps(at(got.pointer), got.size)) << "step " << i;
       live[at(got.pointer)] = got.size;
     }
-    if (i % 50 == 0) ASSERT_NO_THROW(pool.verify()) << "step " << i;
+    if (i % 50 == 0) {
+      ASSERT_NO_THROW(pool.verify()) << "step " << i;
+    }
   }
   pool.verify();
   size_t in_use = 0;
