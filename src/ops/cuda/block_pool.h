@@ -14,6 +14,7 @@
 // Not thread-safe (the caller locks).
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <functional>

@@ -44,11 +44,10 @@ class CachingAllocator {
       pool_.release_free_segments();
       block = pool_.allocate(bytes);
     }
-    if (block.pointer == nullptr) {
-      const cudaError_t status = cudaGetLastError();
+    if (block.pointer == nullptr)  // (the pool's cudaMalloc cleared its error already)
       fail("out of GPU memory allocating ", bytes, " bytes (", stats_.in_use >> 20, " MiB in use, ",
-           pool_.reserved() >> 20, " MiB reserved): ", cudaGetErrorString(status));
-    }
+           pool_.reserved() >> 20,
+           " MiB reserved): cudaMalloc failed after the cache was released");
     stats_.reserved = pool_.reserved();
     stats_.peak_reserved = std::max(stats_.peak_reserved, stats_.reserved);
     cudaStream_t fill_stream = side_stream_ ? side_stream_ : stream_;
