@@ -1,7 +1,9 @@
 // The CUDA caching allocator on the device (its bookkeeping, ops/cuda/block_pool.h, has CPU
 // tests in tests/test_block_pool.cpp): a freed large block serves a smaller request without a
 // new cudaMalloc and its rest serves another one, freed neighbours merge to serve a larger
-// request, small requests share a segment, and a reused block is zero-filled like a new one.
+// request, small requests share a segment, and a reused block is zero-filled like a new one;
+// with the growable range (the default), large blocks allocated one after another are
+// neighbours that merge, and releasing unmaps the free tail.
 #include <gtest/gtest.h>
 
 #include <vector>
@@ -73,6 +75,49 @@ TEST(CudaCachingAllocator, SplitsFreedBlocksAndMergesNeighbours) {
     EXPECT_NE(a.data(), b.data());
     EXPECT_NE(b.data(), c.data());
   }
+}
+
+TEST(CudaCachingAllocator, GrowableRangeMergesBlocksOfSeparateGrowths) {
+  auto backend = make_cuda_backend(0);
+  {
+    Buffer warm(DType::F32, {16}, Device::CUDA);  // the allocator decides on its range
+  }
+  if (!cuda::device_memory_stats().growable_range)
+    GTEST_SKIP() << "no growable range (MOETUNE_EXPANDABLE_SEGMENTS=0 or no VMM support)";
+  backend->synchronize();
+  cuda::release_cached_device_memory();
+  const cuda::DeviceMemoryStats start = cuda::device_memory_stats();
+  // larger than any free block left by earlier tests: both must grow the range
+  const int64_t cached = int64_t(start.reserved - start.in_use);
+  const int64_t a_bytes = (cached / (2 * kMiB) + 60) * 2 * kMiB, b_bytes = a_bytes + 40 * kMiB;
+  char* first = nullptr;
+  {
+    Buffer a = device_bytes(a_bytes);
+    Buffer b = device_bytes(b_bytes);  // mapped right after a
+    first = static_cast<char*>(a.data());
+    backend->fill(a, 1.0f);
+    backend->fill(b, 2.0f);
+    EXPECT_EQ(static_cast<char*>(b.data()), first + a_bytes);
+  }
+  const size_t grown = cuda::device_memory_stats().reserved;
+  EXPECT_LE(grown, start.reserved + size_t(a_bytes + b_bytes));
+  {
+    // both freed: one block (separate cudaMalloc segments could not serve this)
+    const int64_t whole_bytes = a_bytes + b_bytes;
+    Buffer whole = device_bytes(whole_bytes);
+    EXPECT_EQ(whole.data(), first);
+    EXPECT_EQ(cuda::device_memory_stats().reserved, grown) << "the range grew again";
+    expect_zero_filled(*backend, whole);
+    backend->fill(whole, 3.0f);
+    std::vector<float> last(1, 0.0f);
+    backend->copy(Tensor(last.data(), DType::F32, {1}),
+                  whole.tensor().slice_rows(whole_bytes / 4 - 1, whole_bytes / 4));
+    backend->synchronize();
+    EXPECT_EQ(last[0], 3.0f);
+  }
+  backend->synchronize();
+  cuda::release_cached_device_memory();  // the free tail is unmapped again
+  EXPECT_LE(cuda::device_memory_stats().reserved, start.reserved);
 }
 
 }  // namespace

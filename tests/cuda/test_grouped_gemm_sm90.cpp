@@ -61,9 +61,10 @@ class GroupedGemmSm90 : public ::testing::Test {
       values[i] = bf16_to_float(bits[i]);
     }
     DeviceBf16 out{Buffer(DType::BF16, shape, Device::CUDA), std::move(values)};
-    if (!bits.empty())
+    if (!bits.empty()) {
       EXPECT_EQ(cudaMemcpy(out.device.data(), bits.data(), bits.size() * 2, cudaMemcpyHostToDevice),
                 cudaSuccess);
+    }
     return out;
   }
   DeviceBf16 random(Shape shape, float scale = 1.0f) {

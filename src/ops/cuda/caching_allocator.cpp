@@ -10,6 +10,15 @@
 // waiting. On out-of-memory the entirely free segments are returned to the driver and the
 // allocation retried once. Statistics (in use, reserved, peaks) give `moetune bench` its peak
 // memory; a block counts with its rounded size.
+// Large blocks come from one growable address range (BlockPool::GrowableRange) where the
+// device supports CUDA virtual memory management: the device's memory size of addresses
+// reserved at the first allocation, physical memory created and mapped at the range's end
+// (cuMemCreate + cuMemMap) as the pool grows, unmapped from its end when released. Blocks
+// of different layers and steps then merge across what would be segment boundaries (with
+// real routing, buffers whose size changes per layer otherwise strand cached memory in
+// segments of the wrong size). The driver functions come through
+// cudaGetDriverEntryPointByVersion (no link against libcuda). MOETUNE_EXPANDABLE_SEGMENTS=0
+// turns it off (segments from cudaMalloc, as before); so does a device without it.
 // Side streams (Backend::SideStream::begin_ops: optimizer updates beside the backward): while
 // a side stream is the allocation stream, new blocks are zero-filled on it, and a block
 // freed then is not reusable at once (the side kernels may still read it when the ops'
@@ -18,8 +27,12 @@
 // waited for, at each allocation). Blocks the side stream takes from the pool were
 // freed before its begin_ops() (a single host thread), and begin_ops() makes the side
 // stream wait for every op enqueued so far: their last users have finished by then.
+#include <cuda.h>  // driver types of the virtual memory functions (called through entry points)
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <memory>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -32,10 +45,139 @@ namespace moetune::cuda {
 
 namespace {
 
+// CUDA's virtual memory management for the growable range: an address range reserved once
+// on the current device, chunks of physical memory mapped into it and unmapped again.
+class VirtualMemoryRange {
+ public:
+  // The range for the current device, or nullptr where it is not supported (or turned off).
+  static std::unique_ptr<VirtualMemoryRange> create() {
+    if (const char* setting = std::getenv("MOETUNE_EXPANDABLE_SEGMENTS");
+        setting && std::strcmp(setting, "0") == 0)
+      return nullptr;
+    auto range = std::make_unique<VirtualMemoryRange>();
+    return range->init() ? std::move(range) : nullptr;
+  }
+
+  BlockPool::GrowableRange growable_range() {
+    BlockPool::GrowableRange range;
+    range.base = reinterpret_cast<char*>(base_);
+    range.capacity = capacity_;
+    range.granule = granule_;
+    range.map = [this](char* at, size_t bytes) { return map(at, bytes); };
+    range.unmap = [this](char* at, size_t bytes) { unmap(at, bytes); };
+    return range;
+  }
+
+ private:
+  template <class Function>
+  static bool entry_point(const char* name, Function& function) {
+    void* pointer = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion(name, &pointer, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess || pointer == nullptr) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    function = reinterpret_cast<Function>(pointer);
+    return true;
+  }
+
+  bool init() {
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess || cudaFree(nullptr) != cudaSuccess) {
+      (void)cudaGetLastError();  // no device: the caller falls back to cudaMalloc
+      return false;
+    }
+    decltype(&cuDeviceGetAttribute) get_attribute = nullptr;
+    decltype(&cuMemGetAllocationGranularity) get_granularity = nullptr;
+    decltype(&cuMemAddressReserve) address_reserve = nullptr;
+    if (!entry_point("cuDeviceGetAttribute", get_attribute) ||
+        !entry_point("cuMemGetAllocationGranularity", get_granularity) ||
+        !entry_point("cuMemAddressReserve", address_reserve) ||
+        !entry_point("cuMemCreate", create_) || !entry_point("cuMemRelease", release_) ||
+        !entry_point("cuMemMap", map_) || !entry_point("cuMemUnmap", unmap_) ||
+        !entry_point("cuMemSetAccess", set_access_))
+      return false;
+    int supported = 0;
+    if (get_attribute(&supported, CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED,
+                      device) != CUDA_SUCCESS ||
+        !supported)
+      return false;
+    std::memset(&properties_, 0, sizeof(properties_));
+    properties_.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    properties_.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    properties_.location.id = device;
+    std::memset(&access_, 0, sizeof(access_));
+    access_.location = properties_.location;
+    access_.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    size_t granule = 0;
+    if (get_granularity(&granule, &properties_, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED) !=
+            CUDA_SUCCESS ||
+        granule == 0)
+      return false;
+    // the pool's sizes are 2 MiB steps: map in a common multiple of both
+    granule_ = BlockPool::kLargeStep;
+    while (granule_ % granule != 0) granule_ += BlockPool::kLargeStep;
+    size_t free_bytes = 0, total_bytes = 0;
+    if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    capacity_ = (total_bytes + granule_ - 1) / granule_ * granule_;
+    if (address_reserve(&base_, capacity_, granule_, 0, 0) != CUDA_SUCCESS) return false;
+    return true;
+  }
+
+  bool map(char* at, size_t bytes) {
+    CUmemGenericAllocationHandle handle = 0;
+    if (create_(&handle, bytes, &properties_, 0) != CUDA_SUCCESS) return false;  // out of memory
+    const CUdeviceptr address = reinterpret_cast<CUdeviceptr>(at);
+    if (map_(address, bytes, 0, handle, 0) != CUDA_SUCCESS) {
+      release_(handle);
+      return false;
+    }
+    if (set_access_(address, bytes, &access_, 1) != CUDA_SUCCESS) {
+      unmap_(address, bytes);
+      release_(handle);
+      return false;
+    }
+    handles_[at] = handle;
+    return true;
+  }
+
+  void unmap(char* at, size_t bytes) {
+    cudaDeviceSynchronize();  // queued kernels may still use the freed tail
+    auto found = handles_.find(at);
+    MOETUNE_CHECK(found != handles_.end(), "unmapping device memory that was not mapped");
+    if (unmap_(reinterpret_cast<CUdeviceptr>(at), bytes) != CUDA_SUCCESS ||
+        release_(found->second) != CUDA_SUCCESS)
+      fail("unmapping ", bytes, " bytes of device memory failed");
+    handles_.erase(found);
+  }
+
+  decltype(&cuMemCreate) create_ = nullptr;
+  decltype(&cuMemRelease) release_ = nullptr;
+  decltype(&cuMemMap) map_ = nullptr;
+  decltype(&cuMemUnmap) unmap_ = nullptr;
+  decltype(&cuMemSetAccess) set_access_ = nullptr;
+  CUmemAllocationProp properties_{};
+  CUmemAccessDesc access_{};
+  CUdeviceptr base_ = 0;
+  size_t capacity_ = 0, granule_ = 0;
+  std::unordered_map<char*, CUmemGenericAllocationHandle> handles_;  // by mapped address
+};
+
 class CachingAllocator {
  public:
   void* allocate(size_t bytes, bool zero_fill) {
     std::lock_guard<std::mutex> lock(mutex_);
+    if (!range_checked_) {  // at the first allocation: the device is chosen by then
+      range_checked_ = true;
+      range_ = VirtualMemoryRange::create();
+      if (range_) pool_.set_growable_range(range_->growable_range());
+      stats_.growable_range = range_ != nullptr;
+    }
     recycle_pending_locked(false);
     BlockPool::Allocation block = pool_.allocate(bytes);
     if (block.pointer == nullptr) {  // the pool gave its free segments back and retried
@@ -132,6 +274,8 @@ class CachingAllocator {
   }
 
   std::mutex mutex_;
+  bool range_checked_ = false;
+  std::unique_ptr<VirtualMemoryRange> range_;  // the large pool's range, where supported
   // Segments from cudaMalloc (nullptr when it fails: out of memory), back by cudaFree.
   BlockPool pool_{[](size_t bytes) -> void* {
                     void* pointer = nullptr;

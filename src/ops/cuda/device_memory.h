@@ -13,8 +13,10 @@ namespace moetune::cuda {
 struct DeviceMemoryStats {
   size_t in_use = 0;  // bytes handed out and not yet freed
   size_t peak_in_use = 0;
-  size_t reserved = 0;  // bytes obtained from cudaMalloc (in use + cached)
+  size_t reserved = 0;  // bytes obtained from the driver (in use + cached)
   size_t peak_reserved = 0;
+  bool growable_range = false;  // large blocks from one growable mapped range (the default
+                                // where the device supports virtual memory management)
 };
 
 DeviceMemoryStats device_memory_stats();
