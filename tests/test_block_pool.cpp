@@ -82,6 +82,13 @@ TEST(BlockPool, RoundsSmallAndLargeRequests) {
   EXPECT_EQ(BlockPool::round(kMiB - 1), kMiB);
   EXPECT_EQ(BlockPool::round(kMiB), 2 * kMiB);
   EXPECT_EQ(BlockPool::round(5 * kMiB + 1), 6 * kMiB);
+  EXPECT_THROW(BlockPool::round(SIZE_MAX), Error);
+  FakeDevice device;
+  BlockPool pool = device.pool();
+  EXPECT_THROW(pool.allocate(SIZE_MAX - 100), Error);
+  device.make_growable(pool);
+  EXPECT_THROW(pool.allocate(SIZE_MAX - kMiB), Error);
+  pool.verify();
 }
 
 TEST(BlockPool, SplitsAFreedBlockAndReusesTheRest) {

@@ -78,7 +78,10 @@ class BlockPool {
   bool growable() const { return range_.base != nullptr; }
   size_t mapped() const { return mapped_; }  // bytes of the growable range mapped now
 
+  // The block size of a request (throws moetune::Error where rounding would overflow).
   static size_t round(size_t bytes) {
+    if (bytes > SIZE_MAX - kLargeStep)
+      fail("a device allocation of ", bytes, " bytes is beyond any device");
     const size_t step = bytes < kSmallLimit ? kSmallStep : kLargeStep;
     return std::max<size_t>(step, (bytes + step - 1) / step * step);
   }
@@ -233,7 +236,7 @@ class BlockPool {
     Block* tail = range_tail();
     const size_t have = tail && !tail->allocated ? tail->size : 0;
     const size_t grow = (size - have + range_.granule - 1) / range_.granule * range_.granule;
-    if (mapped_ + grow > range_.capacity) return false;
+    if (grow > range_.capacity - mapped_) return false;
     char* at = range_.base + mapped_;
     if (!range_.map(at, grow)) return false;
     range_chunks_.push_back(grow);
