@@ -7,7 +7,10 @@
 // partial tile: half the rows of a 128-row tile are wasted on average there, and with real
 // routing's uneven experts 64 x 256 measured 10% faster than 128 x 128 (10.23 -> 9.18 ms per
 // step at micro batch 1, 35.5 -> 34.0 at 4; with balanced routing, 256 rows per expert, 3-4%
-// slower: bench/results/grouped_tile_ab.jsonl). 128 x 128 for the weight grad (M, N fixed).
+// slower: bench/results/grouped_tile_ab.jsonl). The weight grad (M, N fixed, K = an expert's
+// rows) uses 128 x 256 tiles with the "cooperative" schedule (both consumer warpgroups on one
+// tile): 7.12 -> 6.99 ms per step real routing and 7.75 -> 6.80 balanced at micro batch 1,
+// 19.23 -> 18.81 real at 4, 16.43 -> 17.06 balanced at 4 (bench/results/wgrad_tile_ab.jsonl).
 //
 // The expert offsets never come to the host: a small kernel (one thread per expert) turns
 // offsets [E+1] into CUTLASS's per-group arrays (problem shape, A/B/C/D pointers, strides)
@@ -57,12 +60,16 @@ constexpr int kEpilogueSmemBytes = static_cast<int>(sizeof(typename Epilogue::Sh
 
 // One CUTLASS grouped GEMM type for the given operand layouts (CUTLASS's A is (M, K), B is
 // (N, K); RowMajor A / ColumnMajor B are k-major). Output is always row-major (M, N).
-template <class LayoutA, class LayoutB, int TileM, int TileN>
+template <class LayoutA, class LayoutB, int TileM, int TileN, bool Cooperative = false>
 struct GroupedGemm {
   using TileShape = cute::Shape<cute::Int<TileM>, cute::Int<TileN>, cute::_64>;
   using ClusterShape = cute::Shape<_1, _1, _1>;
-  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
-  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+  using KernelSchedule =
+      std::conditional_t<Cooperative, cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative,
+                         cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong>;
+  using EpilogueSchedule =
+      std::conditional_t<Cooperative, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
+                         cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong>;
   using LayoutC = cutlass::layout::RowMajor;
 
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
@@ -87,7 +94,7 @@ struct GroupedGemm {
 using ForwardGemm = GroupedGemm<cutlass::layout::RowMajor, cutlass::layout::ColumnMajor, 64, 256>;
 using DataGradGemm = GroupedGemm<cutlass::layout::RowMajor, cutlass::layout::RowMajor, 64, 256>;
 using WeightGradGemm =
-    GroupedGemm<cutlass::layout::ColumnMajor, cutlass::layout::RowMajor, 128, 128>;
+    GroupedGemm<cutlass::layout::ColumnMajor, cutlass::layout::RowMajor, 128, 256, true>;
 
 // Where group e's operands start, in elements: a + begin * a_row, b + e * b_expert + begin *
 // b_row, c + e * c_expert + begin * c_row (begin = offsets[e]). Row-grouped GEMMs have
