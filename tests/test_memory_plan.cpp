@@ -6,6 +6,8 @@
 // an error naming the flag).
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include "model/memory_plan.h"
 #include "model/model.h"
 #include "ops/backend.h"
@@ -49,11 +51,15 @@ TEST(MemoryPlan, ExpertParallelSplitsOnlyTheExperts) {
   EXPECT_EQ(split.grads, split.weights);
   // Without ZeRO each rank keeps the state of what it holds (fp32: 8 bytes per element).
   EXPECT_EQ(split.optimizer_state, (all - experts + experts / 4) * 8);
-  // The exchange buffers: two (tokens * top-k, hidden) bf16 buffers of scratch (sorted and
-  // received rows) and two fp32 columns of their router weights.
-  const int64_t slots = 64 * config.num_experts_per_tok;
-  EXPECT_EQ(split.scratch - alone.scratch, 2 * slots * config.hidden_size * 2 + 2 * slots * 4);
-  EXPECT_GT(split.activations, alone.activations);  // the saved permutations
+  // The token exchange's scratch: the rank-sorted tokens to send (a tokens * top-k row
+  // buffer), the tokens received (at most tokens * min(ep, top-k)) and the router weight
+  // gradients of those (4 bytes per token and choice, going and coming back).
+  const int64_t k = config.num_experts_per_tok, slots = 64 * k;
+  const int64_t received = 64 * std::min<int64_t>(4, k);
+  EXPECT_EQ(
+      split.scratch - alone.scratch,
+      slots * config.hidden_size * 2 + received * config.hidden_size * 2 + 2 * received * k * 4);
+  EXPECT_GT(split.activations, alone.activations);  // the saved exchange plans
 }
 
 TEST(MemoryPlan, ZeroShardsStateOverTheRanksHoldingEachParameter) {

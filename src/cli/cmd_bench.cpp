@@ -77,7 +77,6 @@ int run_bench(int argc, char** argv) {
   bool recompute = false, optimizer_in_backward = false;
   int64_t expert_parallel = 1, zero_stage = 1;
   bool overlap_comm = true, overlap_optimizer = true;
-  int ep_chunks = 2;
   app.add_option("--config", config_path, "HF config.json of the model shape")->required();
   app.add_option("--layers", layers, "keep the first N decoder layers (default: all)");
   app.add_option("--seq", seq, "tokens per row");
@@ -102,10 +101,6 @@ int run_bench(int argc, char** argv) {
   app.add_flag("--overlap-optimizer,!--no-overlap-optimizer", overlap_optimizer,
                "with --optimizer-in-backward: each group's update on a low-priority side stream "
                "beside the backward (default) or between the layers on the compute stream");
-  app.add_option("--ep-chunks", ep_chunks,
-                 "expert parallel: chunks of the local experts pipelined with the all-to-all "
-                 "(1 = none)")
-      ->check(CLI::PositiveNumber);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& error) {
@@ -135,7 +130,6 @@ int run_bench(int argc, char** argv) {
   options.recompute_layers = recompute;
   options.balanced_routing = routing == "balanced";
   if (parallel) options.expert_comm = parallel->groups.expert.get();  // size 1: all experts
-  options.expert_exchange_chunks = ep_chunks;
   if (optimizer_in_backward) options.grad_storage = GradientStorage::PerGroup;
   auto model = Model::uninitialized(config, *backend, options);
   uint64_t seed = 1;
@@ -316,7 +310,7 @@ int run_bench(int argc, char** argv) {
       "\"other_ops\": %.4f, \"host_gaps\": %.4f}, \"profiled_step_s\": %.4f, "
       "\"grouped_gemm_tflops\": {\"fwd_dgrad\": %.1f, \"wgrad\": %.1f}, "
       "\"overlap_optimizer\": %s, \"grad_arena_gib\": %.3f, \"side_stream_s\": %.4f, "
-      "\"ep_chunks\": %d, \"ops_ms\": %s, \"side_ops_ms\": %s}\n",
+      "\"ops_ms\": %s, \"side_ops_ms\": %s}\n",
       cuda::device_name(), world, (long long)(parallel ? expert_parallel : 1),
       (long long)(parallel ? zero_stage : 0),
       dp_optimizer && dp_optimizer->overlapping() ? "true" : "false",
@@ -331,7 +325,7 @@ int run_bench(int argc, char** argv) {
       phases.tflops(phases.weight_grad_flops, phases.weight_grad_s),
       in_backward && in_backward->overlapping() ? "true" : "false",
       optimizer_in_backward ? double(model->gradient_arena_bytes()) / double(1ull << 30) : 0.0,
-      side_s, ep_chunks, ops_json(phases.ops).c_str(), ops_json(phases.side_ops).c_str());
+      side_s, ops_json(phases.ops).c_str(), ops_json(phases.side_ops).c_str());
   return 0;
 #endif
 }

@@ -97,12 +97,14 @@ MemoryPlan plan_memory(const ModelConfig& config, const MemoryPlanOptions& optio
   // result, dexpert_out, dhidden, dgate_up, drows; drow_weights and dtopk_weights
   if (any_moe) plan.scratch += N * E * act * 2 + N * k * (3 * H + 4 * I_moe) * act + N * k * 8;
   if (any_moe && ep > 1) {
-    // The exchange (expert_parallel_dispatch.cpp): this rank's rows sorted for sending and
-    // the rows as received (balanced: N*k rows each), with their router weights, and per
-    // MoE layer the saved plan's permutations.
-    plan.scratch += 2 * N * k * H * act + 2 * N * k * 4;
+    // The token exchange (expert_parallel_dispatch.cpp): this rank's tokens sorted for
+    // sending (an N*k-row buffer) and the tokens as received (at most N*min(ep, k)); per MoE
+    // layer the saved plan: the rank-sorted pairs (N*ep), and per received token its k slots'
+    // sort, their rows and its router weights (4 bytes each).
+    const int64_t received = N * std::min(ep, k);
+    plan.scratch += N * k * H * act + received * H * act + 2 * received * k * 4;
     for (int64_t l = 0; l < config.num_hidden_layers; ++l)
-      if (config.layer_is_moe(l)) plan.activations += 2 * N * k * 4;
+      if (config.layer_is_moe(l)) plan.activations += N * ep * 4 + received * k * 12;
   }
   if (options.logits_chunk_limit > 0) {
     const int64_t row = config.vocab_size * act;

@@ -345,8 +345,7 @@ StepResult Model::run(const BatchView& batch, bool backward, float loss_scale, f
     a->labels = Buffer(DType::I32, {N}, device);
     a->positions = Buffer(DType::I32, {N}, device);
     if (local_experts_ < E)
-      a->dispatcher = make_expert_parallel_dispatcher(backend_, *options_.expert_comm, config_,
-                                                      options_.expert_exchange_chunks);
+      a->dispatcher = make_expert_parallel_dispatcher(backend_, *options_.expert_comm, config_);
     else
       a->dispatcher = make_local_dispatcher(backend_, std::max<int64_t>(E, 1),
                                             std::max<int64_t>(config_.num_experts_per_tok, 1));

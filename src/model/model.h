@@ -85,9 +85,6 @@ struct ModelOptions {
   // only this rank's tokens' (reduce them over data parallel ranks as usual). Must outlive
   // the model.
   dist::Communicator* expert_comm = nullptr;
-  // Expert parallelism: chunks of the local experts whose exchange overlaps the previous
-  // chunk's expert GEMMs (model/expert_parallel_dispatch.h); 1 = no pipelining.
-  int expert_exchange_chunks = 2;
 };
 
 // Parameters whose gradients become final together during the backward: the head (final

@@ -146,7 +146,6 @@ void moe_forward(Backend& backend, TokenDispatcher& dispatcher, const ModelConfi
   const std::vector<ExpertChunk> chunks = dispatcher.chunks(saved);
   for (size_t c = 0; c < chunks.size(); ++c) {
     const ExpertChunk& chunk = chunks[c];
-    dispatcher.chunk_ready(saved, scratch, c);
     if (chunk.rows() > 0) {
       const auto part = [&](const Tensor& t) {
         return t.slice_rows(chunk.row_begin, chunk.row_end);
@@ -162,7 +161,6 @@ void moe_forward(Backend& backend, TokenDispatcher& dispatcher, const ModelConfi
       backend.grouped_gemm(hidden, experts(w.experts_down), true, chunk.offsets,
                            part(expert_out));  // (rows, H)
     }
-    dispatcher.chunk_done(saved, scratch, c);
   }
   // combine
   dispatcher.combine(saved, scratch, out);  // (N, H)
@@ -194,7 +192,6 @@ void moe_backward(Backend& backend, TokenDispatcher& dispatcher, const ModelConf
     const auto experts = [&](const Tensor& weights) {
       return weights.slice_rows(chunk.expert_begin, chunk.expert_end);
     };
-    dispatcher.chunk_backward_ready(saved, scratch, c);
     if (chunk.rows() > 0) {
       backend.grouped_gemm(part(scratch.dexpert_out), experts(w.experts_down), false, chunk.offsets,
                            part(scratch.dhidden));  // (rows, I), unweighted

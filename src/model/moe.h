@@ -44,19 +44,16 @@ struct ExpertChunk {
 };
 
 // What the expert-parallel dispatcher remembers of one layer's exchange (see
-// expert_parallel_dispatch.h); unused by the local dispatcher. The exchange goes in chunks
-// of this rank's experts; a chunk's received rows and its expert-major rows are the same
-// range [row_begin, row_end) of the (M, ...) buffers.
-struct ExchangeChunk {
-  ExpertChunk experts;
-  std::vector<dist::RowBlock> send;  // (ep) rows of the expert-sorted slots sent to each peer
-  std::vector<dist::RowBlock> recv;  // (ep) rows received from each peer (received order)
-  Tensor regroup;                    // (rows): received row of each expert-major row
-  Tensor ungroup;                    // (rows): its inverse (both relative to row_begin)
-};
+// expert_parallel_dispatch.h); unused by the local dispatcher.
 struct ExchangePlan {
-  Buffer indices;  // I32 on the device: each chunk's offsets, regroup and ungroup
-  std::vector<ExchangeChunk> chunks;
+  std::vector<dist::RowBlock> token_send;  // (ep) rows of the rank-sorted tokens to each peer
+  std::vector<dist::RowBlock> token_recv;  // (ep) rows received from each peer
+  int64_t tokens_sent = 0, tokens_received = 0;
+  Buffer rank_sorted;       // (N*ep) I32: (token, rank) slots sorted by rank; first tokens_sent
+  Buffer local_offsets;     // (El + 2) I32: received slots by local expert (+ "none")
+  Buffer local_sorted;      // (received*k) I32: the slot of each expert row (first M)
+  Buffer local_slot_rows;   // (received*k) I32: expert row of each slot (>= M: not here)
+  Buffer received_weights;  // (received, k) fp32: router weights of the received tokens
 };
 
 struct MoeSaved {
@@ -85,10 +82,8 @@ struct MoeScratch {
   Buffer drouter_logits;  // (N, E)
   Buffer balanced_ids;    // (N, k) I32, optional: dispatch by these ids instead of the top-k
   // expert parallel only
-  Buffer sorted_rows;        // (N*k, H) this rank's slots, expert-sorted (sent / received back)
-  Buffer sorted_weights;     // (N*k, 1) fp32: their router weights, then their gradients
-  Buffer exchanged;          // (M, H) rows as received, grouped by source rank
-  Buffer exchanged_weights;  // (M, 1) fp32: their router weights / gradients as received
+  Buffer sorted_rows;  // (N*k, H) this rank's tokens, rank-sorted (sent / partial sums back)
+  Buffer exchanged;    // (received, H) tokens as received / partial sums sent back
 };
 
 // The first `rows` rows of a buffer of at least that many.
@@ -109,28 +104,21 @@ class TokenDispatcher {
   // Sorts the N*k slots of topk_ids (N, k) by expert (saved.expert_offsets, sorted_slots,
   // slot_rows) and starts bringing each slot's row of x (N, H) and its router weight (of
   // saved.topk_weights) to its expert: sets saved.expert_rows = M and sizes saved.rows
-  // (M, H) and saved.row_weights (M, 1); chunk_ready() completes a chunk.
+  // (M, H) and saved.row_weights (M, 1), filled when it returns (in stream order).
   virtual void dispatch(const Tensor& x, const Tensor& topk_ids, MoeSaved& saved,
                         MoeScratch& scratch) = 0;
   // The expert work, in the order it runs (the local dispatcher: one chunk of all rows).
   virtual std::vector<ExpertChunk> chunks(const MoeSaved& saved) const = 0;
   // Where the experts write their output (M, H) for combine().
   virtual Tensor expert_output(MoeSaved& saved, MoeScratch& scratch) = 0;
-  // Forward, around each chunk's experts: chunk_ready fills the chunk's rows of saved.rows
-  // (expert parallel: once they have arrived), chunk_done starts taking the chunk's rows
-  // of expert_output() home (they must not be written afterwards).
-  virtual void chunk_ready(MoeSaved&, MoeScratch&, size_t /*chunk*/) {}
-  virtual void chunk_done(MoeSaved&, MoeScratch&, size_t /*chunk*/) {}
   // out (N, H) = weighted sum of each token's expert outputs (weights saved.topk_weights).
   virtual void combine(MoeSaved& saved, MoeScratch& scratch, const Tensor& out) = 0;
-  // From dout (N, H): sizes scratch.dexpert_out (M, H) and starts filling it with each
-  // row's token's gradient, unweighted (every chunk after its chunk_backward_ready).
+  // From dout (N, H): sizes scratch.dexpert_out (M, H) and fills it with each row's token's
+  // gradient, unweighted.
   virtual void combine_backward(const Tensor& dout, const MoeSaved& saved, MoeScratch& scratch) = 0;
-  // Backward, around each chunk's experts: the chunk's rows of scratch.dexpert_out are
-  // complete after chunk_backward_ready; chunk_backward_done once its rows of
-  // scratch.drows and scratch.drow_weights are (they start home; not to be written
-  // afterwards), so that the experts' weight gradients compute meanwhile.
-  virtual void chunk_backward_ready(const MoeSaved&, MoeScratch&, size_t /*chunk*/) {}
+  // Called once a chunk's rows of scratch.drows and scratch.drow_weights are final, before
+  // its weight gradients (the expert-parallel dispatcher starts them home meanwhile; they
+  // are not written afterwards).
   virtual void chunk_backward_done(const MoeSaved&, MoeScratch&, size_t /*chunk*/) {}
   // dx (N, H) += gradient of dispatch given scratch.drows (M, H); scratch.dtopk_weights
   // (N, k) = scratch.drow_weights back in slot order.

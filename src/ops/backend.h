@@ -202,14 +202,29 @@ class Backend {
   virtual void moe_sort_by_expert(const Tensor& topk_ids, int num_experts,
                                   const Tensor& expert_offsets, const Tensor& sorted_slots,
                                   const Tensor& slot_rows) = 0;
-  // out (N*k, H): row r = x[sorted_slots[r] / k];  backward: dx (N, H) += (accumulate)
+  // out (R, H): row r = x[sorted_slots[r] / k] for R = sorted_slots.numel() <= N*k (a prefix
+  // of a sort: the rows of the first buckets); backward: dx (N, H) += each row of dout (R, H)
+  // added to its token, in slot order. Rows are copied bit for bit (a 4-byte integer tensor
+  // may be gathered through an F32 view of it).
   virtual void moe_gather(const Tensor& x, const Tensor& sorted_slots, int top_k,
                           const Tensor& out) = 0;
   virtual void moe_gather_backward(const Tensor& dout, const Tensor& sorted_slots, int top_k,
                                    const Tensor& dx) = 0;
-  // out (N, H) = sum_j weights[n, j] * y[slot_rows[n*k + j]]   (y (N*k, H) expert-sorted)
+  // out (N, H) = sum_j weights[n, j] * y[slot_rows[n*k + j]] over the slots whose row is
+  // below R (y (R, H) expert-sorted, R <= N*k; slots sorted past R, the "none" bucket of
+  // moe_local_ids, add nothing).
   virtual void moe_combine(const Tensor& y, const Tensor& weights, const Tensor& slot_rows,
                            const Tensor& out) = 0;
+  // Expert parallelism without duplicate rows (each token travels once to each rank that
+  // holds one of its experts). rank_ids (N, P) I32: rank_ids[n, p] = p when token n chose an
+  // expert of rank p (experts [p*El, (p+1)*El)), else P (the "none" bucket), for
+  // moe_sort_by_expert with P + 1 buckets.
+  virtual void moe_rank_ids(const Tensor& topk_ids, int64_t experts_per_rank,
+                            const Tensor& rank_ids) = 0;
+  // local_ids (M, k) I32 = topk_ids - first_expert where in [first_expert, + local_experts),
+  // else local_experts (the "none" bucket).
+  virtual void moe_local_ids(const Tensor& topk_ids, int64_t first_expert, int64_t local_experts,
+                             const Tensor& local_ids) = 0;
   // The combine's backward is a moe_gather of dout (every row gets its token's unweighted
   // gradient g) plus moe_swiglu_backward, which applies the router weights at the experts,
   // so that neither the expert outputs nor the SwiGLU outputs are saved for the backward.
@@ -226,18 +241,6 @@ class Backend {
   virtual void moe_swiglu_backward(const Tensor& dh, const Tensor& gate_up,
                                    const Tensor& row_weights, const Tensor& dgate_up,
                                    const Tensor& weighted_hidden, const Tensor& drow_weights) = 0;
-
-  // ---- MoE: expert parallelism, regroup of the rows received from the peers ------------
-  // peer_offsets (P, E + 1) I32: the expert_offsets of each of the P ranks of an
-  // expert-parallel group (over all E experts); this rank holds the El experts
-  // [first_expert, first_expert + El), El = local_offsets.numel() - 1. Received order: the
-  // rows of these experts from peer 0 (in its expert order), then peer 1, ... Expert-major
-  // order: the same M rows by local expert, then by peer (M = regroup.numel()).
-  // local_offsets (El + 1): expert-major rows of local expert e are [off[e], off[e + 1]);
-  // regroup (M): received row of each expert-major row; ungroup (M): its inverse.
-  virtual void moe_regroup_by_expert(const Tensor& peer_offsets, int64_t first_expert,
-                                     const Tensor& local_offsets, const Tensor& regroup,
-                                     const Tensor& ungroup) = 0;
 
   // ---- MoE: expert GEMMs over the expert-sorted buffer ---------------------------------
   // For each expert e, rows R_e = [offsets[e], offsets[e+1]) (offsets (E+1) I32 on device):

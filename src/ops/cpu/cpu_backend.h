@@ -88,9 +88,10 @@ class CpuBackend final : public Backend {
   void moe_swiglu_backward(const Tensor& dh, const Tensor& gate_up, const Tensor& row_weights,
                            const Tensor& dgate_up, const Tensor& weighted_hidden,
                            const Tensor& drow_weights) override;
-  void moe_regroup_by_expert(const Tensor& peer_offsets, int64_t first_expert,
-                             const Tensor& local_offsets, const Tensor& regroup,
-                             const Tensor& ungroup) override;
+  void moe_rank_ids(const Tensor& topk_ids, int64_t experts_per_rank,
+                    const Tensor& rank_ids) override;
+  void moe_local_ids(const Tensor& topk_ids, int64_t first_expert, int64_t local_experts,
+                     const Tensor& local_ids) override;
   void grouped_gemm(const Tensor& a, const Tensor& w, bool transpose_w, const Tensor& offsets,
                     const Tensor& c) override;
   void grouped_gemm_weight_grad(const Tensor& dy, const Tensor& x, const Tensor& offsets,

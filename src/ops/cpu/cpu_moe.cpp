@@ -1,8 +1,8 @@
 // CPU MoE pipeline: route (fp32 softmax, torch.topk order, optional renormalisation),
 // aux-loss statistics, a stable counting sort of the N*k slots by expert, gather into the
 // expert-sorted buffer, weighted combine back to token order, the experts' SwiGLU backward
-// with the router weights applied at the experts, the expert-parallel regroup
-// of received rows by local expert, and grouped GEMMs (one cblas_sgemm per expert;
+// with the router weights applied at the experts, the expert-parallel token exchange's
+// rank and local expert ids, and grouped GEMMs (one cblas_sgemm per expert;
 // experts with zero rows are skipped).
 // Router backward: with w_j = p[id_j] / S (S = sum_i p[id_i]) when normalising,
 //   dp[id_j] = (dw_j - sum_i dw_i w_i) / S   (else dp[id_j] = dw_j),
@@ -185,10 +185,13 @@ int64_t gather_width(const Tensor& tokens_tensor, const Tensor& sorted_slots, in
   if (tokens_tensor.rank() != 2)
     fail(op, ": ", tokens_name, " must be (N, H), got ", tokens_tensor.shape.str());
   const int64_t tokens = tokens_tensor.size(0), width = tokens_tensor.size(1);
-  expect_shape(sorted_slots, Shape{tokens * top_k}, op, "sorted_slots");
-  expect_shape(rows_tensor, Shape{tokens * top_k, width}, op, rows_name);
+  const int64_t rows = sorted_slots.numel();
+  if (sorted_slots.rank() != 1 || rows > tokens * top_k)
+    fail(op, ": sorted_slots must be (R) with R <= ", tokens * top_k, ", got ",
+         sorted_slots.shape.str());
+  expect_shape(rows_tensor, Shape{rows, width}, op, rows_name);
   const int32_t* slots = sorted_slots.ptr<int32_t>();
-  for (int64_t r = 0; r < tokens * top_k; ++r)
+  for (int64_t r = 0; r < rows; ++r)
     if (slots[r] < 0 || slots[r] >= tokens * top_k)
       fail(op, ": sorted_slots[", r, "] = ", slots[r], " is outside [0, ", tokens * top_k, ")");
   return width;
@@ -216,10 +219,12 @@ void CpuBackend::moe_gather_backward(const Tensor& dout, const Tensor& sorted_sl
   const int32_t* slot_data = i32(sorted_slots, op, "sorted_slots");
   float* dx_data = f32(dx, op, "dx");
   const int64_t width = gather_width(dx, sorted_slots, top_k, dout, op, "dx", "dout");
-  // Walk slots in token order (slot s = n * k + j) so each dx row sums in j order.
-  std::vector<int32_t> slot_to_row(dout.size(0));
+  // Walk slots in token order (slot s = n * k + j) so each dx row sums in j order; slots
+  // past the prefix (-1) add nothing.
+  std::vector<int32_t> slot_to_row(dx.size(0) * top_k, -1);
   for (int64_t r = 0; r < dout.size(0); ++r) slot_to_row[slot_data[r]] = static_cast<int32_t>(r);
-  for (int64_t s = 0; s < dout.size(0); ++s) {
+  for (int64_t s = 0; s < static_cast<int64_t>(slot_to_row.size()); ++s) {
+    if (slot_to_row[s] < 0) continue;
     const float* source = dout_data + slot_to_row[s] * width;
     float* target = dx_data + (s / top_k) * width;
     for (int64_t j = 0; j < width; ++j) target[j] += source[j];
@@ -236,7 +241,8 @@ void expect_combine(const Tensor& y, const Tensor& weights, const Tensor& slot_r
          " and ", out.shape.str());
   const int64_t tokens = weights.size(0), top_k = weights.size(1), width = out.size(1);
   expect_shape(out, Shape{tokens, width}, op, out_name);
-  expect_shape(y, Shape{tokens * top_k, width}, op, "y");
+  if (y.rank() != 2 || y.size(1) != width || y.size(0) > tokens * top_k)
+    fail(op, ": y must be (R, ", width, ") with R <= ", tokens * top_k, ", got ", y.shape.str());
   expect_shape(slot_rows, Shape{tokens * top_k}, op, "slot_rows");
   const int32_t* rows = slot_rows.ptr<int32_t>();
   for (int64_t s = 0; s < tokens * top_k; ++s)
@@ -259,10 +265,47 @@ void CpuBackend::moe_combine(const Tensor& y, const Tensor& weights, const Tenso
     float* target = out_data + n * width;  // (H)
     std::fill(target, target + width, 0.0f);
     for (int64_t j = 0; j < top_k; ++j) {
+      if (row_data[n * top_k + j] >= y.size(0)) continue;  // not processed here
       const float weight = weight_data[n * top_k + j];
       const float* source = y_data + row_data[n * top_k + j] * width;
       for (int64_t d = 0; d < width; ++d) target[d] += weight * source[d];
     }
+  }
+}
+
+void CpuBackend::moe_rank_ids(const Tensor& topk_ids, int64_t experts_per_rank,
+                              const Tensor& rank_ids) {
+  const char* op = "moe_rank_ids";
+  const int32_t* id_data = i32(topk_ids, op, "topk_ids");
+  int32_t* rank_data = i32(rank_ids, op, "rank_ids");
+  if (topk_ids.rank() != 2 || rank_ids.rank() != 2 || rank_ids.size(0) != topk_ids.size(0) ||
+      experts_per_rank < 1)
+    fail(op, ": topk_ids ", topk_ids.shape.str(), " and rank_ids ", rank_ids.shape.str(),
+         " must be (N, k) and (N, P), experts_per_rank ", experts_per_rank, " positive");
+  const int64_t tokens = topk_ids.size(0), top_k = topk_ids.size(1), ranks = rank_ids.size(1);
+  expect_expert_ids(id_data, topk_ids.numel(), ranks * experts_per_rank, op);
+  for (int64_t n = 0; n < tokens; ++n) {
+    int32_t* row = rank_data + n * ranks;
+    std::fill(row, row + ranks, static_cast<int32_t>(ranks));
+    for (int64_t j = 0; j < top_k; ++j) {
+      const int64_t p = id_data[n * top_k + j] / experts_per_rank;
+      row[p] = static_cast<int32_t>(p);
+    }
+  }
+}
+
+void CpuBackend::moe_local_ids(const Tensor& topk_ids, int64_t first_expert, int64_t local_experts,
+                               const Tensor& local_ids) {
+  const char* op = "moe_local_ids";
+  const int32_t* id_data = i32(topk_ids, op, "topk_ids");
+  int32_t* local_data = i32(local_ids, op, "local_ids");
+  expect_shape(local_ids, topk_ids.shape, op, "local_ids");
+  if (first_expert < 0 || local_experts < 1)
+    fail(op, ": first_expert ", first_expert, " and local_experts ", local_experts);
+  for (int64_t s = 0; s < topk_ids.numel(); ++s) {
+    const int64_t local = int64_t{id_data[s]} - first_expert;
+    local_data[s] =
+        static_cast<int32_t>(local >= 0 && local < local_experts ? local : local_experts);
   }
 }
 
@@ -305,53 +348,6 @@ void CpuBackend::moe_swiglu_backward(const Tensor& dh, const Tensor& gate_up,
     }
     dweight_data[r] = static_cast<float>(dot);
   }
-}
-
-void CpuBackend::moe_regroup_by_expert(const Tensor& peer_offsets, int64_t first_expert,
-                                       const Tensor& local_offsets, const Tensor& regroup,
-                                       const Tensor& ungroup) {
-  const char* op = "moe_regroup_by_expert";
-  const int32_t* peer_data = i32(peer_offsets, op, "peer_offsets");
-  int32_t* offset_data = i32(local_offsets, op, "local_offsets");
-  int32_t* regroup_data = i32(regroup, op, "regroup");
-  int32_t* ungroup_data = i32(ungroup, op, "ungroup");
-  if (peer_offsets.rank() != 2 || local_offsets.rank() != 1 || local_offsets.numel() < 2)
-    fail(op, ": expects peer_offsets (P, E + 1) and local_offsets (El + 1), got ",
-         peer_offsets.shape.str(), " and ", local_offsets.shape.str());
-  const int64_t peers = peer_offsets.size(0), width = peer_offsets.size(1);  // width = E + 1
-  const int64_t local = local_offsets.numel() - 1, rows = regroup.numel();
-  if (first_expert < 0 || first_expert + local > width - 1)
-    fail(op, ": experts [", first_expert, ", ", first_expert + local, ") are outside the ",
-         width - 1, " experts of peer_offsets ", peer_offsets.shape.str());
-  if (rows > INT32_MAX) fail(op, ": ", rows, " rows do not fit I32 indices");
-  expect_shape(regroup, Shape{rows}, op, "regroup");
-  expect_shape(ungroup, Shape{rows}, op, "ungroup");
-  // count(p, e): rows peer p sends for local expert e; received_start(p): p's first row.
-  auto offset = [&](int64_t p, int64_t e) {
-    return int64_t{peer_data[p * width + first_expert + e]};
-  };
-  std::vector<int64_t> received_start(static_cast<size_t>(peers) + 1, 0);
-  for (int64_t p = 0; p < peers; ++p) {
-    for (int64_t e = 0; e < local; ++e)
-      if (offset(p, e + 1) < offset(p, e))
-        fail(op, ": peer_offsets of rank ", p, " decrease at expert ", first_expert + e);
-    received_start[p + 1] = received_start[p] + offset(p, local) - offset(p, 0);
-  }
-  if (received_start[peers] != rows)
-    fail(op, ": the peers send ", received_start[peers], " rows, regroup holds ", rows);
-  int64_t row = 0;  // expert-major row
-  for (int64_t e = 0; e < local; ++e) {
-    offset_data[e] = static_cast<int32_t>(row);
-    for (int64_t p = 0; p < peers; ++p) {
-      // p's rows of expert e follow its rows of the local experts before e
-      const int64_t first = received_start[p] + offset(p, e) - offset(p, 0);
-      for (int64_t i = 0; i < offset(p, e + 1) - offset(p, e); ++i, ++row) {
-        regroup_data[row] = static_cast<int32_t>(first + i);
-        ungroup_data[first + i] = static_cast<int32_t>(row);
-      }
-    }
-  }
-  offset_data[local] = static_cast<int32_t>(row);
 }
 
 void CpuBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool transpose_w,

@@ -407,18 +407,22 @@ class CudaBackend final : public Backend {
     PhaseScope scope(this, Phase::RouterDispatch);
     cuda::launch_moe_combine(y, weights, slot_rows, out, stream_);
   }
+  void moe_rank_ids(const Tensor& topk_ids, int64_t experts_per_rank,
+                    const Tensor& rank_ids) override {
+    PhaseScope scope(this, Phase::RouterDispatch);
+    cuda::launch_moe_rank_ids(topk_ids, experts_per_rank, rank_ids, stream_);
+  }
+  void moe_local_ids(const Tensor& topk_ids, int64_t first_expert, int64_t local_experts,
+                     const Tensor& local_ids) override {
+    PhaseScope scope(this, Phase::RouterDispatch);
+    cuda::launch_moe_local_ids(topk_ids, first_expert, local_experts, local_ids, stream_);
+  }
   void moe_swiglu_backward(const Tensor& dh, const Tensor& gate_up, const Tensor& row_weights,
                            const Tensor& dgate_up, const Tensor& weighted_hidden,
                            const Tensor& drow_weights) override {
     PhaseScope scope(this, Phase::Experts);
     cuda::launch_moe_swiglu_backward(dh, gate_up, row_weights, dgate_up, weighted_hidden,
                                      drow_weights, stream_);
-  }
-  void moe_regroup_by_expert(const Tensor& peer_offsets, int64_t first_expert,
-                             const Tensor& local_offsets, const Tensor& regroup,
-                             const Tensor& ungroup) override {
-    PhaseScope scope(this, Phase::RouterDispatch);
-    cuda::launch_moe_regroup(peer_offsets, first_expert, local_offsets, regroup, ungroup, stream_);
   }
 
   void grouped_gemm(const Tensor& a, const Tensor& w, bool transpose_w, const Tensor& offsets,

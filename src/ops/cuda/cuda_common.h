@@ -87,9 +87,10 @@ void launch_moe_combine(const Tensor& y, const Tensor& weights, const Tensor& sl
 void launch_moe_swiglu_backward(const Tensor& dh, const Tensor& gate_up, const Tensor& row_weights,
                                 const Tensor& dgate_up, const Tensor& weighted_hidden,
                                 const Tensor& drow_weights, cudaStream_t stream);
-void launch_moe_regroup(const Tensor& peer_offsets, int64_t first_expert,
-                        const Tensor& local_offsets, const Tensor& regroup, const Tensor& ungroup,
-                        cudaStream_t stream);
+void launch_moe_rank_ids(const Tensor& topk_ids, int64_t experts_per_rank, const Tensor& rank_ids,
+                         cudaStream_t stream);
+void launch_moe_local_ids(const Tensor& topk_ids, int64_t first_expert, int64_t local_experts,
+                          const Tensor& local_ids, cudaStream_t stream);
 
 // ---- grouped_gemm.cu ----
 void launch_grouped_gemm(const Tensor& a, const Tensor& w, bool transpose_w, const Tensor& offsets,

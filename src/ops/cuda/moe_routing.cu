@@ -1,7 +1,7 @@
 // MoE routing on the device: router softmax + top-k + renormalisation (one warp per token),
 // its backward, the aux-loss statistics, the stable counting sort of (token, choice) slots
 // by expert, and the gather / weighted combine that move rows in and out of the
-// expert-sorted buffer, and the expert-parallel regroup of received rows by local expert.
+// expert-sorted buffer, and the expert-parallel token exchange's rank and local expert ids.
 // No host synchronisation anywhere: expert offsets stay on the device.
 //
 // Counting sort (stable in slot order), three launches:
@@ -9,12 +9,6 @@
 //      counts[e][block];
 //   2. one block scans counts in (expert, block) order: base[e][block], expert_offsets;
 //   3. each block recomputes its ranks and writes sorted_slots / slot_rows.
-//
-// Regroup (expert parallelism), one launch: one block per (peer p, local expert e); the
-// peers' offsets are prefix sums already, so each block finds its block's start in the
-// received order (rows of peers < p, then p's rows of experts < e) and in the expert-major
-// order (rows of experts < e from every peer, then expert e's rows of peers < p) with O(P)
-// reads, then writes its rows of regroup / ungroup. No atomics: the output is exact.
 #include "ops/cuda/device_utils.cuh"
 #include "ops/cuda/vector_access.cuh"
 
@@ -258,6 +252,27 @@ __global__ void gather_backward_narrow_kernel(const scalar_t* dout, const int32_
   dx[i] = from_float<scalar_t>(sum);
 }
 
+// rank_ids[n, p] = p if token n chose an expert of rank p, else ranks (one thread per token)
+__global__ void rank_ids_kernel(const int32_t* topk_ids, int top_k, int64_t tokens,
+                                int experts_per_rank, int ranks, int32_t* rank_ids) {
+  const int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (n >= tokens) return;
+  int32_t* row = rank_ids + n * ranks;
+  for (int p = 0; p < ranks; ++p) row[p] = ranks;
+  for (int j = 0; j < top_k; ++j) {
+    const int p = topk_ids[n * top_k + j] / experts_per_rank;
+    if (p >= 0 && p < ranks) row[p] = p;
+  }
+}
+
+__global__ void local_ids_kernel(const int32_t* topk_ids, int64_t count, int first_expert,
+                                 int local_experts, int32_t* local_ids) {
+  const int64_t s = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (s >= count) return;
+  const int local = topk_ids[s] - first_expert;
+  local_ids[s] = local >= 0 && local < local_experts ? local : local_experts;
+}
+
 __global__ void invert_kernel(const int32_t* sorted_slots, int64_t rows, int32_t* slot_rows) {
   const int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (r < rows) slot_rows[sorted_slots[r]] = static_cast<int32_t>(r);
@@ -283,50 +298,20 @@ __global__ void gather_backward_kernel(const scalar_t* dout, const int32_t* slot
 }
 
 template <typename scalar_t, int V>
-__global__ void combine_kernel(const scalar_t* y, const float* weights, const int32_t* slot_rows,
-                               int top_k, scalar_t* out, int64_t hidden) {
+__global__ void combine_kernel(const scalar_t* y, int64_t y_rows, const float* weights,
+                               const int32_t* slot_rows, int top_k, scalar_t* out, int64_t hidden) {
   const int64_t token = blockIdx.x;
   for (int64_t c = int64_t(threadIdx.x) * V; c < hidden; c += int64_t(blockDim.x) * V) {
     float sum[V] = {}, part[V];
     for (int j = 0; j < top_k; ++j) {
       const int32_t row = slot_rows[token * top_k + j];
-      if (row < 0) continue;
+      if (row < 0 || row >= y_rows) continue;
       const float w = weights[token * top_k + j];
       load_vec<scalar_t, V>(y + int64_t(row) * hidden + c, part);
 #pragma unroll
       for (int i = 0; i < V; ++i) sum[i] += w * part[i];
     }
     store_vec<scalar_t, V>(out + token * hidden + c, sum);
-  }
-}
-
-// Block (p, e) of a (peers, local) grid; see the file comment. width = E + 1.
-__global__ void regroup_kernel(const int32_t* peer_offsets, int peers, int64_t width,
-                               int64_t first_expert, int local, int32_t* local_offsets,
-                               int32_t* regroup, int32_t* ungroup) {
-  const int p = blockIdx.x / local, e = blockIdx.x % local;
-  auto offset = [&](int peer, int expert) {
-    return int64_t(peer_offsets[peer * width + first_expert + expert]);
-  };
-  int64_t received = offset(p, e) - offset(p, 0);  // rows before (p, e) in received order
-  int64_t grouped = 0;                             // rows before (e, p) in expert-major order
-  for (int q = 0; q < peers; ++q) {
-    if (q < p) received += offset(q, local) - offset(q, 0);
-    grouped += offset(q, e) - offset(q, 0);
-    if (q < p) grouped += offset(q, e + 1) - offset(q, e);
-  }
-  const int64_t count = offset(p, e + 1) - offset(p, e);
-  if (p == 0 && threadIdx.x == 0) {
-    local_offsets[e] = static_cast<int32_t>(grouped);
-    if (e == local - 1) {  // every row: grouped + rows of expert e from all peers
-      int64_t total = grouped;
-      for (int q = 0; q < peers; ++q) total += offset(q, local) - offset(q, local - 1);
-      local_offsets[local] = static_cast<int32_t>(total);
-    }
-  }
-  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
-    regroup[grouped + i] = static_cast<int32_t>(received + i);
-    ungroup[received + i] = static_cast<int32_t>(grouped + i);
   }
 }
 
@@ -439,7 +424,7 @@ void launch_moe_sort(const Tensor& topk_ids, int num_experts, const Tensor& expe
 void launch_moe_gather(const Tensor& x, const Tensor& sorted_slots, int top_k, const Tensor& out,
                        cudaStream_t stream) {
   const int64_t hidden = x.size(-1), rows = sorted_slots.numel();
-  if (out.numel() != rows * hidden || out.dtype != x.dtype || x.numel() * top_k != rows * hidden)
+  if (out.numel() != rows * hidden || out.dtype != x.dtype || rows * hidden > x.numel() * top_k)
     fail("moe_gather: x ", x.shape.str(), " out ", out.shape.str(), " sorted_slots ",
          sorted_slots.shape.str(), " do not fit");
   if (rows == 0 || hidden == 0) return;
@@ -461,26 +446,27 @@ void launch_moe_gather(const Tensor& x, const Tensor& sorted_slots, int top_k, c
 void launch_moe_gather_backward(const Tensor& dout, const Tensor& sorted_slots, int top_k,
                                 const Tensor& dx, Scratch& scratch, cudaStream_t stream) {
   const int64_t hidden = dx.size(-1), rows = sorted_slots.numel();
-  if (dout.numel() != rows * hidden || dout.dtype != dx.dtype ||
-      dx.numel() * top_k != rows * hidden)
+  const int64_t tokens = hidden ? dx.numel() / hidden : 0, slots = tokens * top_k;
+  if (dout.numel() != rows * hidden || dout.dtype != dx.dtype || rows > slots)
     fail("moe_gather_backward: dout ", dout.shape.str(), " dx ", dx.shape.str(), " do not fit");
   if (rows == 0 || hidden == 0) return;
-  auto* slot_rows = static_cast<int32_t*>(scratch.get(sizeof(int32_t) * rows));
+  // slot -> row, -1 for the slots past a prefix (they add nothing)
+  auto* slot_rows = static_cast<int32_t*>(scratch.get(sizeof(int32_t) * slots));
+  if (rows < slots)
+    MOETUNE_CUDA_CHECK(cudaMemsetAsync(slot_rows, 0xff, sizeof(int32_t) * slots, stream));
   invert_kernel<<<ceil_div(rows, 256), 256, 0, stream>>>(sorted_slots.ptr<int32_t>(), rows,
                                                          slot_rows);
   MOETUNE_CUDA_LAUNCH_CHECK();
   MOETUNE_DISPATCH_FLOAT(dx.dtype, "moe_gather_backward", {
     constexpr int kVec = 16 / int(sizeof(scalar_t));
     if (hidden < 32)
-      gather_backward_narrow_kernel<scalar_t>
-          <<<ceil_div(rows / top_k * hidden, 256), 256, 0, stream>>>(
-              dout.ptr<scalar_t>(), slot_rows, top_k, dx.ptr<scalar_t>(), rows / top_k, hidden);
+      gather_backward_narrow_kernel<scalar_t><<<ceil_div(tokens * hidden, 256), 256, 0, stream>>>(
+          dout.ptr<scalar_t>(), slot_rows, top_k, dx.ptr<scalar_t>(), tokens, hidden);
     else if (vector_aligned(hidden, sizeof(scalar_t), {dout.data, dx.data}))
-      gather_backward_kernel<scalar_t, kVec>
-          <<<rows / top_k, row_threads(hidden / kVec), 0, stream>>>(
-              dout.ptr<scalar_t>(), slot_rows, top_k, dx.ptr<scalar_t>(), hidden);
+      gather_backward_kernel<scalar_t, kVec><<<tokens, row_threads(hidden / kVec), 0, stream>>>(
+          dout.ptr<scalar_t>(), slot_rows, top_k, dx.ptr<scalar_t>(), hidden);
     else
-      gather_backward_kernel<scalar_t, 1><<<rows / top_k, row_threads(hidden), 0, stream>>>(
+      gather_backward_kernel<scalar_t, 1><<<tokens, row_threads(hidden), 0, stream>>>(
           dout.ptr<scalar_t>(), slot_rows, top_k, dx.ptr<scalar_t>(), hidden);
   });
   MOETUNE_CUDA_LAUNCH_CHECK();
@@ -491,8 +477,9 @@ void launch_moe_combine(const Tensor& y, const Tensor& weights, const Tensor& sl
   check_f32(weights, "moe_combine weights");
   const int64_t hidden = out.size(-1), tokens = hidden ? out.numel() / hidden : 0;
   const int top_k = tokens ? static_cast<int>(weights.numel() / tokens) : 1;
-  if (y.numel() != tokens * top_k * hidden || slot_rows.numel() != tokens * top_k ||
-      y.dtype != out.dtype)
+  const int64_t y_rows = hidden ? y.numel() / hidden : 0;  // rows of slots past y add nothing
+  if (y.numel() != y_rows * hidden || y_rows > tokens * top_k ||
+      slot_rows.numel() != tokens * top_k || y.dtype != out.dtype)
     fail("moe_combine: y ", y.shape.str(), " weights ", weights.shape.str(), " out ",
          out.shape.str(), " do not fit");
   if (tokens == 0) return;
@@ -500,36 +487,45 @@ void launch_moe_combine(const Tensor& y, const Tensor& weights, const Tensor& sl
     constexpr int kVec = 16 / int(sizeof(scalar_t));
     if (vector_aligned(hidden, sizeof(scalar_t), {y.data, out.data}))
       combine_kernel<scalar_t, kVec><<<tokens, row_threads(hidden / kVec), 0, stream>>>(
-          y.ptr<scalar_t>(), weights.ptr<float>(), slot_rows.ptr<int32_t>(), top_k,
+          y.ptr<scalar_t>(), y_rows, weights.ptr<float>(), slot_rows.ptr<int32_t>(), top_k,
           out.ptr<scalar_t>(), hidden);
     else
       combine_kernel<scalar_t, 1><<<tokens, row_threads(hidden), 0, stream>>>(
-          y.ptr<scalar_t>(), weights.ptr<float>(), slot_rows.ptr<int32_t>(), top_k,
+          y.ptr<scalar_t>(), y_rows, weights.ptr<float>(), slot_rows.ptr<int32_t>(), top_k,
           out.ptr<scalar_t>(), hidden);
   });
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
 
-void launch_moe_regroup(const Tensor& peer_offsets, int64_t first_expert,
-                        const Tensor& local_offsets, const Tensor& regroup, const Tensor& ungroup,
-                        cudaStream_t stream) {
-  check_i32(peer_offsets, "moe_regroup_by_expert peer_offsets");
-  check_i32(local_offsets, "moe_regroup_by_expert local_offsets");
-  check_i32(regroup, "moe_regroup_by_expert regroup");
-  check_i32(ungroup, "moe_regroup_by_expert ungroup");
-  const int64_t local = local_offsets.numel() - 1;
-  if (peer_offsets.rank() != 2 || local < 1 || first_expert < 0 ||
-      first_expert + local > peer_offsets.size(1) - 1 || regroup.numel() != ungroup.numel())
-    fail("moe_regroup_by_expert: peer_offsets ", peer_offsets.shape.str(), " local_offsets ",
-         local_offsets.shape.str(), " first_expert ", first_expert, " regroup ",
-         regroup.shape.str(), " ungroup ", ungroup.shape.str(), " do not fit");
-  const int64_t peers = peer_offsets.size(0);
-  if (peers < 1) fail("moe_regroup_by_expert: no peers");
-  // The row count is the caller's (it sized regroup from the same offsets on the host).
-  regroup_kernel<<<peers * local, 256, 0, stream>>>(
-      peer_offsets.ptr<int32_t>(), static_cast<int>(peers), peer_offsets.size(1), first_expert,
-      static_cast<int>(local), local_offsets.ptr<int32_t>(), regroup.ptr<int32_t>(),
-      ungroup.ptr<int32_t>());
+void launch_moe_rank_ids(const Tensor& topk_ids, int64_t experts_per_rank, const Tensor& rank_ids,
+                         cudaStream_t stream) {
+  check_i32(topk_ids, "moe_rank_ids topk_ids");
+  check_i32(rank_ids, "moe_rank_ids rank_ids");
+  if (topk_ids.rank() != 2 || rank_ids.rank() != 2 || rank_ids.size(0) != topk_ids.size(0) ||
+      experts_per_rank < 1)
+    fail("moe_rank_ids: topk_ids ", topk_ids.shape.str(), " rank_ids ", rank_ids.shape.str(),
+         " experts_per_rank ", experts_per_rank, " do not fit");
+  const int64_t tokens = topk_ids.size(0);
+  if (tokens == 0) return;
+  rank_ids_kernel<<<ceil_div(tokens, 128), 128, 0, stream>>>(
+      topk_ids.ptr<int32_t>(), static_cast<int>(topk_ids.size(1)), tokens,
+      static_cast<int>(experts_per_rank), static_cast<int>(rank_ids.size(1)),
+      rank_ids.ptr<int32_t>());
+  MOETUNE_CUDA_LAUNCH_CHECK();
+}
+
+void launch_moe_local_ids(const Tensor& topk_ids, int64_t first_expert, int64_t local_experts,
+                          const Tensor& local_ids, cudaStream_t stream) {
+  check_i32(topk_ids, "moe_local_ids topk_ids");
+  check_i32(local_ids, "moe_local_ids local_ids");
+  if (local_ids.numel() != topk_ids.numel() || first_expert < 0 || local_experts < 1)
+    fail("moe_local_ids: topk_ids ", topk_ids.shape.str(), " local_ids ", local_ids.shape.str(),
+         " first_expert ", first_expert, " local_experts ", local_experts, " do not fit");
+  const int64_t count = topk_ids.numel();
+  if (count == 0) return;
+  local_ids_kernel<<<ceil_div(count, 256), 256, 0, stream>>>(
+      topk_ids.ptr<int32_t>(), count, static_cast<int>(first_expert),
+      static_cast<int>(local_experts), local_ids.ptr<int32_t>());
   MOETUNE_CUDA_LAUNCH_CHECK();
 }
 
