@@ -128,6 +128,20 @@ TEST(ExpertParallelRank, ExpertsWithoutRowsAndARankWithNone) {
     expect_match(check, rank);
     expect((check.local_expert_grad_sum == 0) == (rank == 1),
            "expert gradients: " + std::to_string(check.local_expert_grad_sum));
+    // The load report: every row on rank 0, so the busiest rank has twice the mean.
+    ModelOptions options;
+    options.expert_comm = &comm;
+    auto model = make(options);
+    std::vector<int32_t> ids(12);
+    for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 7 + rank) % 16);
+    model->evaluate(BatchView{1, 12, ids, ids, {}, {}});
+    const ExpertLoad load = model->take_expert_load();
+    expect(load.layers >= 1 && load.max_rows == 2 * load.mean_rows &&
+               load.rows_here == (rank == 0 ? load.max_rows : 0.0),
+           "expert load: layers " + std::to_string(load.layers) + " max " +
+               std::to_string(load.max_rows) + " mean " + std::to_string(load.mean_rows) +
+               " here " + std::to_string(load.rows_here));
+    expect(model->take_expert_load().layers == 0, "the load starts over after a take");
   });
 }
 

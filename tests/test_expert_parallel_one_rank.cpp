@@ -30,6 +30,7 @@ ModelConfig layer_config() {
 
 struct Result {
   std::vector<float> out, dx, drouter, dgate_up, ddown;
+  ExpertLoad load;
 };
 
 std::vector<float> values(const Buffer& buffer) {
@@ -81,7 +82,8 @@ Result run_layer(bool expert_parallel) {
   moe_forward(*backend, *dispatcher, config, w, x, saved, scratch, out);
   moe_backward(*backend, *dispatcher, config, w, g, x, saved, Tensor(), dout, scratch, dx,
                /*accumulate_grads=*/false);
-  return {values(out), values(dx), values(drouter), values(dgate_up), values(ddown)};
+  return {values(out),      values(dx),    values(drouter),
+          values(dgate_up), values(ddown), dispatcher->take_expert_load()};
 }
 
 TEST(ExpertParallelOneRank, EqualsTheLocalDispatcherExactly) {
@@ -95,6 +97,13 @@ TEST(ExpertParallelOneRank, EqualsTheLocalDispatcherExactly) {
   // experts without rows got zero gradients (accumulate false overwrote the garbage)
   const int64_t per_expert = static_cast<int64_t>(local.ddown.size()) / 6;
   for (int64_t i = per_expert; i < 2 * per_expert; ++i) EXPECT_EQ(local.ddown[i], 0.0f);
+  // one layer dispatched, all 18 rows on the one rank
+  for (const Result* result : {&local, &ep}) {
+    EXPECT_EQ(result->load.layers, 1);
+    EXPECT_EQ(result->load.max_rows, 18.0);
+    EXPECT_EQ(result->load.mean_rows, 18.0);
+    EXPECT_EQ(result->load.rows_here, 18.0);
+  }
 }
 
 }  // namespace

@@ -16,6 +16,8 @@
 // side stream beside the backward unless --no-overlap-optimizer; with several GPUs each
 // group's reduction, sharded update and weight all-gather run there together.
 // grouped_gemm_tflops: the profiled step's expert GEMMs (forward + data grad, weight grad).
+// expert_rows: over the profiled step's MoE layers, the busiest expert-parallel rank's expert
+// rows and rank 0's, each over the mean per rank (1 and 1 with balanced routing or one GPU).
 // The profiled step's time per op (outermost Backend ops by name; side-stream ops apart,
 // their time overlaps) goes to stderr as a table and to the JSON line as ops_ms and
 // side_ops_ms.
@@ -215,11 +217,14 @@ int run_bench(int argc, char** argv) {
   std::sort(times.begin(), times.end());
   const double step_s = times[times.size() / 2];
 
+  model->take_expert_load();  // from here: the profiled step's layers
   cuda::begin_phase_profile(*backend);
   const auto profile_start = now();
   train_step();
   const double profiled_s = std::chrono::duration<double>(now() - profile_start).count();
   const cuda::PhaseTimes phases = cuda::end_phase_profile(*backend);
+  const ExpertLoad load = model->take_expert_load();
+  const double mean_rows = std::max(load.mean_rows, 1.0);
 
   const cuda::DeviceMemoryStats memory = cuda::device_memory_stats();
   // The memory plan's prediction for this run (per rank): AdamW state in the parameter dtype
@@ -310,6 +315,7 @@ int run_bench(int argc, char** argv) {
       "\"other_ops\": %.4f, \"host_gaps\": %.4f}, \"profiled_step_s\": %.4f, "
       "\"grouped_gemm_tflops\": {\"fwd_dgrad\": %.1f, \"wgrad\": %.1f}, "
       "\"overlap_optimizer\": %s, \"grad_arena_gib\": %.3f, \"side_stream_s\": %.4f, "
+      "\"expert_rows\": {\"busiest_over_mean\": %.3f, \"rank0_over_mean\": %.3f}, "
       "\"ops_ms\": %s, \"side_ops_ms\": %s}\n",
       cuda::device_name(), world, (long long)(parallel ? expert_parallel : 1),
       (long long)(parallel ? zero_stage : 0),
@@ -325,7 +331,8 @@ int run_bench(int argc, char** argv) {
       phases.tflops(phases.weight_grad_flops, phases.weight_grad_s),
       in_backward && in_backward->overlapping() ? "true" : "false",
       optimizer_in_backward ? double(model->gradient_arena_bytes()) / double(1ull << 30) : 0.0,
-      side_s, ops_json(phases.ops).c_str(), ops_json(phases.side_ops).c_str());
+      side_s, load.max_rows / mean_rows, load.rows_here / mean_rows, ops_json(phases.ops).c_str(),
+      ops_json(phases.side_ops).c_str());
   return 0;
 #endif
 }

@@ -252,6 +252,15 @@ class TokenExchangeDispatcher final : public TokenDispatcher {
     plan.tokens_sent = rank_offset(rank, ep_);
     plan.tokens_received = received;
     saved.expert_rows = M;
+    int64_t max_rows = 0, all_rows = 0;
+    for (int r = 0; r < ep_; ++r) {
+      int64_t rows = 0;
+      for (int p = 0; p < ep_; ++p)
+        rows += expert_offset(p, (r + 1) * El) - expert_offset(p, r * El);
+      max_rows = std::max(max_rows, rows);
+      all_rows += rows;
+    }
+    record_layer_load(double(max_rows), double(all_rows) / ep_, double(M));
   }
 
   Backend& backend_;

@@ -262,6 +262,11 @@ int64_t count_parameters(const ModelConfig& config, bool active_per_token) {
   return total;
 }
 
+ExpertLoad Model::take_expert_load() {
+  return activations_ && activations_->dispatcher ? activations_->dispatcher->take_expert_load()
+                                                  : ExpertLoad{};
+}
+
 int64_t Model::num_parameters(bool active_per_token) const {
   return count_parameters(config_, active_per_token);
 }

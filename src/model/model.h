@@ -24,6 +24,7 @@
 
 #include "core/tensor.h"
 #include "io/model_config.h"
+#include "model/moe.h"
 #include "model/weights.h"
 #include "ops/backend.h"
 
@@ -186,6 +187,10 @@ class Model {
     std::vector<float> values;
   };
   std::vector<NamedHostTensor> hf_tensors_to_host(bool gradients) const;
+
+  // How evenly the expert rows fell on the expert-parallel ranks over the MoE layers
+  // dispatched since the last call (forward passes and recomputes); then starts over.
+  ExpertLoad take_expert_load();
 
   int64_t num_parameters(bool active_per_token) const;
   // Experts held here: [first_expert(), first_expert() + local_experts()).

@@ -46,6 +46,8 @@ class LocalDispatcher final : public TokenDispatcher {
     backend_.moe_sort_by_expert(topk_ids, num_experts_, saved.expert_offsets, saved.sorted_slots,
                                 saved.slot_rows);
     saved.expert_rows = topk_ids.numel();  // N*k, the size allocate_moe gave saved.rows
+    const double rows = static_cast<double>(saved.expert_rows);
+    record_layer_load(rows, rows, rows);
     backend_.moe_gather(x, saved.sorted_slots, top_k_, saved.rows);
     backend_.moe_gather(slot_column(saved.topk_weights), saved.sorted_slots, 1, saved.row_weights);
   }

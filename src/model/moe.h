@@ -23,6 +23,7 @@
 #pragma once
 
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "core/tensor.h"
@@ -98,6 +99,15 @@ void ensure_rows(Buffer& buffer, DType dtype, int64_t rows, int64_t width, Devic
 // allocator's cache. Users take first_rows(buffer, rows).
 void ensure_capacity(Buffer& buffer, DType dtype, int64_t rows, int64_t width, Device device);
 
+// How evenly the expert rows of the dispatched MoE layers fell on the ranks: per layer the
+// busiest rank's rows and the mean over ranks, summed over layers (the local dispatcher:
+// one rank). max_rows / mean_rows is how much longer the busiest rank's expert work is
+// than a balanced split's; rows_here is this rank's.
+struct ExpertLoad {
+  int64_t layers = 0;
+  double max_rows = 0, mean_rows = 0, rows_here = 0;
+};
+
 class TokenDispatcher {
  public:
   virtual ~TokenDispatcher() = default;
@@ -123,6 +133,19 @@ class TokenDispatcher {
   // dx (N, H) += gradient of dispatch given scratch.drows (M, H); scratch.dtopk_weights
   // (N, k) = scratch.drow_weights back in slot order.
   virtual void dispatch_backward(const MoeSaved& saved, MoeScratch& scratch, const Tensor& dx) = 0;
+  // The expert load of the layers dispatched since the last call (then starts over).
+  ExpertLoad take_expert_load() { return std::exchange(load_, ExpertLoad{}); }
+
+ protected:
+  void record_layer_load(double max_rows, double mean_rows, double rows_here) {
+    ++load_.layers;
+    load_.max_rows += max_rows;
+    load_.mean_rows += mean_rows;
+    load_.rows_here += rows_here;
+  }
+
+ private:
+  ExpertLoad load_;
 };
 
 // All experts on this device.
