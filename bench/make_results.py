@@ -19,8 +19,8 @@ for line in open(sys.argv[1]):
     entry = {k: r[k] for k in ("engine", "layers", "seq", "micro_batch", "routing", "tps", "tflops", "peak_gib", "step_s")}
     entry["recompute"] = r.get("recompute", False)
     for optional in ("gpus", "expert_parallel", "zero_stage", "overlap_comm", "optimizer_in_backward",
-                     "plan_gib", "peak_alloc_gib", "phases_s", "overlap_optimizer", "grad_arena_gib",
-                     "side_stream_s", "ops_ms", "grouped_gemm_tflops", "ep_chunks"):
+                     "fused_expert_update", "plan_gib", "peak_alloc_gib", "phases_s", "overlap_optimizer",
+                     "grad_arena_gib", "side_stream_s", "ops_ms", "grouped_gemm_tflops", "ep_chunks"):
         if optional in r:
             entry[optional] = r[optional]
     runs.append(entry)

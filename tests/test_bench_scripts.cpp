@@ -1,7 +1,8 @@
 // The Python benchmark scripts under bench/: bench/make_results.py keeps the multi-GPU fields
-// of bench/hf_fsdp_baseline.py's lines, and that baseline runs end to end on the CPU (two
-// ranks under torchrun, gloo, a tiny Qwen3-MoE config). Like HfFolder.TransformersLoadsWhatWeWrite
-// these skip when python3 (or torch + transformers) is not installed, so CI without them passes.
+// of bench/hf_fsdp_baseline.py's lines and moetune's optimizer-in-the-backward flags, and that
+// baseline runs end to end on the CPU (two ranks under torchrun, gloo, a tiny Qwen3-MoE
+// config). Like HfFolder.TransformersLoadsWhatWeWrite these skip when python3 (or torch +
+// transformers) is not installed, so CI without them passes.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -64,6 +65,31 @@ TEST(BenchScripts, MakeResultsKeepsGpusOfMultiGpuLines) {
   EXPECT_EQ(many["peak_gib"], 80.5);
   EXPECT_EQ(many["peak_alloc_gib"], 70.25);
   EXPECT_FALSE(many.contains("loss"));
+}
+
+// moetune's lines keep the A/B flags of the optimizer in the backward.
+TEST(BenchScripts, MakeResultsKeepsTheOptimizerInBackwardFlags) {
+  if (testing::run_command("python3 -c 'import json'").exit_code != 0)
+    GTEST_SKIP() << "python3 not installed";
+  testing::TempDir dir;
+  {
+    std::ofstream lines(dir / "bench.jsonl");
+    lines
+        << R"({"engine": "moetune", "gpu": "NVIDIA H100", "layers": 8, "seq": 4096, "micro_batch": 1, )"
+        << R"("routing": "real", "optimizer_in_backward": true, "fused_expert_update": false, )"
+        << R"("overlap_optimizer": true, "tps": 30000.0, "tflops": 160.0, "peak_gib": 40.0, "step_s": 0.13})"
+        << "\n";
+  }
+  auto result = testing::run_command(
+      "python3 " + (testing::source_dir() / "bench" / "make_results.py").string() + " " +
+      (dir / "bench.jsonl").string() + " 2026-11-22");
+  ASSERT_EQ(result.exit_code, 0) << result.output;
+  json summary = json::parse(result.output, nullptr, false);
+  ASSERT_FALSE(summary.is_discarded()) << result.output;
+  ASSERT_EQ(summary["runs"].size(), 1u);
+  EXPECT_EQ(summary["runs"][0]["optimizer_in_backward"], true);
+  EXPECT_EQ(summary["runs"][0]["fused_expert_update"], false);
+  EXPECT_EQ(summary["runs"][0]["overlap_optimizer"], true);
 }
 
 // Two CPU ranks: meta init, FSDP2 per layer and root, a step, one JSON line from rank 0.

@@ -14,7 +14,9 @@
 // per-group gradient storage (GradientStorage::PerGroup), as training.optimizer_in_backward
 // (InBackwardOptimizer; no gradient norm, as the other paths here), the updates on a
 // side stream beside the backward unless --no-overlap-optimizer; with several GPUs each
-// group's reduction, sharded update and weight all-gather run there together.
+// group's reduction, sharded update and weight all-gather run there together. On one GPU the
+// expert weights are updated inside their gradient GEMMs with --fused-expert-update (their
+// gradients never stored; "fused_expert_update" in the JSON line).
 // grouped_gemm_tflops: the profiled step's expert GEMMs (forward + data grad, weight grad).
 // expert_rows: over the profiled step's MoE layers, the busiest expert-parallel rank's expert
 // rows and rank 0's, each over the mean per rank (1 and 1 with balanced routing or one GPU).
@@ -78,7 +80,7 @@ int run_bench(int argc, char** argv) {
   int64_t layers = 0, seq = 4096, micro_batch = 1, steps = 5, warmup = 2;
   bool recompute = false, optimizer_in_backward = false;
   int64_t expert_parallel = 1, zero_stage = 1;
-  bool overlap_comm = true, overlap_optimizer = true;
+  bool overlap_comm = true, overlap_optimizer = true, fused_expert_update = false;
   app.add_option("--config", config_path, "HF config.json of the model shape")->required();
   app.add_option("--layers", layers, "keep the first N decoder layers (default: all)");
   app.add_option("--seq", seq, "tokens per row");
@@ -103,6 +105,10 @@ int run_bench(int argc, char** argv) {
   app.add_flag("--overlap-optimizer,!--no-overlap-optimizer", overlap_optimizer,
                "with --optimizer-in-backward: each group's update on a low-priority side stream "
                "beside the backward (default) or between the layers on the compute stream");
+  app.add_flag("--fused-expert-update,!--no-fused-expert-update", fused_expert_update,
+               "with --optimizer-in-backward on one GPU: the expert weights' AdamW step fused "
+               "into their gradient GEMMs, the expert gradients never stored, or (default) "
+               "computed into the group's gradients and updated with the group");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& error) {
@@ -169,6 +175,7 @@ int run_bench(int argc, char** argv) {
   InBackwardOptions in_backward_options;
   in_backward_options.overlap = overlap_optimizer;
   in_backward_options.grad_norm = false;
+  in_backward_options.fuse_expert_updates = fused_expert_update;  // one GPU only
   if (dp_optimizer && optimizer_in_backward)
     in_backward = std::make_unique<InBackwardOptimizer>(*model, *dp_optimizer, in_backward_options);
   if (!dp_optimizer) {
@@ -239,6 +246,8 @@ int run_bench(int argc, char** argv) {
                                  model->gradient_arenas()};
   plan_options.state_dtype = DType::BF16;
   plan_options.master_weights = false;
+  const bool fused_experts = in_backward && in_backward->fuses_expert_updates();
+  plan_options.fused_expert_updates = fused_experts;
   if (parallel) {
     plan_options.expert_parallel = parallel->layout().expert_parallel;
     plan_options.data_parallel = parallel->layout().data_parallel;
@@ -305,6 +314,7 @@ int run_bench(int argc, char** argv) {
       "\"zero_stage\": %lld, \"overlap_comm\": %s, \"layers\": %lld, \"seq\": %lld, "
       "\"micro_batch\": %lld, "
       "\"routing\": \"%s\", \"recompute\": %s, \"optimizer_in_backward\": %s, "
+      "\"fused_expert_update\": %s, "
       "\"tokens_per_step\": %lld, \"tps\": %.1f, "
       "\"tflops\": %.1f, "
       "\"peak_gib\": %.2f, \"peak_alloc_gib\": %.2f, \"plan_gib\": %.2f, \"step_s\": %.4f, "
@@ -321,8 +331,9 @@ int run_bench(int argc, char** argv) {
       (long long)(parallel ? zero_stage : 0),
       dp_optimizer && dp_optimizer->overlapping() ? "true" : "false",
       (long long)config.num_hidden_layers, (long long)seq, (long long)micro_batch, routing.c_str(),
-      recompute ? "true" : "false", optimizer_in_backward ? "true" : "false", (long long)tokens,
-      tps, tflops, peak_bytes / double(1ull << 30), peak_in_use / double(1ull << 30),
+      recompute ? "true" : "false", optimizer_in_backward ? "true" : "false",
+      fused_experts ? "true" : "false", (long long)tokens, tps, tflops,
+      peak_bytes / double(1ull << 30), peak_in_use / double(1ull << 30),
       plan_bytes / double(1ull << 30), step_s_all, last_loss, seconds(cuda::Phase::Attention),
       seconds(cuda::Phase::RouterDispatch), seconds(cuda::Phase::Experts),
       seconds(cuda::Phase::Loss), seconds(cuda::Phase::Optimizer), seconds(cuda::Phase::DenseGemm),

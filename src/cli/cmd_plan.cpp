@@ -111,6 +111,9 @@ int run_plan(int argc, char** argv) {
   options.batch = t.micro_batch;
   options.seq = t.seq_len;
   options.per_group_grads = recipe.optimizer_in_backward(static_cast<int>(ranks));
+  // One process updates the expert weights inside their gradient GEMMs (the trainer's
+  // InBackwardOptimizer over AdamW); several reduce the expert gradients first.
+  options.fused_expert_updates = options.per_group_grads && ranks == 1;
   dist::ParallelLayout layout;
   if (ranks > 1) {
     layout = resolve_layout(static_cast<int>(ranks), recipe.parallel.expert_parallel,
@@ -137,7 +140,10 @@ int run_plan(int argc, char** argv) {
         layout.expert_parallel > 1 ? " (expert activations: balanced routing assumed)" : "");
   std::printf("  weights                    %s\n", gib(plan.weights).c_str());
   std::printf("  gradients                  %s%s\n", gib(plan.grads).c_str(),
-              options.per_group_grads ? "  (per group: optimizer in the backward)" : "");
+              options.fused_expert_updates
+                  ? "  (per group, no expert gradients: optimizer in the backward)"
+              : options.per_group_grads ? "  (per group: optimizer in the backward)"
+                                        : "");
   std::printf("  optimizer state (AdamW)    %s\n", gib(plan.optimizer_state).c_str());
   if (plan.master_weights)
     std::printf("  fp32 master weights        %s\n", gib(plan.master_weights).c_str());

@@ -56,12 +56,14 @@ void decoder_layer_forward(const DecoderContext& context, const LayerWeights& w,
 void decoder_layer_backward(const DecoderContext& context, const LayerWeights& w,
                             const LayerWeights& g, const Tensor& x_in,
                             const LayerActivations& saved, const Tensor& aux_dprob,
-                            DecoderScratch& scratch, const Tensor& dresidual) {
+                            DecoderScratch& scratch, const Tensor& dresidual,
+                            const ExpertGradientConsumer& expert_gradients) {
   Backend& backend = context.backend;
   // MLP: dresidual is d out = d mid (residual path) + d mlp_out
   if (w.moe) {
     moe_backward(backend, context.dispatcher, context.config, w, g, saved.mlp_norm, saved.moe,
-                 aux_dprob, dresidual, scratch.moe, scratch.dnormed, context.accumulate_grads);
+                 aux_dprob, dresidual, scratch.moe, scratch.dnormed, context.accumulate_grads,
+                 expert_gradients);
   } else {
     mlp_backward(backend, w, g, saved.mlp_norm, saved.mlp, dresidual, scratch.mlp, scratch.dnormed,
                  context.accumulate_grads);

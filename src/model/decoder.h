@@ -46,9 +46,12 @@ void allocate_decoder_scratch(const DecoderContext& context, DType dtype, Decode
 void decoder_layer_forward(const DecoderContext& context, const LayerWeights& w, const Tensor& x_in,
                            LayerActivations& saved, DecoderScratch& scratch, const Tensor& x_out);
 // dresidual (N, H): d/d x_out on entry, d/d x_in on return (in place).
+// expert_gradients (MoE layers, optional): takes over the expert weights' gradients (see
+// moe_backward; the optimizer in the backward fused into them).
 void decoder_layer_backward(const DecoderContext& context, const LayerWeights& w,
                             const LayerWeights& g, const Tensor& x_in,
                             const LayerActivations& saved, const Tensor& aux_dprob,
-                            DecoderScratch& scratch, const Tensor& dresidual);
+                            DecoderScratch& scratch, const Tensor& dresidual,
+                            const ExpertGradientConsumer& expert_gradients = {});
 
 }  // namespace moetune

@@ -42,13 +42,15 @@ MemoryPlan plan_memory(const ModelConfig& config, const MemoryPlanOptions& optio
     // returns to the allocator after the group's update and the next group reuses it), plus a
     // tied embedding's arena from the loss to the end of the backward (256-byte alignment of
     // each tensor not counted). Updates on a side stream: a ring of gradient_arenas of them.
+    // Fused expert updates: a layer's group holds no routed-expert gradients.
     const int64_t H = config.hidden_size, V = config.vocab_size;
     const int64_t embed = V * H;
     const int64_t head = H + (config.tie_word_embeddings ? 0 : V * H);
     int64_t largest = std::max(head, config.tie_word_embeddings ? 0 : embed);
     for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
       const int64_t layer_experts = layer_expert_parameters(config, l);
-      largest = std::max(largest, layer_parameters(config, l) - layer_experts + layer_experts / ep);
+      const int64_t held_experts = options.fused_expert_updates ? 0 : layer_experts / ep;
+      largest = std::max(largest, layer_parameters(config, l) - layer_experts + held_experts);
     }
     const int64_t held = largest * std::max<int64_t>(1, options.gradient_arenas) +
                          (config.tie_word_embeddings ? embed : 0);

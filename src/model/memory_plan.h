@@ -27,6 +27,11 @@ struct MemoryPlanOptions {
   // With per_group_grads: the arenas the groups rotate through (Model::gradient_arenas():
   // 1, or 2 when the updates run on a side stream beside the backward).
   int64_t gradient_arenas = 1;
+  // With per_group_grads: the expert weights' updates are fused into their gradient GEMMs
+  // (InBackwardOptions::fuse_expert_updates, one process; Model::set_expert_weight_update),
+  // so the groups hold no routed-expert gradients (the CPU backend's default fused op keeps
+  // one expert weight's gradient as a temporary, not counted: the CUDA one stores none).
+  bool fused_expert_updates = false;
   // AdamW state storage and fp32 master copies of non-fp32 weights (the trainer: fp32 state
   // and master weights; `moetune bench`: state in the weights' dtype, no master copies).
   DType state_dtype = DType::F32;

@@ -95,21 +95,65 @@ Model::Model(const ModelConfig& config, Backend& backend, ModelOptions options)
   for (int64_t l = L - 1; l >= 0; --l) gradient_groups_.push_back(layers[static_cast<size_t>(l)]);
   gradient_groups_.push_back(embedding);
   group_grads_.resize(gradient_groups_.size());
+  // The expert weights an expert weight update may take over, found by their storage (each
+  // parameter has its own).
+  is_expert_weight_.assign(params.size(), false);
+  layer_expert_weights_.resize(static_cast<size_t>(L));
+  const auto index_of = [&](const Tensor& value) {
+    for (size_t i = 0; i < params.size(); ++i)
+      if (params[i].value.data == value.data) return i;
+    fail("model: an expert weight is not among the parameters");
+  };
+  for (int64_t l = 0; l < L; ++l) {
+    const LayerWeights& layer = weights_->values().layers[static_cast<size_t>(l)];
+    if (!layer.moe) continue;
+    LayerExpertWeights& experts = layer_expert_weights_[static_cast<size_t>(l)];
+    experts.gate_up = index_of(layer.experts_gate_up);
+    experts.down = index_of(layer.experts_down);
+    is_expert_weight_[experts.gate_up] = is_expert_weight_[experts.down] = true;
+  }
+  for (size_t i = 0; i < params.size(); ++i)
+    if (is_expert_weight_[i]) expert_weight_parameters_.push_back(i);
   // Per-group storage: every group's gradients are carved from one arena of the largest
   // group's size, so that each group reuses the block the previous one returned (the caching
   // allocator keeps blocks per size: groups of different sizes would each keep their own).
   // A tied embedding's gradient lives through the whole backward: it gets its own size.
-  for (size_t g = 0; g < gradient_groups_.size(); ++g)
-    if (!tied_embedding_group(g)) group_arena_bytes_ = std::max(group_arena_bytes_, group_bytes(g));
+  group_arena_bytes_ = largest_group_bytes();
 }
 
 size_t Model::group_bytes(size_t index) const {
   const GradientGroup& group = gradient_groups_[index];
   size_t bytes = 0;
   for (size_t i = group.begin; i < group.end; ++i)
-    bytes += (weights_->parameters()[i].grad.bytes() + kGradAlignment - 1) / kGradAlignment *
-             kGradAlignment;
+    if (!gradient_taken_over(i))
+      bytes += (weights_->parameters()[i].grad.bytes() + kGradAlignment - 1) / kGradAlignment *
+               kGradAlignment;
   return bytes;
+}
+
+size_t Model::largest_group_bytes() const {
+  size_t largest = 0;
+  for (size_t g = 0; g < gradient_groups_.size(); ++g)
+    if (!tied_embedding_group(g)) largest = std::max(largest, group_bytes(g));
+  return largest;
+}
+
+bool Model::gradient_taken_over(size_t index) const {
+  return expert_weight_update_ && is_expert_weight_[index];
+}
+
+void Model::set_expert_weight_update(ExpertWeightUpdate update) {
+  if (update && options_.grad_storage != GradientStorage::PerGroup)
+    fail(
+        "Model::set_expert_weight_update: fused expert weight updates need per-group gradient "
+        "storage (GradientStorage::PerGroup, the optimizer in the backward)");
+  // The arenas change size: nothing may still use the old ones.
+  if (grad_side_stream_) grad_side_stream_->join();
+  backend_.synchronize();
+  expert_weight_update_ = std::move(update);
+  arena_ring_.clear();
+  next_arena_ = 0;
+  group_arena_bytes_ = largest_group_bytes();
 }
 
 bool Model::tied_embedding_group(size_t index) const {
@@ -153,6 +197,7 @@ void Model::bind_group_grads(size_t index) {
     next = static_cast<char*>(arena_ring_[slot].data());
   }
   for (size_t i = group.begin; i < group.end; ++i) {
+    if (gradient_taken_over(i)) continue;  // stays unbound: the fused update consumes it
     weights_->bind_grad(i, next);
     const size_t bytes = weights_->parameters()[i].grad.bytes();
     next += (bytes + kGradAlignment - 1) / kGradAlignment * kGradAlignment;
@@ -513,8 +558,19 @@ StepResult Model::run(const BatchView& batch, bool backward, float loss_scale, f
         decoder_layer_forward(context, w.layers[l], a.residual[l], saved(l), a.scratch,
                               a.residual[l + 1]);
       bind_group_grads(static_cast<size_t>(L - l));  // layer.l
+      // The fused expert weight update: the layer's expert gradients go to it, not to g.
+      ExpertGradientConsumer expert_gradients;
+      if (expert_weight_update_ && config_.layer_is_moe(l)) {
+        const LayerExpertWeights experts = layer_expert_weights_[static_cast<size_t>(l)];
+        expert_gradients = [this, experts](ExpertWeight weight, int64_t expert_begin,
+                                           int64_t expert_end, const Tensor& dy, const Tensor& x,
+                                           const Tensor& offsets) {
+          expert_weight_update_(weight == ExpertWeight::GateUp ? experts.gate_up : experts.down,
+                                expert_begin, expert_end, dy, x, offsets);
+        };
+      }
       decoder_layer_backward(context, w.layers[l], g.layers[l], a.residual[l], saved(l), layer_aux,
-                             a.scratch, a.dresidual);
+                             a.scratch, a.dresidual, expert_gradients);
       finish_group(static_cast<size_t>(L - l));
     }
     // The scatter-add always accumulates: overwriting starts from zeros, except for a tied

@@ -144,7 +144,8 @@ class Model {
   // instead of after the whole backward. Inside the hook, Parameter::grad of the group's
   // parameters is valid (with GradientStorage::PerGroup only then: the memory is returned
   // right after the hook, so work the hook enqueues on the backend's stream may use it, and
-  // work on another stream must be ordered before the next allocation). Empty function = none.
+  // work on another stream must be ordered before the next allocation; the expert weights an
+  // expert weight update takes over have no data there). Empty function = none.
   using GradientReadyHook = std::function<void(size_t index)>;
   void set_gradient_ready_hook(GradientReadyHook hook) { gradient_ready_hook_ = std::move(hook); }
   // A hook that hands each group's gradients to work on a side
@@ -162,8 +163,30 @@ class Model {
   // `side` must outlive its use.
   void set_gradient_side_stream(Backend::SideStream* side);
   static constexpr int kGradientArenas = 2;
-  // PerGroup: bytes of one gradient arena (the largest non-tied group), and how many the
-  // model holds (kGradientArenas with a side stream, else 1: the allocator caches it).
+  // Optimizer in the backward fused into the expert weight gradients (GradientStorage::PerGroup
+  // only; InBackwardOptimizer installs it): when set, the MoE backward does not compute the
+  // experts_gate_up / experts_down gradients (expert_weight_parameters()); for each it calls
+  // update(parameter index in parameters(), expert_begin, expert_end, dy, x, offsets) with what
+  // grouped_gemm_weight_grad(dy, x, offsets, dw, accumulate = false) would have been given for
+  // the local experts [expert_begin, expert_end) of that weight (one call per dispatcher chunk
+  // and weight, chunks without rows included: their offsets are all zero), on the host while
+  // the backward is enqueued, and the callee applies the optimizer step there, on the ops'
+  // stream (Backend::grouped_gemm_weight_grad_adamw), before the backward goes on. Those
+  // parameters get no gradient memory (the group arenas shrink: gradient_arena_bytes()); their
+  // Parameter::grad has no data in the gradient-ready hook. The backward must overwrite the
+  // gradients (zero_grads() before each forward_backward, which PerGroup enforces). Empty
+  // function: off (the default). Call between steps.
+  using ExpertWeightUpdate =
+      std::function<void(size_t parameter, int64_t expert_begin, int64_t expert_end,
+                         const Tensor& dy, const Tensor& x, const Tensor& offsets)>;
+  void set_expert_weight_update(ExpertWeightUpdate update);
+  bool has_expert_weight_update() const { return static_cast<bool>(expert_weight_update_); }
+  // The parameters an expert weight update takes over: each MoE layer's experts_gate_up and
+  // experts_down, as indices into parameters() (ascending).
+  const std::vector<size_t>& expert_weight_parameters() const { return expert_weight_parameters_; }
+  // PerGroup: bytes of one gradient arena (the largest non-tied group, less the expert weights
+  // an expert weight update takes over), and how many the model holds (kGradientArenas with a
+  // side stream, else 1: the allocator caches it).
   size_t gradient_arena_bytes() const { return group_arena_bytes_; }
   int gradient_arenas() const { return grad_side_stream_ ? kGradientArenas : 1; }
   std::span<Parameter> parameters() { return weights_->parameters(); }
@@ -204,8 +227,14 @@ class Model {
   // GradientStorage::PerGroup: gives group `index`'s gradients memory / takes it back.
   void bind_group_grads(size_t index);
   void release_group_grads(size_t index);
-  size_t group_bytes(size_t index) const;         // its gradients, each 256-byte aligned
+  // Its gradients, each 256-byte aligned (without those an expert weight update takes over).
+  size_t group_bytes(size_t index) const;
   bool tied_embedding_group(size_t index) const;  // the embedding group of a tied model
+  // The largest non-tied group's group_bytes (group_arena_bytes_).
+  size_t largest_group_bytes() const;
+  // True when parameter `index`'s gradient is consumed by the expert weight update (it then
+  // gets no gradient memory).
+  bool gradient_taken_over(size_t index) const;
   // Calls the hook for group `index`, then releases its per-group gradients.
   void finish_group(size_t index);
   void write_config_and_tokenizer(const std::filesystem::path& folder, const SaveOptions& options,
@@ -223,6 +252,16 @@ class Model {
   bool overwrite_grads_ = true;      // set by zero_grads(), cleared by a backward
   std::vector<Buffer> group_grads_;  // PerGroup: each group's live gradients (one arena)
   size_t group_arena_bytes_ = 0;     // the largest group's gradients, each 256-byte aligned
+  // The fused expert weight update (set_expert_weight_update); per parameter whether it is an
+  // expert weight it would take over; per layer the indices of experts_gate_up and
+  // experts_down (MoE layers only).
+  ExpertWeightUpdate expert_weight_update_;
+  std::vector<size_t> expert_weight_parameters_;
+  std::vector<bool> is_expert_weight_;
+  struct LayerExpertWeights {
+    size_t gate_up = 0, down = 0;
+  };
+  std::vector<LayerExpertWeights> layer_expert_weights_;
   // PerGroup with a side-stream consumer (set_gradient_side_stream): the ring of arenas, the
   // tied embedding's arena, the ring position of the next bind, each bound group's slot.
   Backend::SideStream* grad_side_stream_ = nullptr;

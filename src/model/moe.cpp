@@ -171,7 +171,11 @@ void moe_forward(Backend& backend, TokenDispatcher& dispatcher, const ModelConfi
 void moe_backward(Backend& backend, TokenDispatcher& dispatcher, const ModelConfig& config,
                   const LayerWeights& w, const LayerWeights& g, const Tensor& x,
                   const MoeSaved& saved, const Tensor& aux_dprob, const Tensor& dout,
-                  MoeScratch& scratch, const Tensor& dx, bool accumulate_grads) {
+                  MoeScratch& scratch, const Tensor& dx, bool accumulate_grads,
+                  const ExpertGradientConsumer& expert_gradients) {
+  MOETUNE_CHECK(!expert_gradients || !accumulate_grads,
+                "moe_backward: fused expert weight updates need overwritten gradients (one "
+                "micro-batch per optimizer step)");
   const int64_t H = config.hidden_size, I = config.moe_intermediate_size;
   const int64_t M = saved.expert_rows;
   const DType dtype = x.dtype;
@@ -204,7 +208,14 @@ void moe_backward(Backend& backend, TokenDispatcher& dispatcher, const ModelConf
                            part(scratch.drows));  // (rows, H)
     }
     dispatcher.chunk_backward_done(saved, scratch, c);
-    if (chunk.rows() > 0) {
+    if (expert_gradients) {
+      // The optimizer takes the gradients over (steps the weights from them); every chunk,
+      // with rows or not, since experts without rows still take a step (zero gradient).
+      expert_gradients(ExpertWeight::Down, chunk.expert_begin, chunk.expert_end,
+                       part(scratch.dexpert_out), part(scratch.hidden), chunk.offsets);
+      expert_gradients(ExpertWeight::GateUp, chunk.expert_begin, chunk.expert_end,
+                       part(scratch.dgate_up), part(saved.rows), chunk.offsets);
+    } else if (chunk.rows() > 0) {
       backend.grouped_gemm_weight_grad(part(scratch.dexpert_out), part(scratch.hidden),
                                        chunk.offsets, experts(g.experts_down),
                                        accumulate_grads);  // (experts, H, I)

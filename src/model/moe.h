@@ -22,6 +22,7 @@
 // layer's backward receives its gradient w.r.t. the router probabilities (aux_dprob).
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -36,7 +37,9 @@ namespace moetune {
 
 // A part of the expert work: rows [row_begin, row_end) of saved.rows (and of every other
 // (M, ...) buffer) belong to the local experts [expert_begin, expert_end), as given by
-// `offsets` (expert_end - expert_begin + 1) I32 on the device, relative to row_begin.
+// `offsets` (expert_end - expert_begin + 1) I32 on the device, relative to row_begin. A chunk
+// without rows still has valid offsets (all zero): the fused optimizer update steps its
+// experts with a zero gradient through them.
 struct ExpertChunk {
   int64_t row_begin = 0, row_end = 0;
   int64_t expert_begin = 0, expert_end = 0;
@@ -164,16 +167,32 @@ void allocate_moe(const ModelConfig& config, int64_t tokens, DType dtype, Device
 void allocate_moe_scratch(const ModelConfig& config, int64_t tokens, DType dtype, Device device,
                           MoeScratch& scratch);
 
+// Which expert weight of a MoE layer.
+enum class ExpertWeight { GateUp, Down };
+// The optimizer in the backward fused into the expert weight gradients
+// (Model::set_expert_weight_update): moe_backward calls it for each dispatcher chunk and each
+// expert weight (down, then gate_up) instead of computing that weight's gradient for the local
+// experts [expert_begin, expert_end) with grouped_gemm_weight_grad(dy, x, offsets, ...,
+// accumulate = false); it is called for chunks without rows too (offsets all zero: a zero
+// gradient, which AdamW still steps).
+using ExpertGradientConsumer =
+    std::function<void(ExpertWeight weight, int64_t expert_begin, int64_t expert_end,
+                       const Tensor& dy, const Tensor& x, const Tensor& offsets)>;
+
 // w.experts_* hold this rank's experts (all of them without expert parallelism).
 void moe_forward(Backend& backend, TokenDispatcher& dispatcher, const ModelConfig& config,
                  const LayerWeights& w, const Tensor& x, MoeSaved& saved, MoeScratch& scratch,
                  const Tensor& out);
 // aux_dprob (E) fp32: d(total loss)/d(probs[n, e]) of the aux loss, or undefined.
 // dx (N, H) overwritten; gradients accumulated into g (overwritten with accumulate_grads
-// false, experts without rows included).
+// false, experts without rows included). With expert_gradients set (only with
+// accumulate_grads false: the consumer gets the gradient's full value, never a part to add),
+// g.experts_gate_up and g.experts_down are neither written nor read: expert_gradients
+// receives what their grouped_gemm_weight_grad calls would have been given.
 void moe_backward(Backend& backend, TokenDispatcher& dispatcher, const ModelConfig& config,
                   const LayerWeights& w, const LayerWeights& g, const Tensor& x,
                   const MoeSaved& saved, const Tensor& aux_dprob, const Tensor& dout,
-                  MoeScratch& scratch, const Tensor& dx, bool accumulate_grads);
+                  MoeScratch& scratch, const Tensor& dx, bool accumulate_grads,
+                  const ExpertGradientConsumer& expert_gradients = {});
 
 }  // namespace moetune

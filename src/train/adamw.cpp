@@ -1,6 +1,8 @@
 // AdamW state allocation and the step (see adamw.h).
 #include "train/adamw.h"
 
+#include <algorithm>
+
 namespace moetune {
 
 AdamW::AdamW(std::span<const Parameter> parameters, Backend& backend, const AdamWConfig& config)
@@ -24,6 +26,7 @@ AdamW::AdamW(std::span<const Parameter> parameters, Backend& backend, const Adam
     names_.push_back(parameter.name);
     params_.push_back(entry);
   }
+  fused_.assign(params_.size(), false);
 }
 
 void AdamW::step(double lr, float grad_scale) {
@@ -33,17 +36,62 @@ void AdamW::step(double lr, float grad_scale) {
 
 void AdamW::begin_step() { ++step_count_; }
 
-void AdamW::update(size_t begin, size_t end, double lr, float grad_scale) {
-  MOETUNE_CHECK(begin <= end && end <= params_.size(), "AdamW::update: bad parameter range");
-  for (size_t i = begin; i < end; ++i) params_[i].grad = parameters_[i].grad;
+AdamWHyper AdamW::hyper(double lr) const {
   AdamWHyper hyper;
   hyper.lr = lr;
   hyper.beta1 = config_.beta1;
   hyper.beta2 = config_.beta2;
   hyper.eps = config_.eps;
   hyper.step = step_count_;
-  backend_.adamw_update(std::span<const AdamWParam>(params_).subspan(begin, end - begin), hyper,
-                        grad_scale);
+  return hyper;
+}
+
+void AdamW::update(size_t begin, size_t end, double lr, float grad_scale) {
+  MOETUNE_CHECK(begin <= end && end <= params_.size(), "AdamW::update: bad parameter range");
+  for (size_t i = begin; i < end; ++i) params_[i].grad = parameters_[i].grad;
+  const bool any_fused = std::find(fused_.begin() + static_cast<std::ptrdiff_t>(begin),
+                                   fused_.begin() + static_cast<std::ptrdiff_t>(end),
+                                   true) != fused_.begin() + static_cast<std::ptrdiff_t>(end);
+  if (!any_fused) {
+    backend_.adamw_update(std::span<const AdamWParam>(params_).subspan(begin, end - begin),
+                          hyper(lr), grad_scale);
+    return;
+  }
+  // The fused parameters were stepped in the backward (fused_expert_update); the others in one
+  // call as before (each parameter's update is elementwise: the same values).
+  std::vector<AdamWParam> unfused;
+  for (size_t i = begin; i < end; ++i)
+    if (!fused_[i]) unfused.push_back(params_[i]);
+  if (!unfused.empty()) backend_.adamw_update(unfused, hyper(lr), grad_scale);
+}
+
+void AdamW::set_fused(size_t index, bool fused) {
+  MOETUNE_CHECK(index < params_.size(), "AdamW::set_fused: no parameter ", index);
+  fused_[index] = fused;
+}
+
+void AdamW::fused_expert_update(size_t index, int64_t expert_begin, int64_t expert_end,
+                                const Tensor& dy, const Tensor& x, const Tensor& offsets, double lr,
+                                const Tensor& norm_squared) {
+  MOETUNE_CHECK(index < params_.size() && fused_[index], "AdamW::fused_expert_update: parameter ",
+                index, " is not a fused one");
+  const AdamWParam& whole = params_[index];
+  MOETUNE_CHECK(whole.param.rank() == 3 && 0 <= expert_begin && expert_begin <= expert_end &&
+                    expert_end <= whole.param.size(0),
+                "AdamW::fused_expert_update: experts [", expert_begin, ", ", expert_end, ") of ",
+                names_[index], " ", whole.param.shape.str());
+  const auto experts = [&](const Tensor& tensor) {
+    return tensor.defined() && tensor.data ? tensor.slice_rows(expert_begin, expert_end) : tensor;
+  };
+  AdamWParam slice = whole;
+  slice.param = experts(whole.param);
+  slice.exp_avg = experts(whole.exp_avg);
+  slice.exp_avg_sq = experts(whole.exp_avg_sq);
+  slice.master = experts(whole.master);
+  // The gradient is never stored: only its dtype and shape are given (no data).
+  const Tensor& grad = parameters_[index].grad;
+  slice.grad = Tensor(nullptr, grad.dtype, slice.param.shape, grad.device);
+  backend_.grouped_gemm_weight_grad_adamw(dy, x, offsets, slice, hyper(lr), norm_squared);
 }
 
 std::vector<AdamW::StateTensor> AdamW::state_tensors() const {

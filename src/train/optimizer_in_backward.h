@@ -10,6 +10,18 @@
 //   each step: in_backward.begin_step(lr); model->zero_grads(); model->forward_backward(...);
 //              double norm = in_backward.grad_norm();
 //
+// Fused expert updates (InBackwardOptions::fuse_expert_updates, one process): the MoE
+// backward hands each expert weight's gradient computation to the optimizer
+// (Model::set_expert_weight_update), which steps those weights inside it with
+// Backend::grouped_gemm_weight_grad_adamw (on CUDA in the GEMM's epilogue: the expert gradients,
+// most of a MoE layer's gradient bytes, never exist; the group arenas hold the rest of the
+// layer). The group's hook then norms and updates the other parameters (AdamW::set_fused marks
+// the experts); grad_norm() adds the experts' norms, one slot per (expert weight, chunk). The
+// weights and AdamW state are bit-identical to the unfused path where the backend's fused op
+// equals grouped_gemm_weight_grad + adamw_update (the same elementwise update of the same
+// gradient: the default composition, which the CUDA kernel is tested against); the norm
+// equals it to rounding (summed in other pieces).
+//
 // Overlap (InBackwardOptions::overlap, on backends with streams: CUDA): the group's norm and
 // update run on a side stream, beside the backward of the next layers, instead of between
 // them on the ops' stream (low priority for one GPU; the ops' priority with data parallelism,
@@ -26,6 +38,10 @@
 //  - weights: a group's update writes only its own weights and AdamW state, which the
 //    backward reads no more this step (recompute reruns layer l's forward before layer l's
 //    group is finished; the tied lm_head is read by the loss, before every group);
+//  - fused expert updates are not side work: they run inline on the ops' stream, inside the
+//    MoE backward (they are part of it), after the chunk's data gradients that read those
+//    expert weights, so they need no fence; they write only their chunk's experts' weights and
+//    state (no other group's update touches them) and their own norm slots;
 //  - the end of the step: forward_backward joins the side stream before it returns, so the
 //    next forward, grad_norm(), checkpoints and exports see every update.
 // The kernels and their order within each group are the same as without overlap, so the
@@ -46,6 +62,11 @@ namespace moetune {
 struct InBackwardOptions {
   bool overlap = true;    // norms and updates on a side stream when the backend has streams
   bool grad_norm = true;  // each group's squared gradient norm (grad_norm())
+  // One process (the AdamW& constructor): the expert weights' updates fused into their
+  // gradient GEMMs (see above); ignored with DataParallelAdamW (its gradients must be
+  // reduced over the ranks before any update). Off by default until the fused kernel is
+  // measured faster than the separate update on the GPU (docs/BENCHMARKS.md, ninth session).
+  bool fuse_expert_updates = false;
 };
 
 class InBackwardOptimizer {
@@ -57,7 +78,7 @@ class InBackwardOptimizer {
   // Several ranks: `optimizer` was built over model.parameters() and model.gradient_groups().
   InBackwardOptimizer(Model& model, DataParallelAdamW& optimizer,
                       const InBackwardOptions& options = {});
-  ~InBackwardOptimizer();  // removes the hook and the model's side stream
+  ~InBackwardOptimizer();  // removes the hook, the expert weight update and the side stream
   InBackwardOptimizer(const InBackwardOptimizer&) = delete;
   InBackwardOptimizer& operator=(const InBackwardOptimizer&) = delete;
 
@@ -70,11 +91,17 @@ class InBackwardOptimizer {
   double grad_norm();
   // True when the updates run on a side stream.
   bool overlapping() const { return side_ != nullptr; }
+  // True when the expert weights are updated inside their gradient GEMMs (fuse_expert_updates
+  // on one process, and the model has MoE layers).
+  bool fuses_expert_updates() const { return !fused_slot_.empty(); }
 
  private:
   InBackwardOptimizer(Model& model, AdamW* single, DataParallelAdamW* sharded,
                       const InBackwardOptions& options);
   void on_group_ready(size_t index);
+  // The fused expert weight update Model::set_expert_weight_update calls.
+  void update_experts(size_t parameter, int64_t expert_begin, int64_t expert_end, const Tensor& dy,
+                      const Tensor& x, const Tensor& offsets);
 
   Model& model_;
   AdamW* single_ = nullptr;               // one process
@@ -82,6 +109,11 @@ class InBackwardOptimizer {
   InBackwardOptions options_;
   std::unique_ptr<Backend::SideStream> side_;  // null: inline
   Buffer group_norms_squared_;                 // (groups) fp32
+  // Fused expert updates: per parameter its row in expert_norms_squared_ (-1: not fused);
+  // empty when not fusing. expert_norms_squared_ (fused parameters, local experts) fp32 holds
+  // each chunk's squared gradient norm at its first expert (the other slots stay zero).
+  std::vector<int64_t> fused_slot_;
+  Buffer expert_norms_squared_;
   double lr_ = 0;
 };
 

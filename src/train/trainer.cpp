@@ -345,7 +345,9 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
   Buffer grad_norm_squared(DType::F32, {1}, backend->device());
   // Optimizer in the backward: each group's squared norm (for the log and the non-finite
   // guard, which can then only stop the run) and its update, while its gradients exist; on
-  // a side stream beside the rest of the backward where the backend has streams (CUDA).
+  // a side stream beside the rest of the backward where the backend has streams (CUDA). One
+  // process, with InBackwardOptions::fuse_expert_updates (off by default), the expert weights
+  // would be updated inside their gradient GEMMs, their gradients never stored.
   std::unique_ptr<InBackwardOptimizer> in_backward;
   if (optimizer_in_backward && dp_optimizer) {
     model->set_gradient_ready_hook({});  // InBackwardOptimizer's hook reduces and updates
@@ -465,6 +467,7 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
     plan_options.seq = t.seq_len;
     plan_options.per_group_grads = optimizer_in_backward;
     plan_options.gradient_arenas = model->gradient_arenas();
+    plan_options.fused_expert_updates = in_backward && in_backward->fuses_expert_updates();
     if (parallel) {
       plan_options.expert_parallel = parallel->layout().expert_parallel;
       plan_options.data_parallel = parallel->layout().data_parallel;
@@ -490,8 +493,10 @@ TrainSummary train(const Recipe& recipe, const TrainOptions& options, Backend& d
     if (optimizer_in_backward)
       std::printf(
           "  optimizer in the backward: each gradient group is %supdated as soon as the backward "
-          "finishes it (training.optimizer_in_backward)\n",
-          parallel ? "reduced over the ranks and " : "");
+          "finishes it%s (training.optimizer_in_backward)\n",
+          parallel ? "reduced over the ranks and " : "",
+          plan_options.fused_expert_updates ? ", the expert weights inside their gradient GEMMs"
+                                            : "");
     if (parallel)
       std::printf(
           "  parallel: %d ranks (data_parallel %d x expert_parallel %d), zero_stage %lld, %s; "

@@ -3,7 +3,10 @@
 // the plain whole-model AdamW step, InBackwardOptimizer inline on the ops' stream, and
 // InBackwardOptimizer with the updates on the side stream beside the backward - must give
 // bit-equal weights, AdamW state and (in-backward paths) gradient norms, and losses equal
-// up to the loss sum's atomic accumulation order; with and
+// up to the loss sum's atomic accumulation order; the in-backward paths fuse the expert
+// weights' updates into their gradient GEMMs (the default), and a fourth path inline without
+// that fusion gives the same weights and state too (its norm, summed in other pieces, equal
+// to rounding); with and
 // without recompute, tied and untied embeddings. Sequence long enough (2 x 256) that the side
 // stream's updates really run beside the next layers' backward.
 // Also: the caching allocator does not hand a block freed on the side stream to the ops'
@@ -45,7 +48,7 @@ ModelConfig gpu_moe(bool tied) {
                                   "gpu_moe");
 }
 
-enum class Path { Plain, InBackward, Overlapped };
+enum class Path { Plain, InBackward, Overlapped, InBackwardUnfused };
 
 struct TrainedRun {
   std::vector<double> losses, norms;
@@ -68,8 +71,10 @@ TrainedRun train(Backend& backend, Path path, bool tied, bool recompute) {
   if (path != Path::Plain) {
     InBackwardOptions in_backward_options;
     in_backward_options.overlap = path == Path::Overlapped;
+    in_backward_options.fuse_expert_updates = path != Path::InBackwardUnfused;
     in_backward = std::make_unique<InBackwardOptimizer>(*model, adamw, in_backward_options);
     EXPECT_EQ(in_backward->overlapping(), path == Path::Overlapped);
+    EXPECT_EQ(in_backward->fuses_expert_updates(), path != Path::InBackwardUnfused);
   }
   TrainedRun run;
   const int64_t B = 2, T = 256;
@@ -119,9 +124,14 @@ TEST_P(CudaOptimizerInBackward, OverlappedInlineAndPlainAreBitIdentical) {
   const TrainedRun plain = train(*backend, Path::Plain, tied, recompute);
   const TrainedRun in_backward = train(*backend, Path::InBackward, tied, recompute);
   const TrainedRun overlapped = train(*backend, Path::Overlapped, tied, recompute);
+  const TrainedRun unfused = train(*backend, Path::InBackwardUnfused, tied, recompute);
   expect_same(plain, in_backward, "inline vs plain");
   expect_same(in_backward, overlapped, "overlapped vs inline");
+  expect_same(plain, unfused, "inline without fused expert updates vs plain");
   EXPECT_EQ(in_backward.norms, overlapped.norms);
+  ASSERT_EQ(unfused.norms.size(), in_backward.norms.size());
+  for (size_t i = 0; i < unfused.norms.size(); ++i)
+    EXPECT_NEAR(in_backward.norms[i], unfused.norms[i], 1e-6 * unfused.norms[i]) << "step " << i;
   for (double norm : overlapped.norms) EXPECT_TRUE(std::isfinite(norm) && norm > 0) << norm;
 }
 

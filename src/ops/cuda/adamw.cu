@@ -35,6 +35,7 @@
 #include <memory>
 #include <vector>
 
+#include "ops/cuda/adamw_math.cuh"
 #include "ops/cuda/device_utils.cuh"
 
 namespace moetune::cuda {
@@ -78,12 +79,6 @@ __device__ __forceinline__ int find_slot(const TensorSlot* slots, int count, int
   }
   return lo;
 }
-
-// Formed in double (as Python floats are in torch), used in fp32: the CPU reference's order.
-struct AdamWScalars {
-  double lr;
-  float lerp_weight, beta2, one_minus_beta2, eps, neg_step_size, bias_correction2_sqrt, grad_scale;
-};
 
 // ---- vectorised path. A tensor's last chunk may be short; blocks walk chunks in order, so
 // the slot search only moves forward. The grad-norm kernel (few registers) loads kUnroll
@@ -162,14 +157,8 @@ __global__ void __launch_bounds__(kVecThreads, 4)
       load8(exp_avg + i, m);
       load8(exp_avg_sq + i, v);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const float gj = g.v[j] * h.grad_scale;
-        if (decays) p.v[j] = p.v[j] * decay;
-        m.v[j] = m.v[j] + h.lerp_weight * (gj - m.v[j]);
-        v.v[j] = v.v[j] * h.beta2 + h.one_minus_beta2 * gj * gj;
-        const float denom = sqrtf(v.v[j]) / h.bias_correction2_sqrt + h.eps;
-        p.v[j] = p.v[j] + h.neg_step_size * __fdividef(m.v[j], denom);
-      }
+      for (int j = 0; j < 8; ++j)
+        adamw_element(p.v[j], m.v[j], v.v[j], __fmul_rn(g.v[j], h.grad_scale), h, decays, decay);
       store8(exp_avg + i, m);
       store8(exp_avg_sq + i, v);
       if constexpr (kMaster) store8(master + i, p);
@@ -236,14 +225,11 @@ __global__ void adamw_kernel(const __grid_constant__ SlotTable table, int count,
       while (slot_index + 1 < count && slots[slot_index + 1].begin <= element) ++slot_index;
       const TensorSlot& s = slots[slot_index];
       const int64_t i = element - s.begin;
-      const float g = load_any(s.grad, s.grad_kind, i) * h.grad_scale;
+      const float g = __fmul_rn(load_any(s.grad, s.grad_kind, i), h.grad_scale);
       float p = s.master ? s.master[i] : load_any(s.param, s.param_kind, i);
-      if (s.weight_decay != 0.0f) p = p * s.decay;
-      const float m0 = load_any(s.exp_avg, s.avg_kind, i);
-      const float m = m0 + h.lerp_weight * (g - m0);
-      const float v =
-          load_any(s.exp_avg_sq, s.avg_sq_kind, i) * h.beta2 + h.one_minus_beta2 * g * g;
-      p = p + h.neg_step_size * m / (sqrtf(v) / h.bias_correction2_sqrt + h.eps);
+      float m = load_any(s.exp_avg, s.avg_kind, i);
+      float v = load_any(s.exp_avg_sq, s.avg_sq_kind, i);
+      adamw_element(p, m, v, g, h, s.weight_decay != 0.0f, s.decay);
       store_any(s.exp_avg, s.avg_kind, i, m);
       store_any(s.exp_avg_sq, s.avg_sq_kind, i, v);
       if (s.master) s.master[i] = p;
@@ -429,7 +415,7 @@ void launch_adamw(std::span<const AdamWParam> params, const AdamWHyper& hyper, f
     s.master = present(p.master) ? p.master.ptr<float>() : nullptr;
     s.numel = n;
     s.weight_decay = p.weight_decay;
-    s.decay = static_cast<float>(1.0 - hyper.lr * static_cast<double>(p.weight_decay));
+    s.decay = adamw_decay(hyper, p.weight_decay);
     s.param_kind = kind_of(p.param);
     s.grad_kind = kind_of(p.grad);
     s.avg_kind = kind_of(p.exp_avg);
@@ -437,17 +423,8 @@ void launch_adamw(std::span<const AdamWParam> params, const AdamWHyper& hyper, f
     slots.push_back(s);
   }
   if (slots.empty()) return;
-  AdamWScalars h{};
   if (hyper.step < 1) fail("adamw_update: step must be >= 1 (1-based), got ", hyper.step);
-  const double step = static_cast<double>(hyper.step);
-  h.lr = hyper.lr;
-  h.lerp_weight = static_cast<float>(1.0 - hyper.beta1);
-  h.beta2 = static_cast<float>(hyper.beta2);
-  h.one_minus_beta2 = static_cast<float>(1.0 - hyper.beta2);
-  h.eps = static_cast<float>(hyper.eps);
-  h.neg_step_size = static_cast<float>(-(hyper.lr / (1.0 - std::pow(hyper.beta1, step))));
-  h.bias_correction2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(hyper.beta2, step)));
-  h.grad_scale = grad_scale;
+  const AdamWScalars h = make_adamw_scalars(hyper, grad_scale);
   // The vectorised kernel needs one storage type per role (no F16) and 8-element, 16-byte
   // aligned tensors; anything else takes the scalar kernel.
   const TensorSlot& first = slots.front();

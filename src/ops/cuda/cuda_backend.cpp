@@ -25,6 +25,7 @@
 #include "ops/cuda/attention_cudnn.h"
 #include "ops/cuda/cuda_common.h"
 #include "ops/cuda/cuda_profile.h"
+#include "ops/cuda/grouped_gemm_sm90.h"
 #include "ops/cuda/device_memory.h"
 
 namespace moetune {
@@ -451,6 +452,21 @@ class CudaBackend final : public Backend {
       return;
     }
     cuda::launch_grouped_gemm_weight_grad(dy, x, offsets, dw, accumulate, stream_);
+  }
+
+  void grouped_gemm_weight_grad_adamw(const Tensor& dy, const Tensor& x, const Tensor& offsets,
+                                      const AdamWParam& param, const AdamWHyper& hyper,
+                                      const Tensor& norm_squared) override {
+    {
+      // The GEMM and the update in one kernel: timed as an op of its own (not in the weight
+      // grad's TFLOP/s, which would then count the update's memory time).
+      PhaseScope scope(this, Phase::Experts);
+      if (cuda::launch_grouped_gemm_weight_grad_adamw_sm90(dy, x, offsets, param, hyper,
+                                                           norm_squared, stream_))
+        return;
+    }
+    // Anything the fused kernel does not take (fp32, no CUTLASS, not Hopper): the ops apart.
+    Backend::grouped_gemm_weight_grad_adamw(dy, x, offsets, param, hyper, norm_squared);
   }
 
   void linear_cross_entropy(const LinearCrossEntropyArgs& args) override {

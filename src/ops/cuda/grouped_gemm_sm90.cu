@@ -41,6 +41,7 @@
 #include "cutlass/gemm/dispatch_policy.hpp"
 #include "cutlass/gemm/group_array_problem_shape.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "ops/cuda/expert_adamw_epilogue_sm90.cuh"
 
 namespace moetune::cuda {
 
@@ -95,6 +96,31 @@ using ForwardGemm = GroupedGemm<cutlass::layout::RowMajor, cutlass::layout::Colu
 using DataGradGemm = GroupedGemm<cutlass::layout::RowMajor, cutlass::layout::RowMajor, 64, 256>;
 using WeightGradGemm =
     GroupedGemm<cutlass::layout::ColumnMajor, cutlass::layout::RowMajor, 128, 256, true>;
+
+// The weight grad with AdamW in its epilogue (expert_adamw_epilogue_sm90.cuh): the same operands
+// as WeightGradGemm, the pingpong schedule so that one warpgroup's memory-bound update runs
+// beside the other's mainloop.
+struct WeightGradAdamWGemm {
+  using TileShape = cute::Shape<cute::_64, cute::_128, cute::_64>;
+  using ClusterShape = cute::Shape<_1, _1, _1>;
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+  using Epilogue = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
+      ExpertAdamWEpilogue<cutlass::epilogue::PtrArrayNoSmemWarpSpecialized>>;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, cutlass::layout::ColumnMajor*,
+      kAlignment, Element, cutlass::layout::RowMajor*, kAlignment, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<kEpilogueSmemBytes<Epilogue>>,
+      KernelSchedule>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  using StrideA = typename Kernel::InternalStrideA;
+  using StrideB = typename Kernel::InternalStrideB;
+  using StrideC = typename Kernel::InternalStrideC;
+  using StrideD = typename Kernel::InternalStrideD;
+  static constexpr int kTileM = 64, kTileN = 128;
+  static constexpr int kWarps = decltype(cute::size(typename Kernel::TiledMma{}))::value / 32;
+};
 
 // Where group e's operands start, in elements: a + begin * a_row, b + e * b_expert + begin *
 // b_row, c + e * c_expert + begin * c_row (begin = offsets[e]). Row-grouped GEMMs have
@@ -193,10 +219,23 @@ bool hopper_device(int& device, int& sms) {
 
 bool aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
 
+// D = alpha * acc + beta * C (LinearCombination) over the group arrays' C and D.
 template <class G>
+auto linear_combination(float beta) {
+  return [beta](const GroupArrays<G>& arrays) {
+    typename G::Kernel::EpilogueArguments epilogue{
+        {}, arrays.c, arrays.stride_c, arrays.d, arrays.stride_d};
+    epilogue.thread.alpha = 1.0f;
+    epilogue.thread.beta = beta;
+    return epilogue;
+  };
+}
+
+// make_epilogue(arrays) gives the epilogue's arguments (CollectiveEpilogue::Arguments).
+template <class G, class MakeEpilogue>
 void run_grouped(const GroupPlan& plan, typename G::StrideA stride_a, typename G::StrideB stride_b,
-                 typename G::StrideC stride_c, float beta, int device, int sms,
-                 cudaStream_t stream) {
+                 typename G::StrideC stride_c, const MakeEpilogue& make_epilogue, int device,
+                 int sms, cudaStream_t stream) {
   using Gemm = typename G::Gemm;
   cutlass::KernelHardwareInfo hw_info;
   hw_info.device_id = device;
@@ -208,14 +247,11 @@ void run_grouped(const GroupPlan& plan, typename G::StrideA stride_a, typename G
   carve<G>(sizing, plan.experts);
   typename Gemm::Arguments arguments;
   auto make_arguments = [&](const GroupArrays<G>& arrays) {
-    typename Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGrouped,
-                                  {plan.experts, arrays.problems, nullptr},
-                                  {arrays.a, arrays.stride_a, arrays.b, arrays.stride_b},
-                                  {{}, arrays.c, arrays.stride_c, arrays.d, arrays.stride_d},
-                                  hw_info};
-    args.epilogue.thread.alpha = 1.0f;
-    args.epilogue.thread.beta = beta;
-    return args;
+    return typename Gemm::Arguments{cutlass::gemm::GemmUniversalMode::kGrouped,
+                                    {plan.experts, arrays.problems, nullptr},
+                                    {arrays.a, arrays.stride_a, arrays.b, arrays.stride_b},
+                                    make_epilogue(arrays),
+                                    hw_info};
   };
   const size_t workspace_bytes = Gemm::get_workspace_size(make_arguments(GroupArrays<G>{}));
   Buffer scratch(DType::U8, Shape{static_cast<int64_t>(sizing.used + workspace_bytes + 256)},
@@ -275,11 +311,13 @@ bool launch_grouped_gemm_sm90(const Tensor& a, const Tensor& w, bool transpose_w
   if (transpose_w) {
     using G = ForwardGemm;
     run_grouped<G>(plan, typename G::StrideA{k, _1{}, _0{}}, typename G::StrideB{k, _1{}, _0{}},
-                   typename G::StrideC{n, _1{}, _0{}}, 0.0f, device, sms, stream);
+                   typename G::StrideC{n, _1{}, _0{}}, linear_combination<G>(0.0f), device, sms,
+                   stream);
   } else {
     using G = DataGradGemm;
     run_grouped<G>(plan, typename G::StrideA{k, _1{}, _0{}}, typename G::StrideB{_1{}, n, _0{}},
-                   typename G::StrideC{n, _1{}, _0{}}, 0.0f, device, sms, stream);
+                   typename G::StrideC{n, _1{}, _0{}}, linear_combination<G>(0.0f), device, sms,
+                   stream);
   }
   return true;
 }
@@ -316,7 +354,154 @@ bool launch_grouped_gemm_weight_grad_sm90(const Tensor& dy, const Tensor& x, con
   plan.c_expert = p * q;
   using G = WeightGradGemm;
   run_grouped<G>(plan, typename G::StrideA{_1{}, p, _0{}}, typename G::StrideB{_1{}, q, _0{}},
-                 typename G::StrideC{q, _1{}, _0{}}, accumulate ? 1.0f : 0.0f, device, sms, stream);
+                 typename G::StrideC{q, _1{}, _0{}},
+                 linear_combination<G>(accumulate ? 1.0f : 0.0f), device, sms, stream);
+  return true;
+}
+
+namespace {
+
+// Experts without rows (no GEMM tiles): AdamW with a zero gradient, pairs of elements as in
+// the epilogue (the moments decay and the weight still moves). Block (x, e) strides over
+// expert e's elements; experts with rows return at once.
+template <bool kMaster, class State>
+__global__ void adamw_experts_without_rows_kernel(ExpertAdamWTarget t, const int32_t* offsets) {
+  const int expert = blockIdx.y;
+  if (offsets[expert + 1] > offsets[expert]) return;
+  const int64_t count = int64_t(t.rows) * t.cols;
+  const int64_t begin = int64_t(expert) * count;
+  State* exp_avg = static_cast<State*>(t.exp_avg) + begin;
+  State* exp_avg_sq = static_cast<State*>(t.exp_avg_sq) + begin;
+  for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 2; i < count;
+       i += int64_t(gridDim.x) * blockDim.x * 2) {
+    float p[2], m[2], v[2];
+    for (int j = 0; j < 2; ++j) {
+      p[j] = kMaster ? t.master[begin + i + j] : to_float(t.param[begin + i + j]);
+      m[j] = to_float(exp_avg[i + j]);
+      v[j] = to_float(exp_avg_sq[i + j]);
+      adamw_element(p[j], m[j], v[j], 0.0f, t.scalars, t.decays, t.decay);
+      exp_avg[i + j] = from_float<State>(m[j]);
+      exp_avg_sq[i + j] = from_float<State>(v[j]);
+      if constexpr (kMaster) t.master[begin + i + j] = p[j];
+      t.param[begin + i + j] = __float2bfloat16_rn(p[j]);
+    }
+  }
+}
+
+// The gradient's sum of squares from the epilogue's per-(tile, warp) partials of the experts
+// with rows (the others' slots were not written), in a fixed order: one block.
+__global__ void sum_expert_partials_kernel(const float* partials, const int32_t* offsets,
+                                           int64_t per_expert, int experts, float* out) {
+  float sum = 0.0f;
+  for (int64_t i = threadIdx.x; i < per_expert * experts; i += blockDim.x) {
+    const int64_t expert = i / per_expert;
+    if (offsets[expert + 1] > offsets[expert]) sum += partials[i];
+  }
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) *out = sum;
+}
+
+template <bool kMaster, class State>
+void launch_experts_without_rows(const ExpertAdamWTarget& target, const int32_t* offsets,
+                                 int experts, cudaStream_t stream) {
+  const int64_t count = int64_t(target.rows) * target.cols;
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(count, 512), 32)),
+                  static_cast<unsigned>(experts));
+  adamw_experts_without_rows_kernel<kMaster, State><<<grid, 256, 0, stream>>>(target, offsets);
+  MOETUNE_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+bool launch_grouped_gemm_weight_grad_adamw_sm90(const Tensor& dy, const Tensor& x,
+                                                const Tensor& offsets, const AdamWParam& param,
+                                                const AdamWHyper& hyper, const Tensor& norm_squared,
+                                                cudaStream_t stream, bool prefetch) {
+  const Tensor& w = param.param;
+  // The gradient the separate path steps from is the GEMM's output rounded to bf16 whether
+  // it is kept in bf16 or fp32 (CudaBackend::grouped_gemm_weight_grad forms an fp32 gradient
+  // of bf16 inputs in a bf16 scratch): the epilogue rounds its accumulators the same way.
+  if (dy.dtype != DType::BF16 || x.dtype != DType::BF16 || w.dtype != DType::BF16 ||
+      (param.grad.dtype != DType::BF16 && param.grad.dtype != DType::F32) ||
+      offsets.dtype != DType::I32)
+    return false;
+  if (dy.rank() != 2 || x.rank() != 2 || w.rank() != 3 || offsets.rank() != 1) return false;
+  const int64_t experts = w.size(0), p = w.size(1), q = w.size(2), rows = dy.size(0);
+  if (dy.size(1) != p || x.size(1) != q || x.size(0) != rows || offsets.numel() != experts + 1)
+    return false;
+  const DType state = param.exp_avg.dtype;
+  const bool master = param.master.data != nullptr && param.master.numel() > 0;
+  if ((state != DType::BF16 && state != DType::F32) || param.exp_avg_sq.dtype != state ||
+      param.exp_avg.numel() != w.numel() || param.exp_avg_sq.numel() != w.numel() ||
+      (master && (param.master.dtype != DType::F32 || param.master.numel() != w.numel())))
+    return false;
+  if (experts == 0 || p == 0 || q == 0) return false;
+  if (p % kAlignment || q % kAlignment || !aligned16(dy.data) || !aligned16(x.data) ||
+      !aligned16(w.data) || !aligned16(param.exp_avg.data) || !aligned16(param.exp_avg_sq.data) ||
+      (master && !aligned16(param.master.data)))
+    return false;
+  if (rows > INT32_MAX || p * q > INT32_MAX || experts > INT32_MAX) return false;
+  if (hyper.step < 1) return false;  // the separate path reports it
+  int device = 0, sms = 0;
+  if (!hopper_device(device, sms)) return false;
+
+  using G = WeightGradAdamWGemm;
+  ExpertAdamWTarget target{};
+  target.param = w.ptr<bf16>();
+  target.exp_avg = param.exp_avg.data;
+  target.exp_avg_sq = param.exp_avg_sq.data;
+  target.master = master ? param.master.ptr<float>() : nullptr;
+  target.state_f32 = state == DType::F32;
+  target.rows = static_cast<int>(p);
+  target.cols = static_cast<int>(q);
+  target.scalars = make_adamw_scalars(hyper, 1.0f);
+  target.decays = param.weight_decay != 0.0f;
+  target.decay = adamw_decay(hyper, param.weight_decay);
+  target.tiles_m = static_cast<int>(ceil_div(p, int64_t(G::kTileM)));
+  target.tiles_n = static_cast<int>(ceil_div(q, int64_t(G::kTileN)));
+  target.prefetch = prefetch;
+  const int64_t partials_per_expert = int64_t(target.tiles_m) * target.tiles_n * G::kWarps;
+  Buffer partials;
+  if (norm_squared.data != nullptr) {
+    if (norm_squared.dtype != DType::F32 || norm_squared.numel() != 1)
+      fail("grouped_gemm_weight_grad_adamw: norm_squared must be (1) fp32, got ",
+           norm_squared.shape.str());
+    partials = Buffer::uninitialized(DType::F32, {partials_per_expert * experts}, Device::CUDA);
+    target.norm_partials = partials.ptr<float>();
+  }
+
+  if (rows > 0) {
+    GroupPlan plan{};
+    plan.offsets = offsets.ptr<int32_t>();
+    plan.experts = static_cast<int>(experts);
+    plan.k_grouped = true;
+    plan.m = static_cast<int>(p);
+    plan.n = static_cast<int>(q);
+    plan.a = dy.ptr<bf16>();
+    plan.a_row = p;
+    plan.b = x.ptr<bf16>();
+    plan.b_row = q;
+    plan.c = w.ptr<bf16>();  // unused by this epilogue
+    plan.c_expert = p * q;
+    run_grouped<G>(
+        plan, typename G::StrideA{_1{}, p, _0{}}, typename G::StrideB{_1{}, q, _0{}},
+        typename G::StrideC{q, _1{}, _0{}},
+        [&](const GroupArrays<G>&) { return typename G::Kernel::EpilogueArguments{target}; },
+        device, sms, stream);
+  }
+  const int32_t* offsets_device = offsets.ptr<int32_t>();
+  const int e = static_cast<int>(experts);
+  if (master)
+    target.state_f32 ? launch_experts_without_rows<true, float>(target, offsets_device, e, stream)
+                     : launch_experts_without_rows<true, bf16>(target, offsets_device, e, stream);
+  else
+    target.state_f32 ? launch_experts_without_rows<false, float>(target, offsets_device, e, stream)
+                     : launch_experts_without_rows<false, bf16>(target, offsets_device, e, stream);
+  if (norm_squared.data != nullptr) {
+    sum_expert_partials_kernel<<<1, 1024, 0, stream>>>(
+        target.norm_partials, offsets_device, partials_per_expert, e, norm_squared.ptr<float>());
+    MOETUNE_CUDA_LAUNCH_CHECK();
+  }
   return true;
 }
 
@@ -331,6 +516,11 @@ bool launch_grouped_gemm_sm90(const Tensor&, const Tensor&, bool, const Tensor&,
 }
 bool launch_grouped_gemm_weight_grad_sm90(const Tensor&, const Tensor&, const Tensor&,
                                           const Tensor&, cudaStream_t, bool) {
+  return false;
+}
+bool launch_grouped_gemm_weight_grad_adamw_sm90(const Tensor&, const Tensor&, const Tensor&,
+                                                const AdamWParam&, const AdamWHyper&, const Tensor&,
+                                                cudaStream_t, bool) {
   return false;
 }
 }  // namespace moetune::cuda

@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include "core/tensor.h"
+#include "ops/backend.h"
 
 namespace moetune::cuda {
 
@@ -22,6 +23,18 @@ bool launch_grouped_gemm_sm90(const Tensor& a, const Tensor& w, bool transpose_w
 bool launch_grouped_gemm_weight_grad_sm90(const Tensor& dy, const Tensor& x, const Tensor& offsets,
                                           const Tensor& dw, cudaStream_t stream,
                                           bool accumulate = true);
+// The optimizer in the backward fused into the weight grad (Backend::grouped_gemm_weight_grad_
+// adamw): AdamW of every expert's w[e] = param.param[e] (E, P, Q) bf16 with the gradient dy[R_e]^T
+// @ x[R_e] rounded to bf16 (param.grad's dtype bf16 or fp32: the separate path rounds to bf16
+// either way; its data is not used), computed in
+// the GEMM's epilogue and never stored; experts without rows step with a zero gradient;
+// norm_squared (1) fp32 (optional) = the gradient's sum of squares (deterministic). State bf16 or
+// fp32, fp32 master optional. False, having done nothing, when it cannot take the call.
+// prefetch false: without the epilogue's L2 prefetch of the state (for A/B measurements).
+bool launch_grouped_gemm_weight_grad_adamw_sm90(const Tensor& dy, const Tensor& x,
+                                                const Tensor& offsets, const AdamWParam& param,
+                                                const AdamWHyper& hyper, const Tensor& norm_squared,
+                                                cudaStream_t stream, bool prefetch = true);
 
 // The WMMA kernels of grouped_gemm.cu alone (the fallback path), for tests and benchmarks.
 void launch_grouped_gemm_wmma(const Tensor& a, const Tensor& w, bool transpose_w,
