@@ -268,10 +268,10 @@ class Backend {
   // expert's weight param.param[e] (E, P, Q) with the gradient dw[e] = dy[R_e]^T @ x[R_e] that
   // grouped_gemm_weight_grad(dy, x, offsets, dw, accumulate = false) would store in a tensor
   // of param.grad's dtype (only its dtype is used: it needs no data), which is never stored:
-  // experts without rows step with a zero gradient. norm_squared (1) fp32, when defined, is overwritten with the sum
-  // of squares of that gradient. This default runs those three ops on a temporary gradient
-  // (bit-identical to running them by hand); the CUDA backend fuses the update into the GEMM's
-  // epilogue (no gradient written or read back).
+  // experts without rows step with a zero gradient. norm_squared (1) fp32, when defined, is
+  // overwritten with the sum of squares of that gradient. This default runs those three ops on a
+  // temporary gradient (bit-identical to running them by hand); the CUDA backend fuses the update
+  // into the GEMM's epilogue (no gradient written or read back).
   virtual void grouped_gemm_weight_grad_adamw(const Tensor& dy, const Tensor& x,
                                               const Tensor& offsets, const AdamWParam& param,
                                               const AdamWHyper& hyper, const Tensor& norm_squared);

@@ -25,8 +25,8 @@
 #include "ops/cuda/attention_cudnn.h"
 #include "ops/cuda/cuda_common.h"
 #include "ops/cuda/cuda_profile.h"
-#include "ops/cuda/grouped_gemm_sm90.h"
 #include "ops/cuda/device_memory.h"
+#include "ops/cuda/grouped_gemm_sm90.h"
 
 namespace moetune {
 namespace cuda {

@@ -138,6 +138,24 @@ struct GroupPlan {
   int64_t c_row, c_expert;
 };
 
+// The K-grouped weight gradient's plan: dw[e] (P, Q) from dy[R_e] (rows, P) and x[R_e] (rows, Q).
+GroupPlan weight_grad_plan(const Tensor& dy, const Tensor& x, const Tensor& offsets, bf16* dw,
+                           int64_t experts, int64_t p, int64_t q) {
+  GroupPlan plan{};
+  plan.offsets = offsets.ptr<int32_t>();
+  plan.experts = static_cast<int>(experts);
+  plan.k_grouped = true;
+  plan.m = static_cast<int>(p);
+  plan.n = static_cast<int>(q);
+  plan.a = dy.ptr<bf16>();
+  plan.a_row = p;
+  plan.b = x.ptr<bf16>();
+  plan.b_row = q;
+  plan.c = dw;
+  plan.c_expert = p * q;
+  return plan;
+}
+
 // The per-group arrays CUTLASS reads, carved out of one scratch buffer.
 template <class G>
 struct GroupArrays {
@@ -218,6 +236,24 @@ bool hopper_device(int& device, int& sms) {
 }
 
 bool aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
+
+// The K-grouped weight gradient's operands as its kernels take them: bf16 dy (rows, P), x
+// (rows, Q), dw (E, P, Q), I32 offsets (E + 1); P, Q multiples of 8, 16-byte aligned, int32 sizes.
+bool weight_grad_operands_fit(const Tensor& dy, const Tensor& x, const Tensor& offsets,
+                              const Tensor& dw) {
+  if (dy.dtype != DType::BF16 || x.dtype != DType::BF16 || dw.dtype != DType::BF16 ||
+      offsets.dtype != DType::I32)
+    return false;
+  if (dy.rank() != 2 || x.rank() != 2 || dw.rank() != 3 || offsets.rank() != 1) return false;
+  const int64_t experts = dw.size(0), p = dw.size(1), q = dw.size(2), rows = dy.size(0);
+  if (dy.size(1) != p || x.size(1) != q || x.size(0) != rows || offsets.numel() != experts + 1)
+    return false;
+  if (experts == 0 || p == 0 || q == 0) return false;
+  if (p % kAlignment || q % kAlignment || !aligned16(dy.data) || !aligned16(x.data) ||
+      !aligned16(dw.data))
+    return false;
+  return rows <= INT32_MAX && p <= INT32_MAX && q <= INT32_MAX && experts <= INT32_MAX;
+}
 
 // D = alpha * acc + beta * C (LinearCombination) over the group arrays' C and D.
 template <class G>
@@ -324,34 +360,13 @@ bool launch_grouped_gemm_sm90(const Tensor& a, const Tensor& w, bool transpose_w
 
 bool launch_grouped_gemm_weight_grad_sm90(const Tensor& dy, const Tensor& x, const Tensor& offsets,
                                           const Tensor& dw, cudaStream_t stream, bool accumulate) {
-  if (dy.dtype != DType::BF16 || x.dtype != DType::BF16 || dw.dtype != DType::BF16 ||
-      offsets.dtype != DType::I32)
-    return false;
-  if (dy.rank() != 2 || x.rank() != 2 || dw.rank() != 3 || offsets.rank() != 1) return false;
+  if (!weight_grad_operands_fit(dy, x, offsets, dw)) return false;
   const int64_t experts = dw.size(0), p = dw.size(1), q = dw.size(2), rows = dy.size(0);
-  if (dy.size(1) != p || x.size(1) != q || x.size(0) != rows || offsets.numel() != experts + 1)
-    return false;
-  if (experts == 0 || p == 0 || q == 0) return false;
-  if (p % kAlignment || q % kAlignment || !aligned16(dy.data) || !aligned16(x.data) ||
-      !aligned16(dw.data))
-    return false;
-  if (rows > INT32_MAX || p > INT32_MAX || q > INT32_MAX || experts > INT32_MAX) return false;
   int device = 0, sms = 0;
   if (!hopper_device(device, sms)) return false;
   if (rows == 0) return true;  // every expert is empty: dw += 0 (the caller zeroes them)
 
-  GroupPlan plan{};
-  plan.offsets = offsets.ptr<int32_t>();
-  plan.experts = static_cast<int>(experts);
-  plan.k_grouped = true;
-  plan.m = static_cast<int>(p);
-  plan.n = static_cast<int>(q);
-  plan.a = dy.ptr<bf16>();
-  plan.a_row = p;
-  plan.b = x.ptr<bf16>();
-  plan.b_row = q;
-  plan.c = dw.ptr<bf16>();
-  plan.c_expert = p * q;
+  const GroupPlan plan = weight_grad_plan(dy, x, offsets, dw.ptr<bf16>(), experts, p, q);
   using G = WeightGradGemm;
   run_grouped<G>(plan, typename G::StrideA{_1{}, p, _0{}}, typename G::StrideB{_1{}, q, _0{}},
                  typename G::StrideC{q, _1{}, _0{}},
@@ -421,27 +436,21 @@ bool launch_grouped_gemm_weight_grad_adamw_sm90(const Tensor& dy, const Tensor& 
   // The gradient the separate path steps from is the GEMM's output rounded to bf16 whether
   // it is kept in bf16 or fp32 (CudaBackend::grouped_gemm_weight_grad forms an fp32 gradient
   // of bf16 inputs in a bf16 scratch): the epilogue rounds its accumulators the same way.
-  if (dy.dtype != DType::BF16 || x.dtype != DType::BF16 || w.dtype != DType::BF16 ||
-      (param.grad.dtype != DType::BF16 && param.grad.dtype != DType::F32) ||
-      offsets.dtype != DType::I32)
+  if ((param.grad.dtype != DType::BF16 && param.grad.dtype != DType::F32) ||
+      !weight_grad_operands_fit(dy, x, offsets, w))
     return false;
-  if (dy.rank() != 2 || x.rank() != 2 || w.rank() != 3 || offsets.rank() != 1) return false;
   const int64_t experts = w.size(0), p = w.size(1), q = w.size(2), rows = dy.size(0);
-  if (dy.size(1) != p || x.size(1) != q || x.size(0) != rows || offsets.numel() != experts + 1)
-    return false;
   const DType state = param.exp_avg.dtype;
   const bool master = param.master.data != nullptr && param.master.numel() > 0;
   if ((state != DType::BF16 && state != DType::F32) || param.exp_avg_sq.dtype != state ||
       param.exp_avg.numel() != w.numel() || param.exp_avg_sq.numel() != w.numel() ||
       (master && (param.master.dtype != DType::F32 || param.master.numel() != w.numel())))
     return false;
-  if (experts == 0 || p == 0 || q == 0) return false;
-  if (p % kAlignment || q % kAlignment || !aligned16(dy.data) || !aligned16(x.data) ||
-      !aligned16(w.data) || !aligned16(param.exp_avg.data) || !aligned16(param.exp_avg_sq.data) ||
+  if (!aligned16(param.exp_avg.data) || !aligned16(param.exp_avg_sq.data) ||
       (master && !aligned16(param.master.data)))
     return false;
-  if (rows > INT32_MAX || p * q > INT32_MAX || experts > INT32_MAX) return false;
-  if (hyper.step < 1) return false;  // the separate path reports it
+  if (p * q > INT32_MAX) return false;  // the epilogue's element offsets within an expert
+  if (hyper.step < 1) return false;     // the separate path reports it
   int device = 0, sms = 0;
   if (!hopper_device(device, sms)) return false;
 
@@ -471,18 +480,8 @@ bool launch_grouped_gemm_weight_grad_adamw_sm90(const Tensor& dy, const Tensor& 
   }
 
   if (rows > 0) {
-    GroupPlan plan{};
-    plan.offsets = offsets.ptr<int32_t>();
-    plan.experts = static_cast<int>(experts);
-    plan.k_grouped = true;
-    plan.m = static_cast<int>(p);
-    plan.n = static_cast<int>(q);
-    plan.a = dy.ptr<bf16>();
-    plan.a_row = p;
-    plan.b = x.ptr<bf16>();
-    plan.b_row = q;
-    plan.c = w.ptr<bf16>();  // unused by this epilogue
-    plan.c_expert = p * q;
+    // C: the weight (this epilogue reads and writes it itself, not through C/D).
+    const GroupPlan plan = weight_grad_plan(dy, x, offsets, w.ptr<bf16>(), experts, p, q);
     run_grouped<G>(
         plan, typename G::StrideA{_1{}, p, _0{}}, typename G::StrideB{_1{}, q, _0{}},
         typename G::StrideC{q, _1{}, _0{}},
