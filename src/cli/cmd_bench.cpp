@@ -16,7 +16,9 @@
 // side stream beside the backward unless --no-overlap-optimizer; with several GPUs each
 // group's reduction, sharded update and weight all-gather run there together. On one GPU the
 // expert weights are updated inside their gradient GEMMs with --fused-expert-update (their
-// gradients never stored; "fused_expert_update" in the JSON line).
+// gradients never stored; "fused_expert_update" in the JSON line); with --optimizer-sms K the
+// overlapped updates own K SMs (a green context) and the backward's persistent kernels the rest
+// ("optimizer_sms" in the JSON line: the SMs the partition got, 0 without one).
 // grouped_gemm_tflops: the profiled step's expert GEMMs (forward + data grad, weight grad).
 // expert_rows: over the profiled step's MoE layers, the busiest expert-parallel rank's expert
 // rows and rank 0's, each over the mean per rank (1 and 1 with balanced routing or one GPU).
@@ -81,6 +83,7 @@ int run_bench(int argc, char** argv) {
   bool recompute = false, optimizer_in_backward = false;
   int64_t expert_parallel = 1, zero_stage = 1;
   bool overlap_comm = true, overlap_optimizer = true, fused_expert_update = false;
+  int optimizer_sms = 0;
   app.add_option("--config", config_path, "HF config.json of the model shape")->required();
   app.add_option("--layers", layers, "keep the first N decoder layers (default: all)");
   app.add_option("--seq", seq, "tokens per row");
@@ -109,6 +112,10 @@ int run_bench(int argc, char** argv) {
                "with --optimizer-in-backward on one GPU: the expert weights' AdamW step fused "
                "into their gradient GEMMs, the expert gradients never stored, or (default) "
                "computed into the group's gradients and updated with the group");
+  app.add_option("--optimizer-sms", optimizer_sms,
+                 "with --optimizer-in-backward and the overlap on one GPU: SMs the updates own "
+                 "(the backward's persistent kernels keep the rest); 0 (default): they share all")
+      ->check(CLI::Range(0, 1024));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& error) {
@@ -176,6 +183,7 @@ int run_bench(int argc, char** argv) {
   in_backward_options.overlap = overlap_optimizer;
   in_backward_options.grad_norm = false;
   in_backward_options.fuse_expert_updates = fused_expert_update;  // one GPU only
+  in_backward_options.optimizer_sms = optimizer_sms;              // one GPU only
   if (dp_optimizer && optimizer_in_backward)
     in_backward = std::make_unique<InBackwardOptimizer>(*model, *dp_optimizer, in_backward_options);
   if (!dp_optimizer) {
@@ -324,7 +332,8 @@ int run_bench(int argc, char** argv) {
       "\"dense_gemm\": %.4f, "
       "\"other_ops\": %.4f, \"host_gaps\": %.4f}, \"profiled_step_s\": %.4f, "
       "\"grouped_gemm_tflops\": {\"fwd_dgrad\": %.1f, \"wgrad\": %.1f}, "
-      "\"overlap_optimizer\": %s, \"grad_arena_gib\": %.3f, \"side_stream_s\": %.4f, "
+      "\"overlap_optimizer\": %s, \"optimizer_sms\": %d, \"grad_arena_gib\": %.3f, "
+      "\"side_stream_s\": %.4f, "
       "\"expert_rows\": {\"busiest_over_mean\": %.3f, \"rank0_over_mean\": %.3f}, "
       "\"ops_ms\": %s, \"side_ops_ms\": %s}\n",
       cuda::device_name(), world, (long long)(parallel ? expert_parallel : 1),
@@ -341,6 +350,7 @@ int run_bench(int argc, char** argv) {
       phases.tflops(phases.grouped_gemm_flops, phases.grouped_gemm_s),
       phases.tflops(phases.weight_grad_flops, phases.weight_grad_s),
       in_backward && in_backward->overlapping() ? "true" : "false",
+      in_backward ? in_backward->optimizer_sms() : 0,
       optimizer_in_backward ? double(model->gradient_arena_bytes()) / double(1ull << 30) : 0.0,
       side_s, load.max_rows / mean_rows, load.rows_here / mean_rows, ops_json(phases.ops).c_str(),
       ops_json(phases.side_ops).c_str());

@@ -104,6 +104,8 @@ class Backend {
     // the side stream has passed the free (CUDA: caching_allocator.cpp).
     virtual void begin_ops() = 0;
     virtual void end_ops() = 0;
+    // The SMs its kernels own (make_side_stream's own_sms, rounded up), 0: shared with the ops.
+    virtual int own_sms() const { return 0; }
   };
   enum class SideStreamPriority {
     Same,  // as the ops' stream (communication: its kernels must not wait behind the ops)
@@ -111,9 +113,15 @@ class Backend {
   };
   // nullptr when the backend has no streams (CPU: everything is synchronous); callers then
   // enqueue on stream() as before.
+  // own_sms > 0: the side stream's kernels run on a partition of at least that many SMs
+  // (CUDA green contexts), and while it lives the ops' persistent kernels (grouped GEMMs,
+  // cuBLASLt) size their grids to the other SMs, so memory-bound side work (the optimizer)
+  // streams beside compute-bound ops instead of taking turns with them. Where the device or
+  // driver cannot split, an ordinary side stream (SideStream::own_sms() 0, a note on stderr).
   virtual std::unique_ptr<SideStream> make_side_stream(
-      SideStreamPriority priority = SideStreamPriority::Same) {
+      SideStreamPriority priority = SideStreamPriority::Same, int own_sms = 0) {
     (void)priority;
+    (void)own_sms;
     return nullptr;
   }
 

@@ -23,8 +23,9 @@ InBackwardOptimizer::InBackwardOptimizer(Model& model, AdamW* single, DataParall
   const auto groups = static_cast<int64_t>(model.gradient_groups().size());
   group_norms_squared_ = Buffer(DType::F32, {groups}, backend.device());
   if (options.overlap)
-    side_ = backend.make_side_stream(sharded ? Backend::SideStreamPriority::Same
-                                             : Backend::SideStreamPriority::Low);
+    side_ = backend.make_side_stream(
+        sharded ? Backend::SideStreamPriority::Same : Backend::SideStreamPriority::Low,
+        sharded ? 0 : options.optimizer_sms);
   model.set_gradient_side_stream(side_.get());
   model.set_gradient_ready_hook([this](size_t index) { on_group_ready(index); });
   const std::vector<size_t>& experts = model.expert_weight_parameters();

@@ -44,6 +44,11 @@
 //    state (no other group's update touches them) and their own norm slots;
 //  - the end of the step: forward_backward joins the side stream before it returns, so the
 //    next forward, grad_norm(), checkpoints and exports see every update.
+// SM partition (InBackwardOptions::optimizer_sms, one process): the side stream owns a few
+// SMs (a CUDA green context) and the ops' persistent kernels size their grids to the rest,
+// so the updates stream on their SMs beside the backward instead of taking turns with its
+// kernels; the last kInlineTailGroups groups (layer 0, the embedding) update inline, on every
+// SM, as nothing is left to overlap them with.
 // The kernels and their order within each group are the same as without overlap, so the
 // weights are bit-identical. Without streams (CPU) or overlap off, the work runs inline in
 // the hook on the ops' stream.
@@ -67,6 +72,11 @@ struct InBackwardOptions {
   // reduced over the ranks before any update). Off by default until the fused kernel is
   // measured faster than the separate update on the GPU (docs/BENCHMARKS.md, ninth session).
   bool fuse_expert_updates = false;
+  // With overlap, one process: the side stream owns this many SMs (a CUDA green context;
+  // Backend::make_side_stream) and the backward's persistent kernels the rest, so the
+  // memory-bound updates stream beside the compute-bound backward instead of taking turns
+  // with it. 0: the side stream shares every SM (at a lower priority).
+  int optimizer_sms = 0;
 };
 
 class InBackwardOptimizer {
@@ -79,6 +89,9 @@ class InBackwardOptimizer {
   InBackwardOptimizer(Model& model, DataParallelAdamW& optimizer,
                       const InBackwardOptions& options = {});
   ~InBackwardOptimizer();  // removes the hook, the expert weight update and the side stream
+  // The SMs the side stream owns (InBackwardOptions::optimizer_sms rounded up by the driver;
+  // 0: none, or no partition could be made).
+  int optimizer_sms() const { return side_ ? side_->own_sms() : 0; }
   InBackwardOptimizer(const InBackwardOptimizer&) = delete;
   InBackwardOptimizer& operator=(const InBackwardOptimizer&) = delete;
 
@@ -96,6 +109,10 @@ class InBackwardOptimizer {
   bool fuses_expert_updates() const { return !fused_slot_.empty(); }
 
  private:
+  // Groups at the end of the backward whose updates stay inline (on every SM) when the side
+  // stream owns a few SMs: no backward is left to overlap them with.
+  static constexpr size_t kInlineTailGroups = 2;
+
   InBackwardOptimizer(Model& model, AdamW* single, DataParallelAdamW* sharded,
                       const InBackwardOptions& options);
   void on_group_ready(size_t index);

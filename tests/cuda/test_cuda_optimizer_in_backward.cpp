@@ -6,7 +6,8 @@
 // up to the loss sum's atomic accumulation order; the in-backward paths fuse the expert
 // weights' updates into their gradient GEMMs (the default), and a fourth path inline without
 // that fusion gives the same weights and state too (its norm, summed in other pieces, equal
-// to rounding); with and
+// to rounding), and a fifth path overlapped with the updates on SMs of their own (an SM
+// partition, InBackwardOptions::optimizer_sms; unfused) gives them too; with and
 // without recompute, tied and untied embeddings. Sequence long enough (2 x 256) that the side
 // stream's updates really run beside the next layers' backward.
 // Also: the caching allocator does not hand a block freed on the side stream to the ops'
@@ -48,7 +49,7 @@ ModelConfig gpu_moe(bool tied) {
                                   "gpu_moe");
 }
 
-enum class Path { Plain, InBackward, Overlapped, InBackwardUnfused };
+enum class Path { Plain, InBackward, Overlapped, InBackwardUnfused, OwnSms };
 
 struct TrainedRun {
   std::vector<double> losses, norms;
@@ -70,11 +71,17 @@ TrainedRun train(Backend& backend, Path path, bool tied, bool recompute) {
   std::unique_ptr<InBackwardOptimizer> in_backward;
   if (path != Path::Plain) {
     InBackwardOptions in_backward_options;
-    in_backward_options.overlap = path == Path::Overlapped;
-    in_backward_options.fuse_expert_updates = path != Path::InBackwardUnfused;
+    const bool overlap = path == Path::Overlapped || path == Path::OwnSms;
+    const bool fused = path == Path::InBackward || path == Path::Overlapped;
+    in_backward_options.overlap = overlap;
+    in_backward_options.fuse_expert_updates = fused;
+    if (path == Path::OwnSms) in_backward_options.optimizer_sms = 16;
     in_backward = std::make_unique<InBackwardOptimizer>(*model, adamw, in_backward_options);
-    EXPECT_EQ(in_backward->overlapping(), path == Path::Overlapped);
-    EXPECT_EQ(in_backward->fuses_expert_updates(), path != Path::InBackwardUnfused);
+    EXPECT_EQ(in_backward->overlapping(), overlap);
+    EXPECT_EQ(in_backward->fuses_expert_updates(), fused);
+    if (path == Path::OwnSms) {
+      EXPECT_GE(in_backward->optimizer_sms(), 16);
+    }
   }
   TrainedRun run;
   const int64_t B = 2, T = 256;
@@ -125,9 +132,14 @@ TEST_P(CudaOptimizerInBackward, OverlappedInlineAndPlainAreBitIdentical) {
   const TrainedRun in_backward = train(*backend, Path::InBackward, tied, recompute);
   const TrainedRun overlapped = train(*backend, Path::Overlapped, tied, recompute);
   const TrainedRun unfused = train(*backend, Path::InBackwardUnfused, tied, recompute);
+  const TrainedRun own_sms = train(*backend, Path::OwnSms, tied, recompute);
   expect_same(plain, in_backward, "inline vs plain");
   expect_same(in_backward, overlapped, "overlapped vs inline");
   expect_same(plain, unfused, "inline without fused expert updates vs plain");
+  expect_same(plain, own_sms, "overlapped on SMs of its own vs plain");
+  ASSERT_EQ(own_sms.norms.size(), unfused.norms.size());
+  for (size_t i = 0; i < own_sms.norms.size(); ++i)  // partials over other grids: to rounding
+    EXPECT_NEAR(own_sms.norms[i], unfused.norms[i], 1e-6 * unfused.norms[i]) << "step " << i;
   EXPECT_EQ(in_backward.norms, overlapped.norms);
   ASSERT_EQ(unfused.norms.size(), in_backward.norms.size());
   for (size_t i = 0; i < unfused.norms.size(); ++i)

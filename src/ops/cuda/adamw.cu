@@ -37,6 +37,7 @@
 
 #include "ops/cuda/adamw_math.cuh"
 #include "ops/cuda/device_utils.cuh"
+#include "ops/cuda/sm_partition.h"
 
 namespace moetune::cuda {
 
@@ -291,12 +292,6 @@ int grid_for(int64_t total) {
       std::max<int64_t>(1, std::min<int64_t>(ceil_div(total, kChunk), 132 * 8)));
 }
 
-int sm_count() {
-  int device = 0, sms = 132;
-  if (cudaGetDevice(&device) == cudaSuccess)
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  return sms;
-}
 
 // Blocks for the vectorised kernels: enough to fill every SM several times over, few enough
 // that each walks many chunks (the slot search then amortises).
@@ -333,7 +328,7 @@ void launch_grad_norm_squared(std::span<const Tensor> grads, const Tensor& out, 
   if (vectorised) {
     // Every launch's blocks write their own range of one partials array and count down one
     // shared counter; the very last block (of the last launch, stream order) sums them all.
-    const int sms = sm_count();
+    const int sms = stream_sm_count(stream);
     std::vector<int> grids;
     unsigned total_blocks = 0;
     for (const Batch& batch : batches) {
@@ -442,7 +437,7 @@ void launch_adamw(std::span<const AdamWParam> params, const AdamWHyper& hyper, f
   const std::vector<Batch> batches = make_batches(slots);
   if (vectorised) {
     const Kind state = first.avg_kind;
-    const int sms = block_per_chunk_grid ? 0 : sm_count();
+    const int sms = block_per_chunk_grid ? 0 : stream_sm_count(stream);
     for (const Batch& batch : batches) {
       const SlotTable& table = *batch.table;
       const int count = batch.count;

@@ -17,6 +17,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <tuple>
@@ -27,6 +28,7 @@
 #include "ops/cuda/cuda_profile.h"
 #include "ops/cuda/device_memory.h"
 #include "ops/cuda/grouped_gemm_sm90.h"
+#include "ops/cuda/sm_partition.h"
 
 namespace moetune {
 namespace cuda {
@@ -90,9 +92,16 @@ class CudaBackend;
 // backward goes on, or backend ops between begin_ops() and end_ops().
 class CudaSideStream final : public Backend::SideStream {
  public:
-  CudaSideStream(CudaBackend* backend, cudaStream_t ops, int priority)
-      : backend_(backend), ops_(ops) {
-    MOETUNE_CUDA_CHECK(cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking, priority));
+  // partition: the SMs this stream's kernels own (null: an ordinary stream); the ops' stream
+  // gets the other SMs as its budget from begin_ops() (side work enqueued) to join().
+  CudaSideStream(CudaBackend* backend, cudaStream_t ops, int priority,
+                 std::unique_ptr<cuda::SmPartition::Split> partition = nullptr)
+      : backend_(backend), ops_(ops), partition_(std::move(partition)) {
+    if (partition_) {
+      stream_ = partition_->part->make_stream(priority);
+    } else {
+      MOETUNE_CUDA_CHECK(cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking, priority));
+    }
     MOETUNE_CUDA_CHECK(cudaEventCreateWithFlags(&ops_done_, cudaEventDisableTiming));
     MOETUNE_CUDA_CHECK(cudaEventCreateWithFlags(&side_done_, cudaEventDisableTiming));
   }
@@ -104,7 +113,9 @@ class CudaSideStream final : public Backend::SideStream {
     for (cudaEvent_t fence : fences_)
       if (fence) cudaEventDestroy(fence);
     cudaStreamDestroy(stream_);
+    if (partition_) cuda::set_stream_sm_budget(ops_, 0);
   }
+  int own_sms() const override { return partition_ ? partition_->part->sms() : 0; }
   CudaSideStream(const CudaSideStream&) = delete;
   CudaSideStream& operator=(const CudaSideStream&) = delete;
 
@@ -116,6 +127,7 @@ class CudaSideStream final : public Backend::SideStream {
   void join() override {
     MOETUNE_CUDA_CHECK(cudaEventRecord(side_done_, stream_));
     MOETUNE_CUDA_CHECK(cudaStreamWaitEvent(ops_, side_done_, 0));
+    if (partition_) cuda::set_stream_sm_budget(ops_, 0);  // nothing left beside the ops
   }
   void record_fence(int fence) override {
     MOETUNE_CHECK(fence >= 0, "SideStream::record_fence: negative fence");
@@ -134,6 +146,7 @@ class CudaSideStream final : public Backend::SideStream {
  private:
   CudaBackend* backend_;
   cudaStream_t ops_ = nullptr, stream_ = nullptr;
+  std::unique_ptr<cuda::SmPartition::Split> partition_;
   cudaEvent_t ops_done_ = nullptr, side_done_ = nullptr;
   std::vector<cudaEvent_t> fences_;  // null: never recorded
   bool in_ops_ = false;
@@ -157,7 +170,10 @@ class CudaBackend final : public Backend {
     int least = 0, greatest = 0;
     MOETUNE_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
     least_priority_ = least;
+    greatest_priority_ = greatest;
     ops_priority_ = greatest < least ? least - 1 : least;
+    MOETUNE_CUDA_CHECK(
+        cudaDeviceGetAttribute(&device_sms_, cudaDevAttrMultiProcessorCount, device_index));
     MOETUNE_CUDA_CHECK(
         cudaStreamCreateWithPriority(&ops_stream_, cudaStreamNonBlocking, ops_priority_));
     stream_ = ops_stream_;
@@ -260,7 +276,20 @@ class CudaBackend final : public Backend {
   // Waits for the stream ops enqueue on now (the side stream between begin_ops/end_ops).
   void synchronize() override { MOETUNE_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
   void* stream() const override { return ops_stream_; }
-  std::unique_ptr<SideStream> make_side_stream(SideStreamPriority priority) override {
+  std::unique_ptr<SideStream> make_side_stream(SideStreamPriority priority, int own_sms) override {
+    if (own_sms > 0) {
+      // Its own SMs: the highest priority, so that ops' kernels which found those SMs idle
+      // give them back first (the ops' budget keeps their persistent grids off them).
+      auto split = std::make_unique<cuda::SmPartition::Split>();
+      std::string why;
+      if (cuda::SmPartition::split(device_index_, own_sms, *split, &why))
+        return std::make_unique<CudaSideStream>(this, ops_stream_, greatest_priority_,
+                                                std::move(split));
+      std::fprintf(stderr,
+                   "moetune: no SM partition of %d SMs (%s): the side stream shares the "
+                   "SMs\n",
+                   own_sms, why.c_str());
+    }
     return std::make_unique<CudaSideStream>(
         this, ops_stream_, priority == SideStreamPriority::Low ? least_priority_ : ops_priority_);
   }
@@ -528,9 +557,10 @@ class CudaBackend final : public Backend {
                     float grad_scale) override {
     PhaseScope scope(this, Phase::Optimizer);
     BufferScratch scratch;
-    // On a side stream: short blocks (adamw.cu), so the ops' kernels are not locked out.
+    // On a side stream sharing the SMs: short blocks (adamw.cu), so the ops' kernels are not
+    // locked out; on one with its own SMs: the long-lived blocks that fill them.
     cuda::launch_adamw(params, hyper, grad_scale, scratch, stream_,
-                       /*block_per_chunk_grid=*/stream_ != ops_stream_);
+                       /*block_per_chunk_grid=*/stream_ != ops_stream_ && !stream_owns_sms_);
   }
 
  private:
@@ -599,7 +629,8 @@ class CudaBackend final : public Backend {
       if (c) cublasLtMatrixLayoutDestroy(c);
     }
   };
-  using PlanKey = std::tuple<int64_t, int64_t, int64_t, bool, bool, int, int, bool, int>;
+  // (m, n, k, transposes, dtypes, beta != 0, alignment, SM target: 0 = the whole device)
+  using PlanKey = std::tuple<int64_t, int64_t, int64_t, bool, bool, int, int, bool, int, int>;
 
   // Row-major C (m, n) = op(A) op(B) is column-major C^T (n, m) = op(B)^T op(A)^T: cuBLASLt
   // gets b as its first operand and a as its second, each as the column-major view of its
@@ -626,13 +657,19 @@ class CudaBackend final : public Backend {
       return;
     }
     const int align = std::min({alignment_of(a.data), alignment_of(b.data), alignment_of(c.data)});
+    // A stream with an SM budget (an optimizer partition beside it): cuBLASLt sizes its grid
+    // to the budget, so its kernels do not wait for the partition's SMs.
+    const int sms = cuda::stream_sm_count(stream_);
+    const int sm_target = sms < device_sms_ ? sms : 0;
     const PlanKey key{
-        m, n, k, transpose_a, transpose_b, int(a.dtype), int(c.dtype), beta != 0.0f, align};
+        m,     n,        k, transpose_a, transpose_b, int(a.dtype), int(c.dtype), beta != 0.0f,
+        align, sm_target};
     auto found = plans_.find(key);
     if (found == plans_.end())
-      found =
-          plans_.emplace(key, make_plan(a, transpose_a, b, transpose_b, c, m, n, k, beta, align))
-              .first;
+      found = plans_
+                  .emplace(key, make_plan(a, transpose_a, b, transpose_b, c, m, n, k, beta, align,
+                                          sm_target))
+                  .first;
     const Plan& plan = found->second;
     MOETUNE_CUBLAS_CHECK(cublasLtMatmul(lt_, plan.desc, &alpha, b.data, plan.a, a.data, plan.b,
                                         &beta, c.data, plan.c, c.data, plan.c, &plan.algo,
@@ -640,10 +677,14 @@ class CudaBackend final : public Backend {
   }
 
   Plan make_plan(const Tensor& a, bool transpose_a, const Tensor& b, bool transpose_b,
-                 const Tensor& c, int64_t m, int64_t n, int64_t k, float beta, int align) {
+                 const Tensor& c, int64_t m, int64_t n, int64_t k, float beta, int align,
+                 int sm_target) {
     Plan plan;
     const cudaDataType_t ab_type = cuda_type(a.dtype, "gemm"), c_type = cuda_type(c.dtype, "gemm");
     MOETUNE_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    if (sm_target > 0)
+      MOETUNE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(
+          plan.desc, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, &sm_target, sizeof(sm_target)));
     const cublasOperation_t op_first = transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     const cublasOperation_t op_second = transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N;
     MOETUNE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA,
@@ -681,9 +722,11 @@ class CudaBackend final : public Backend {
   }
 
   int device_index_;
+  int device_sms_ = 0;
   cudaStream_t ops_stream_ = nullptr;  // the backend's own stream
   cudaStream_t stream_ = nullptr;      // where ops enqueue now: ops_stream_ or a side stream
-  int ops_priority_ = 0, least_priority_ = 0;
+  bool stream_owns_sms_ = false;       // stream_ is a side stream with its own SMs
+  int ops_priority_ = 0, least_priority_ = 0, greatest_priority_ = 0;
   cublasLtHandle_t lt_ = nullptr;
   Buffer workspace_;
   std::unique_ptr<cuda::CudnnAttention> attention_;
@@ -702,6 +745,9 @@ void CudaSideStream::begin_ops() {
                 "SideStream::begin_ops: ops already run on a side stream");
   wait_for_ops();
   backend_->stream_ = stream_;
+  backend_->stream_owns_sms_ = partition_ != nullptr;
+  // Until join(): the ops' persistent kernels leave the partition's SMs to this work.
+  if (partition_) cuda::set_stream_sm_budget(ops_, partition_->rest->sms());
   cuda::set_side_allocation_stream(stream_);
   in_ops_ = true;
 }
@@ -709,6 +755,7 @@ void CudaSideStream::begin_ops() {
 void CudaSideStream::end_ops() {
   if (!in_ops_) return;
   backend_->stream_ = backend_->ops_stream_;
+  backend_->stream_owns_sms_ = false;
   cuda::set_side_allocation_stream(nullptr);
   in_ops_ = false;
 }

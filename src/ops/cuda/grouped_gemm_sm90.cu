@@ -29,6 +29,7 @@
 // sm_90a target; otherwise the launchers return false and grouped_gemm.cu's WMMA kernels run.
 #include "ops/cuda/device_utils.cuh"
 #include "ops/cuda/grouped_gemm_sm90.h"
+#include "ops/cuda/sm_partition.h"
 
 #if defined(MOETUNE_HAS_CUTLASS_SM90)
 
@@ -222,17 +223,19 @@ GroupArrays<G> carve(Carver& carver, int experts) {
   return arrays;
 }
 
-// sm_90 device (the kernels are built for sm_90a only) and its multiprocessor count.
-bool hopper_device(int& device, int& sms) {
+// sm_90 device (the kernels are built for sm_90a only) and the SMs the persistent grid may
+// take on `stream` (sm_partition.h: its green context's or its budget, else the device's).
+bool hopper_device(cudaStream_t stream, int& device, int& sms) {
   int major = 0, minor = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;
   }
-  return major == 9 && minor == 0;
+  if (major != 9 || minor != 0) return false;
+  sms = stream_sm_count(stream);
+  return true;
 }
 
 bool aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
@@ -328,7 +331,7 @@ bool launch_grouped_gemm_sm90(const Tensor& a, const Tensor& w, bool transpose_w
     return false;
   if (rows > INT32_MAX || n > INT32_MAX || k > INT32_MAX || experts > INT32_MAX) return false;
   int device = 0, sms = 0;
-  if (!hopper_device(device, sms)) return false;
+  if (!hopper_device(stream, device, sms)) return false;
 
   GroupPlan plan{};
   plan.offsets = offsets.ptr<int32_t>();
@@ -363,7 +366,7 @@ bool launch_grouped_gemm_weight_grad_sm90(const Tensor& dy, const Tensor& x, con
   if (!weight_grad_operands_fit(dy, x, offsets, dw)) return false;
   const int64_t experts = dw.size(0), p = dw.size(1), q = dw.size(2), rows = dy.size(0);
   int device = 0, sms = 0;
-  if (!hopper_device(device, sms)) return false;
+  if (!hopper_device(stream, device, sms)) return false;
   if (rows == 0) return true;  // every expert is empty: dw += 0 (the caller zeroes them)
 
   const GroupPlan plan = weight_grad_plan(dy, x, offsets, dw.ptr<bf16>(), experts, p, q);
@@ -452,7 +455,7 @@ bool launch_grouped_gemm_weight_grad_adamw_sm90(const Tensor& dy, const Tensor& 
   if (p * q > INT32_MAX) return false;  // the epilogue's element offsets within an expert
   if (hyper.step < 1) return false;     // the separate path reports it
   int device = 0, sms = 0;
-  if (!hopper_device(device, sms)) return false;
+  if (!hopper_device(stream, device, sms)) return false;
 
   using G = WeightGradAdamWGemm;
   ExpertAdamWTarget target{};

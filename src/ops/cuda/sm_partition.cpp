@@ -1,0 +1,176 @@
+// SM partitions through CUDA green contexts (see sm_partition.h). The driver functions come
+// from cudaGetDriverEntryPointByVersion, so the binary needs no libcuda at link time and runs
+// (without partitions) on drivers older than the toolkit.
+#include "ops/cuda/sm_partition.h"
+
+#include <cuda.h>
+
+#include <map>
+#include <mutex>
+
+#include "ops/cuda/cuda_common.h"
+
+namespace moetune::cuda {
+namespace {
+
+// The green-context entry points of the driver, all null where it lacks them. They are asked
+// for at this toolkit's version (CUDA_VERSION of cuda.h): the resource structs' layout changed
+// between releases, and only that version's functions match the structs compiled here.
+struct GreenContextApi {
+  CUresult (*device_get)(CUdevice*, int) = nullptr;
+  CUresult (*device_get_resource)(CUdevice, CUdevResource*, CUdevResourceType) = nullptr;
+  CUresult (*split_by_count)(CUdevResource*, unsigned int*, const CUdevResource*, CUdevResource*,
+                             unsigned int, unsigned int) = nullptr;
+  CUresult (*generate_desc)(CUdevResourceDesc*, CUdevResource*, unsigned int) = nullptr;
+  CUresult (*create)(CUgreenCtx*, CUdevResourceDesc, CUdevice, unsigned int) = nullptr;
+  CUresult (*destroy)(CUgreenCtx) = nullptr;
+  CUresult (*stream_create)(CUstream*, CUgreenCtx, unsigned int, int) = nullptr;
+  CUresult (*stream_green_context)(CUstream, CUgreenCtx*) = nullptr;
+  CUresult (*green_context_resource)(CUgreenCtx, CUdevResource*, CUdevResourceType) = nullptr;
+  std::string missing;  // the symbols the driver did not give, with why
+  bool complete() const { return missing.empty(); }
+};
+
+template <typename F>
+void load(F& function, const char* symbol, std::string& missing) {
+  void* pointer = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+  const cudaError_t status =
+      cudaGetDriverEntryPointByVersion(symbol, &pointer, CUDA_VERSION, cudaEnableDefault, &found);
+  if (status == cudaSuccess && found == cudaDriverEntryPointSuccess && pointer) {
+    function = reinterpret_cast<F>(pointer);
+    return;
+  }
+  (void)cudaGetLastError();
+  missing += std::string(missing.empty() ? "" : ", ") + symbol + " (" +
+             (status != cudaSuccess ? cudaGetErrorName(status)
+              : found == cudaDriverEntryPointVersionNotSufficent
+                  ? "driver older than CUDA " + std::to_string(CUDA_VERSION)
+              : found == cudaDriverEntryPointSymbolNotFound ? "not found"
+                                                            : "no function") +
+             ")";
+}
+
+const GreenContextApi& api() {
+  static const GreenContextApi loaded = [] {
+    GreenContextApi a;
+    load(a.device_get, "cuDeviceGet", a.missing);
+    load(a.device_get_resource, "cuDeviceGetDevResource", a.missing);
+    load(a.split_by_count, "cuDevSmResourceSplitByCount", a.missing);
+    load(a.generate_desc, "cuDevResourceGenerateDesc", a.missing);
+    load(a.create, "cuGreenCtxCreate", a.missing);
+    load(a.destroy, "cuGreenCtxDestroy", a.missing);
+    load(a.stream_create, "cuGreenCtxStreamCreate", a.missing);
+    load(a.stream_green_context, "cuStreamGetGreenCtx", a.missing);
+    load(a.green_context_resource, "cuGreenCtxGetDevResource", a.missing);
+    return a;
+  }();
+  return loaded;
+}
+
+std::string driver_error(const char* call, CUresult status) {
+  return std::string(call) + " failed (CUresult " + std::to_string(static_cast<int>(status)) + ")";
+}
+
+int device_sm_count() {
+  int device = 0, sms = 0;
+  MOETUNE_CUDA_CHECK(cudaGetDevice(&device));
+  MOETUNE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+}  // namespace
+
+bool SmPartition::split(int device, int sms, Split& out, std::string* why) {
+  const GreenContextApi& a = api();
+  auto refuse = [&](std::string reason) {
+    if (why) *why = std::move(reason);
+    return false;
+  };
+  if (!a.complete()) return refuse("the driver lacks green contexts: " + a.missing);
+  if (sms < 1) return refuse("an SM partition needs at least one SM");
+  MOETUNE_CUDA_CHECK(cudaSetDevice(device));
+  MOETUNE_CUDA_CHECK(cudaFree(nullptr));  // the primary context exists before the green ones
+  CUdevice handle = 0;
+  if (CUresult s = a.device_get(&handle, device); s != CUDA_SUCCESS)
+    return refuse(driver_error("cuDeviceGet", s));
+  CUdevResource all{};
+  if (CUresult s = a.device_get_resource(handle, &all, CU_DEV_RESOURCE_TYPE_SM); s != CUDA_SUCCESS)
+    return refuse(driver_error("cuDeviceGetDevResource", s));
+  if (static_cast<unsigned>(sms) >= all.sm.smCount)
+    return refuse("asked for " + std::to_string(sms) + " SMs of a device with " +
+                  std::to_string(all.sm.smCount));
+  CUdevResource resources[2]{};  // the part, the rest
+  unsigned groups = 1;
+  if (CUresult s = a.split_by_count(&resources[0], &groups, &all, &resources[1], 0,
+                                    static_cast<unsigned>(sms));
+      s != CUDA_SUCCESS || groups != 1)
+    return refuse(driver_error("cuDevSmResourceSplitByCount", s));
+  if (resources[1].sm.smCount == 0) return refuse("the split left no SMs for the rest");
+  std::unique_ptr<SmPartition> made[2];
+  for (int i = 0; i < 2; ++i) {
+    CUdevResourceDesc desc{};
+    if (CUresult s = a.generate_desc(&desc, &resources[i], 1); s != CUDA_SUCCESS)
+      return refuse(driver_error("cuDevResourceGenerateDesc", s));
+    CUgreenCtx context = nullptr;
+    if (CUresult s = a.create(&context, desc, handle, CU_GREEN_CTX_DEFAULT_STREAM);
+        s != CUDA_SUCCESS)
+      return refuse(driver_error("cuGreenCtxCreate", s));
+    made[i].reset(new SmPartition());
+    made[i]->green_context_ = context;
+    made[i]->sms_ = static_cast<int>(resources[i].sm.smCount);
+  }
+  out.part = std::move(made[0]);
+  out.rest = std::move(made[1]);
+  return true;
+}
+
+SmPartition::~SmPartition() {
+  if (green_context_) api().destroy(static_cast<CUgreenCtx>(green_context_));
+}
+
+cudaStream_t SmPartition::make_stream(int priority) const {
+  CUstream stream = nullptr;
+  const CUresult status = api().stream_create(&stream, static_cast<CUgreenCtx>(green_context_),
+                                              CU_STREAM_NON_BLOCKING, priority);
+  if (status != CUDA_SUCCESS) fail(driver_error("cuGreenCtxStreamCreate", status));
+  return stream;
+}
+
+namespace {
+// Streams' budgets and green-context SM counts: one lookup per launch, no driver call after
+// the first. A destroyed stream's handle may come back for a new stream; the backend creates
+// its green-context streams once and clears its budgets itself.
+std::mutex stream_table_mutex;
+std::map<cudaStream_t, int> stream_budgets, green_stream_sms;
+}  // namespace
+
+void set_stream_sm_budget(cudaStream_t stream, int sms) {
+  std::lock_guard<std::mutex> lock(stream_table_mutex);
+  if (sms > 0)
+    stream_budgets[stream] = sms;
+  else
+    stream_budgets.erase(stream);
+}
+
+int stream_sm_count(cudaStream_t stream) {
+  const GreenContextApi& a = api();
+  {
+    std::lock_guard<std::mutex> lock(stream_table_mutex);
+    if (auto it = stream_budgets.find(stream); it != stream_budgets.end()) return it->second;
+    if (auto it = green_stream_sms.find(stream); it != green_stream_sms.end()) return it->second;
+  }
+  if (!stream || !a.complete()) return device_sm_count();
+  CUgreenCtx context = nullptr;
+  if (a.stream_green_context(stream, &context) != CUDA_SUCCESS || !context)
+    return device_sm_count();
+  CUdevResource resource{};
+  if (a.green_context_resource(context, &resource, CU_DEV_RESOURCE_TYPE_SM) != CUDA_SUCCESS)
+    return device_sm_count();
+  const int sms = static_cast<int>(resource.sm.smCount);
+  std::lock_guard<std::mutex> lock(stream_table_mutex);
+  green_stream_sms[stream] = sms;
+  return sms;
+}
+
+}  // namespace moetune::cuda
