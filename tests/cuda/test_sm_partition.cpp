@@ -110,6 +110,12 @@ TEST_F(SmPartitionTest, SplitsIntoDisjointPartitionsThatRunTheKernels) {
   const AdamWParam on_part = state[0].view(), on_ops = state[1].view();
   cuda::launch_adamw({&on_part, 1}, hyper, 1.0f, scratch, part);
   cuda::launch_adamw({&on_ops, 1}, hyper, 1.0f, scratch, ops);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  // Events of the partition's context record on its stream.
+  cudaEvent_t event = cuda::create_event_for(part, cudaEventDisableTiming);
+  EXPECT_EQ(cudaEventRecord(event, part), cudaSuccess);
+  EXPECT_EQ(cudaStreamWaitEvent(ops, event, 0), cudaSuccess);
+  EXPECT_EQ(cudaEventDestroy(event), cudaSuccess);
   EXPECT_EQ(bytes_of(state[0].param.tensor()), bytes_of(state[1].param.tensor()));
   EXPECT_EQ(bytes_of(state[0].exp_avg.tensor()), bytes_of(state[1].exp_avg.tensor()));
   EXPECT_EQ(bytes_of(state[0].exp_avg_sq.tensor()), bytes_of(state[1].exp_avg_sq.tensor()));
@@ -144,9 +150,8 @@ TEST_F(SmPartitionTest, RefusesImpossibleSplits) {
 // Milliseconds of `work` enqueued on `stream` (after the device is idle).
 template <typename Work>
 double time_ms(cudaStream_t stream, Work&& work) {
-  cudaEvent_t start, stop;
-  cudaEventCreate(&start);
-  cudaEventCreate(&stop);
+  cudaEvent_t start = cuda::create_event_for(stream, cudaEventDefault),
+              stop = cuda::create_event_for(stream, cudaEventDefault);
   cudaDeviceSynchronize();
   cudaEventRecord(start, stream);
   work();
@@ -225,21 +230,24 @@ TEST_F(SmPartitionTest, DISABLED_OverlapBench) {
     for (bool soft : {false, true}) {
       cudaStream_t compute = soft ? ops : rest;
       if (soft) cuda::set_stream_sm_budget(ops, rest_sms);
-      cudaEvent_t start, compute_done, part_done;
-      cudaEventCreate(&start);
-      cudaEventCreate(&compute_done);
-      cudaEventCreate(&part_done);
+      // Events of each stream's own context; the partition starts once the compute stream
+      // has reached its start.
+      cudaEvent_t start = cuda::create_event_for(compute, cudaEventDefault),
+                  compute_done = cuda::create_event_for(compute, cudaEventDefault),
+                  part_start = cuda::create_event_for(part, cudaEventDefault),
+                  part_done = cuda::create_event_for(part, cudaEventDefault);
       cudaDeviceSynchronize();
       cudaEventRecord(start, compute);
       cudaStreamWaitEvent(part, start, 0);
+      cudaEventRecord(part_start, part);
       adamw(part, adamw_calls);
       cudaEventRecord(part_done, part);
       gemm(compute, gemm_calls);
       cudaEventRecord(compute_done, compute);
       cudaDeviceSynchronize();
       float compute_ms = 0, part_ms = 0;
-      cudaEventElapsedTime(&compute_ms, start, compute_done);
-      cudaEventElapsedTime(&part_ms, start, part_done);
+      EXPECT_EQ(cudaEventElapsedTime(&compute_ms, start, compute_done), cudaSuccess);
+      EXPECT_EQ(cudaEventElapsedTime(&part_ms, part_start, part_done), cudaSuccess);
       const double span = std::max(compute_ms, part_ms);
       std::printf(
           "[sm partition] k %d (part %d SMs, rest %d): AdamW alone %.3f ms (%.0f GB/s), "
@@ -249,9 +257,8 @@ TEST_F(SmPartitionTest, DISABLED_OverlapBench) {
           gemm_tflop / gemm_rest * 1e3, soft ? "soft" : "hard", compute_ms, part_ms, span,
           span / serial, serial);
       cuda::set_stream_sm_budget(ops, 0);
-      cudaEventDestroy(start);
-      cudaEventDestroy(compute_done);
-      cudaEventDestroy(part_done);
+      for (cudaEvent_t event : {start, compute_done, part_start, part_done})
+        cudaEventDestroy(event);
     }
     cudaStreamDestroy(part);
     cudaStreamDestroy(rest);

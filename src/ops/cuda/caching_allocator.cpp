@@ -23,10 +23,11 @@
 // a side stream is the allocation stream, new blocks are zero-filled on it, and a block
 // freed then is not reusable at once (the side kernels may still read it when the ops'
 // stream would take it): it waits in `pending_` with an event recorded on the side stream
-// at the free, and goes back to the pool once the event has completed (polled, never
-// waited for, at each allocation). Blocks the side stream takes from the pool were
-// freed before its begin_ops() (a single host thread), and begin_ops() makes the side
-// stream wait for every op enqueued so far: their last users have finished by then.
+// at the free (an event of that stream's context, cached per side stream), and goes back to the
+// pool once the event has completed (polled, never waited for, at each allocation). Blocks the side
+// stream takes from the pool were freed before its begin_ops() (a single host thread), and
+// begin_ops() makes the side stream wait for every op enqueued so far: their last users have
+// finished by then.
 #include <cuda.h>  // driver types of the virtual memory functions (called through entry points)
 #include <cuda_runtime.h>
 
@@ -40,6 +41,7 @@
 #include "core/error.h"
 #include "ops/cuda/block_pool.h"
 #include "ops/cuda/device_memory.h"
+#include "ops/cuda/sm_partition.h"
 
 namespace moetune::cuda {
 
@@ -211,15 +213,16 @@ class CachingAllocator {
     stats_.in_use -= found->second;
     if (side_stream_) {
       cudaEvent_t event = nullptr;
-      if (!spare_events_.empty()) {
-        event = spare_events_.back();
-        spare_events_.pop_back();
-      } else if (cudaEventCreateWithFlags(&event, cudaEventDisableTiming) != cudaSuccess) {
-        fail("creating a CUDA event for a side-stream free");
+      std::vector<cudaEvent_t>& spare = spare_events_[side_stream_];
+      if (!spare.empty()) {
+        event = spare.back();
+        spare.pop_back();
+      } else {
+        event = create_event_for(side_stream_, cudaEventDisableTiming);  // its context's
       }
       if (cudaEventRecord(event, side_stream_) != cudaSuccess)
         fail("recording a CUDA event for a side-stream free");
-      pending_.push_back({pointer, event});
+      pending_.push_back({pointer, event, side_stream_});
     } else {
       pool_.free(pointer);
     }
@@ -243,6 +246,25 @@ class CachingAllocator {
     std::lock_guard<std::mutex> lock(mutex_);
     side_stream_ = stream;
   }
+  // `stream` has finished all its work and goes away: its frees are complete and its events
+  // are destroyed (a later stream may get the same handle in another context).
+  void forget_side_stream(cudaStream_t stream) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    size_t kept = 0;
+    for (Pending& block : pending_) {
+      if (block.stream == stream) {
+        pool_.free(block.pointer);
+        cudaEventDestroy(block.event);
+      } else {
+        pending_[kept++] = block;
+      }
+    }
+    pending_.resize(kept);
+    if (auto it = spare_events_.find(stream); it != spare_events_.end()) {
+      for (cudaEvent_t event : it->second) cudaEventDestroy(event);
+      spare_events_.erase(it);
+    }
+  }
   void release() {
     std::lock_guard<std::mutex> lock(mutex_);
     release_locked();
@@ -257,7 +279,7 @@ class CachingAllocator {
       const cudaError_t status = all ? cudaSuccess : cudaEventQuery(block.event);
       if (status == cudaSuccess) {
         pool_.free(block.pointer);
-        spare_events_.push_back(block.event);
+        spare_events_[block.stream].push_back(block.event);
       } else {
         if (status == cudaErrorNotReady) (void)cudaGetLastError();  // not an error: clear it
         pending_[kept++] = block;
@@ -287,10 +309,12 @@ class CachingAllocator {
   std::unordered_map<void*, size_t> sizes_;  // handed-out blocks (not pending ones)
   struct Pending {
     void* pointer;
-    cudaEvent_t event;  // recorded on the side stream at the free
+    cudaEvent_t event;    // recorded on the side stream at the free
+    cudaStream_t stream;  // that side stream
   };
   std::vector<Pending> pending_;
-  std::vector<cudaEvent_t> spare_events_;
+  // Per side stream: an event records only on streams of its own context (sm_partition.h).
+  std::unordered_map<cudaStream_t, std::vector<cudaEvent_t>> spare_events_;
   DeviceMemoryStats stats_;
   cudaStream_t stream_ = nullptr;       // the ops' stream
   cudaStream_t side_stream_ = nullptr;  // set while backend ops run on a side stream
@@ -316,6 +340,9 @@ void set_allocation_stream(void* cuda_stream) {
 }
 void set_side_allocation_stream(void* cuda_stream) {
   allocator().set_side_stream(static_cast<cudaStream_t>(cuda_stream));
+}
+void forget_side_allocation_stream(void* cuda_stream) {
+  allocator().forget_side_stream(static_cast<cudaStream_t>(cuda_stream));
 }
 
 }  // namespace moetune::cuda

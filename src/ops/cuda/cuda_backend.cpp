@@ -102,8 +102,9 @@ class CudaSideStream final : public Backend::SideStream {
     } else {
       MOETUNE_CUDA_CHECK(cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking, priority));
     }
-    MOETUNE_CUDA_CHECK(cudaEventCreateWithFlags(&ops_done_, cudaEventDisableTiming));
-    MOETUNE_CUDA_CHECK(cudaEventCreateWithFlags(&side_done_, cudaEventDisableTiming));
+    // Each event lives in the context of the stream it is recorded on (sm_partition.h).
+    ops_done_ = cuda::create_event_for(ops_, cudaEventDisableTiming);
+    side_done_ = cuda::create_event_for(stream_, cudaEventDisableTiming);
   }
   ~CudaSideStream() override {
     if (in_ops_) end_ops();
@@ -112,6 +113,7 @@ class CudaSideStream final : public Backend::SideStream {
     cudaEventDestroy(side_done_);
     for (cudaEvent_t fence : fences_)
       if (fence) cudaEventDestroy(fence);
+    cuda::forget_side_allocation_stream(stream_);
     cudaStreamDestroy(stream_);
     if (partition_) cuda::set_stream_sm_budget(ops_, 0);
   }
@@ -133,7 +135,7 @@ class CudaSideStream final : public Backend::SideStream {
     MOETUNE_CHECK(fence >= 0, "SideStream::record_fence: negative fence");
     if (static_cast<size_t>(fence) >= fences_.size()) fences_.resize(fence + 1, nullptr);
     cudaEvent_t& event = fences_[static_cast<size_t>(fence)];
-    if (!event) MOETUNE_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+    if (!event) event = cuda::create_event_for(stream_, cudaEventDisableTiming);
     MOETUNE_CUDA_CHECK(cudaEventRecord(event, stream_));
   }
   void join_fence(int fence) override {
@@ -591,8 +593,8 @@ class CudaBackend final : public Backend {
       mark_.op = op;
       mark_.side = backend->stream_ != backend->ops_stream_;
       stream_ = backend->stream_;
-      cudaEventCreate(&mark_.start);
-      cudaEventCreate(&mark_.stop);
+      mark_.start = cuda::create_event_for(backend->stream_, cudaEventDefault);
+      mark_.stop = cuda::create_event_for(backend->stream_, cudaEventDefault);
       cudaEventRecord(mark_.start, stream_);
     }
     ~PhaseScope() {

@@ -27,6 +27,9 @@ void set_allocation_stream(void* cuda_stream);
 // While backend ops run on a side stream (nullptr: back to the ops' stream): allocations
 // are zero-filled on it, and blocks freed then are reused only once it has passed the free.
 void set_side_allocation_stream(void* cuda_stream);
+// A side stream that has finished its work is going away: its pending frees complete, its
+// cached events are destroyed.
+void forget_side_allocation_stream(void* cuda_stream);
 // Name of the current GPU ("NVIDIA H100 80GB HBM3").
 const char* device_name();
 // Fills a BF16/F32 device tensor with normal(0, std) values (hash of seed and index):

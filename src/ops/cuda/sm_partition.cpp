@@ -27,6 +27,10 @@ struct GreenContextApi {
   CUresult (*stream_create)(CUstream*, CUgreenCtx, unsigned int, int) = nullptr;
   CUresult (*stream_green_context)(CUstream, CUgreenCtx*) = nullptr;
   CUresult (*green_context_resource)(CUgreenCtx, CUdevResource*, CUdevResourceType) = nullptr;
+  CUresult (*stream_context)(CUstream, CUcontext*) = nullptr;
+  CUresult (*current_context)(CUcontext*) = nullptr;
+  CUresult (*push_context)(CUcontext) = nullptr;
+  CUresult (*pop_context)(CUcontext*) = nullptr;
   std::string missing;  // the symbols the driver did not give, with why
   bool complete() const { return missing.empty(); }
 };
@@ -63,6 +67,10 @@ const GreenContextApi& api() {
     load(a.stream_create, "cuGreenCtxStreamCreate", a.missing);
     load(a.stream_green_context, "cuStreamGetGreenCtx", a.missing);
     load(a.green_context_resource, "cuGreenCtxGetDevResource", a.missing);
+    load(a.stream_context, "cuStreamGetCtx", a.missing);
+    load(a.current_context, "cuCtxGetCurrent", a.missing);
+    load(a.push_context, "cuCtxPushCurrent", a.missing);
+    load(a.pop_context, "cuCtxPopCurrent", a.missing);
     return a;
   }();
   return loaded;
@@ -151,6 +159,24 @@ void set_stream_sm_budget(cudaStream_t stream, int sms) {
     stream_budgets[stream] = sms;
   else
     stream_budgets.erase(stream);
+}
+
+cudaEvent_t create_event_for(cudaStream_t stream, unsigned flags) {
+  const GreenContextApi& a = api();
+  CUcontext stream_context = nullptr, current = nullptr;
+  const bool other_context =
+      stream && a.complete() && a.stream_context(stream, &stream_context) == CUDA_SUCCESS &&
+      a.current_context(&current) == CUDA_SUCCESS && stream_context && stream_context != current;
+  if (other_context && a.push_context(stream_context) != CUDA_SUCCESS)
+    fail("create_event_for: cuCtxPushCurrent of the stream's context failed");
+  cudaEvent_t event = nullptr;
+  const cudaError_t status = cudaEventCreateWithFlags(&event, flags);
+  if (other_context) {
+    CUcontext popped = nullptr;
+    a.pop_context(&popped);
+  }
+  MOETUNE_CUDA_CHECK(status);
+  return event;
 }
 
 int stream_sm_count(cudaStream_t stream) {

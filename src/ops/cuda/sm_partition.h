@@ -36,6 +36,11 @@ class SmPartition {
   int sms_ = 0;
 };
 
+// A CUDA event that can be recorded on `stream`: created in the stream's context (a green
+// context's stream is of that context, and an event records only on streams of its own;
+// waiting on it from any stream of the device is fine). `flags` as cudaEventCreateWithFlags.
+cudaEvent_t create_event_for(cudaStream_t stream, unsigned flags);
+
 // The SMs the persistent kernels of `stream` (the grouped GEMMs, cuBLASLt's SM target) size
 // their grids by: its budget where one is set, else its green context's SMs where it has
 // one, else the device's.
