@@ -24,19 +24,12 @@
 
 #include "core/dtype.h"
 #include "core/tensor.h"
+#include "gpu_test_util.h"
 #include "ops/backend.h"
 #include "ops/cuda/grouped_gemm_sm90.h"
 
 namespace moetune {
 namespace {
-
-bool hopper() {
-  int device = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-  return major == 9 && minor == 0;
-}
 
 // Host copy of a tensor's raw bytes.
 std::vector<uint8_t> bytes_of(Backend& backend, const Tensor& t) {
@@ -70,7 +63,7 @@ struct StateLayout {
 class FusedExpertAdamW : public ::testing::TestWithParam<StateLayout> {
  protected:
   void SetUp() override {
-    if (!hopper()) GTEST_SKIP() << "not an sm_90 device";
+    if (!testing::hopper_gpu()) GTEST_SKIP() << "not an sm_90 device";
     gpu_ = make_cuda_backend(0);
     cpu_ = make_cpu_backend();
   }
@@ -215,7 +208,7 @@ INSTANTIATE_TEST_SUITE_P(StateLayouts, FusedExpertAdamW,
 // The fused kernel declines what it cannot take (fp32 weights and inputs): the backend then
 // runs the separate ops.
 TEST(FusedExpertAdamWFallback, DeclinesFp32) {
-  if (!hopper()) GTEST_SKIP() << "not an sm_90 device";
+  if (!testing::hopper_gpu()) GTEST_SKIP() << "not an sm_90 device";
   auto gpu = make_cuda_backend(0);
   const Shape shape{2, 8, 8};
   Buffer w(DType::F32, shape, Device::CUDA), m(DType::F32, shape, Device::CUDA),
@@ -232,7 +225,7 @@ TEST(FusedExpertAdamWFallback, DeclinesFp32) {
 
 // Microbenchmark: the Qwen3-30B-A3B expert weight gradients, fused vs separate.
 TEST(FusedExpertAdamWBench, DISABLED_Qwen3Shapes) {
-  if (!hopper()) GTEST_SKIP() << "not an sm_90 device";
+  if (!testing::hopper_gpu()) GTEST_SKIP() << "not an sm_90 device";
   auto gpu = make_cuda_backend(0);
   const int64_t experts = 128, rows = 32768, hidden = 2048, width = 768;
   std::mt19937 rng(7);

@@ -21,6 +21,7 @@
 
 #include "core/dtype.h"
 #include "core/tensor.h"
+#include "gpu_test_util.h"
 #include "ops/backend.h"
 #include "ops/cuda/device_memory.h"
 #include "ops/cuda/grouped_gemm_sm90.h"
@@ -29,14 +30,6 @@ namespace moetune {
 namespace {
 
 #define CHECK_CUDA(expr) ASSERT_EQ((expr), cudaSuccess) << #expr
-
-bool hopper() {
-  int device = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-  return major == 9 && minor == 0;
-}
 
 // A bf16 device tensor with its host copy (as floats, exactly the bf16 values).
 struct DeviceBf16 {
@@ -48,7 +41,7 @@ struct DeviceBf16 {
 class GroupedGemmSm90 : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (!hopper()) GTEST_SKIP() << "not an sm_90 device";
+    if (!testing::hopper_gpu()) GTEST_SKIP() << "not an sm_90 device";
     backend_ = make_cuda_backend(0);  // registers the device allocator
     cuda::set_allocation_stream(
         nullptr);  // no zero-fill on the backend's stream: we sync ourselves

@@ -16,6 +16,7 @@
 
 #include "core/dtype.h"
 #include "core/tensor.h"
+#include "gpu_test_util.h"
 #include "ops/backend.h"
 #include "ops/cuda/cuda_common.h"
 #include "ops/cuda/grouped_gemm_sm90.h"
@@ -23,14 +24,6 @@
 
 namespace moetune {
 namespace {
-
-bool hopper() {
-  int device = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-  return major == 9 && minor == 0;
-}
 
 int device_sms() {
   int sms = 0;
@@ -70,7 +63,7 @@ struct AdamWState {
 class SmPartitionTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (!hopper()) GTEST_SKIP() << "not an sm_90 device";
+    if (!testing::hopper_gpu()) GTEST_SKIP() << "not an sm_90 device";
     backend_ = make_cuda_backend(0);
   }
   std::unique_ptr<Backend> backend_;
