@@ -146,15 +146,15 @@ cudaStream_t SmPartition::make_stream(int priority) const {
 }
 
 namespace {
-// Streams' budgets and green-context SM counts: one lookup per launch, no driver call after
-// the first. A destroyed stream's handle may come back for a new stream; the backend creates
-// its green-context streams once and clears its budgets itself.
-std::mutex stream_table_mutex;
-std::map<cudaStream_t, int> stream_budgets, green_stream_sms;
+// Streams' budgets (set and cleared by their owner). Green-context SM counts are asked of the
+// driver each time (two calls): a cache keyed by the handle could outlive the stream, and a
+// later stream may get the same handle.
+std::mutex budget_mutex;
+std::map<cudaStream_t, int> stream_budgets;
 }  // namespace
 
 void set_stream_sm_budget(cudaStream_t stream, int sms) {
-  std::lock_guard<std::mutex> lock(stream_table_mutex);
+  std::lock_guard<std::mutex> lock(budget_mutex);
   if (sms > 0)
     stream_budgets[stream] = sms;
   else
@@ -180,12 +180,11 @@ cudaEvent_t create_event_for(cudaStream_t stream, unsigned flags) {
 }
 
 int stream_sm_count(cudaStream_t stream) {
-  const GreenContextApi& a = api();
   {
-    std::lock_guard<std::mutex> lock(stream_table_mutex);
+    std::lock_guard<std::mutex> lock(budget_mutex);
     if (auto it = stream_budgets.find(stream); it != stream_budgets.end()) return it->second;
-    if (auto it = green_stream_sms.find(stream); it != green_stream_sms.end()) return it->second;
   }
+  const GreenContextApi& a = api();
   if (!stream || !a.complete()) return device_sm_count();
   CUgreenCtx context = nullptr;
   if (a.stream_green_context(stream, &context) != CUDA_SUCCESS || !context)
@@ -193,10 +192,7 @@ int stream_sm_count(cudaStream_t stream) {
   CUdevResource resource{};
   if (a.green_context_resource(context, &resource, CU_DEV_RESOURCE_TYPE_SM) != CUDA_SUCCESS)
     return device_sm_count();
-  const int sms = static_cast<int>(resource.sm.smCount);
-  std::lock_guard<std::mutex> lock(stream_table_mutex);
-  green_stream_sms[stream] = sms;
-  return sms;
+  return static_cast<int>(resource.sm.smCount);
 }
 
 }  // namespace moetune::cuda
