@@ -1,7 +1,7 @@
-// SM partitions (ops/cuda/sm_partition.h, CUDA green contexts): a split gives two disjoint
-// SM sets whose streams run the backend's kernels with the results of the ordinary stream
-// (AdamW and the sm90 grouped GEMM bit-identical), and stream_sm_count reports the partition's
-// SMs or a stream's budget.
+// SM partitions (ops/cuda/sm_partition.h, CUDA green contexts): a split gives a partition and
+// the rest of the SMs; the partition's stream runs the backend's kernels with the results of
+// the ordinary stream (AdamW and the sm90 grouped GEMM bit-identical), its events record there
+// and other streams wait on them, and stream_sm_count reports its SMs or a stream's budget.
 //
 // DISABLED_OverlapBench measures what a partition buys (run with --gtest_also_run_disabled_tests
 // --gtest_filter='*SmPartition*'): AdamW over a Qwen3 layer's gate_up experts on k SMs alone, a
@@ -75,11 +75,13 @@ TEST_F(SmPartitionTest, SplitsIntoDisjointPartitionsThatRunTheKernels) {
   std::string why;
   ASSERT_TRUE(cuda::SmPartition::split(0, 16, split, &why)) << why;
   EXPECT_GE(split.part->sms(), 16);
-  EXPECT_GE(split.rest->sms(), 1);
-  EXPECT_LE(split.part->sms() + split.rest->sms(), device_sms());
-  cudaStream_t part = split.part->make_stream(0), rest = split.rest->make_stream(0);
+  EXPECT_GE(split.rest_sms, 1);
+  EXPECT_LE(split.part->sms() + split.rest_sms, device_sms());
+  if (split.rest) {
+    EXPECT_EQ(split.rest->sms(), split.rest_sms);
+  }
+  cudaStream_t part = split.part->make_stream(0);
   EXPECT_EQ(cuda::stream_sm_count(part), split.part->sms());
-  EXPECT_EQ(cuda::stream_sm_count(rest), split.rest->sms());
   auto* ops = static_cast<cudaStream_t>(backend_->stream());
   EXPECT_EQ(cuda::stream_sm_count(ops), device_sms());
   cuda::set_stream_sm_budget(ops, 100);
@@ -113,22 +115,22 @@ TEST_F(SmPartitionTest, SplitsIntoDisjointPartitionsThatRunTheKernels) {
   EXPECT_EQ(bytes_of(state[0].exp_avg.tensor()), bytes_of(state[1].exp_avg.tensor()));
   EXPECT_EQ(bytes_of(state[0].exp_avg_sq.tensor()), bytes_of(state[1].exp_avg_sq.tensor()));
 
-  // The grouped GEMM (persistent grid sized by stream_sm_count) on the rest: the same bits.
+  // The grouped GEMM (persistent grid sized by stream_sm_count) on the partition: the same
+  // bits.
   const int64_t experts = 5, rows = 700, k = 256, n = 384;
   std::vector<int32_t> offsets{0, 0, 129, 130, 500, 700};
   Buffer offsets_gpu(DType::I32, Shape{experts + 1}, Device::CUDA);
   backend_->copy(offsets_gpu.tensor(), Tensor(offsets.data(), DType::I32, Shape{experts + 1}));
   Buffer a = random_bf16(*backend_, Shape{rows, k}, rng_, -1, 1);
   Buffer w = random_bf16(*backend_, Shape{experts, n, k}, rng_, -1, 1);
-  Buffer c_rest(DType::BF16, Shape{rows, n}, Device::CUDA),
+  Buffer c_part(DType::BF16, Shape{rows, n}, Device::CUDA),
       c_ops(DType::BF16, Shape{rows, n}, Device::CUDA);
   ASSERT_TRUE(cuda::launch_grouped_gemm_sm90(a.tensor(), w.tensor(), true, offsets_gpu.tensor(),
-                                             c_rest.tensor(), rest));
+                                             c_part.tensor(), part));
   ASSERT_TRUE(cuda::launch_grouped_gemm_sm90(a.tensor(), w.tensor(), true, offsets_gpu.tensor(),
                                              c_ops.tensor(), ops));
-  EXPECT_EQ(bytes_of(c_rest.tensor()), bytes_of(c_ops.tensor()));
+  EXPECT_EQ(bytes_of(c_part.tensor()), bytes_of(c_ops.tensor()));
   EXPECT_EQ(cudaStreamDestroy(part), cudaSuccess);
-  EXPECT_EQ(cudaStreamDestroy(rest), cudaSuccess);
 }
 
 TEST_F(SmPartitionTest, RefusesImpossibleSplits) {
@@ -212,15 +214,26 @@ TEST_F(SmPartitionTest, DISABLED_OverlapBench) {
       std::printf("[sm partition] k %d: %s\n", k, why.c_str());
       continue;
     }
-    cudaStream_t part = split.part->make_stream(greatest), rest = split.rest->make_stream(0);
-    const int part_sms = split.part->sms(), rest_sms = split.rest->sms();
+    // The rest's own stream where the driver made its context (hard), else the ordinary
+    // stream with a budget of the rest's SMs (soft) for the GEMM alone too.
+    cudaStream_t part = split.part->make_stream(greatest),
+                 rest = split.rest ? split.rest->make_stream(0) : nullptr;
+    const int part_sms = split.part->sms(), rest_sms = split.rest_sms;
+    cudaStream_t gemm_alone = rest;
+    if (!rest) {
+      gemm_alone = ops;
+      cuda::set_stream_sm_budget(ops, rest_sms);
+    }
     adamw(part, 1);
-    gemm(rest, 1);
+    gemm(gemm_alone, 1);
     const double adamw_part = time_ms(part, [&] { adamw(part, adamw_calls); }) / adamw_calls;
-    const double gemm_rest = time_ms(rest, [&] { gemm(rest, gemm_calls); }) / gemm_calls;
+    const double gemm_rest =
+        time_ms(gemm_alone, [&] { gemm(gemm_alone, gemm_calls); }) / gemm_calls;
+    cuda::set_stream_sm_budget(ops, 0);
     // Both at once: the GEMMs on the rest (hard) or on the ordinary stream with a budget of the
     // rest's SMs (soft: its kernels may also land on the partition's SMs when they are free).
     for (bool soft : {false, true}) {
+      if (!soft && !rest) continue;
       cudaStream_t compute = soft ? ops : rest;
       if (soft) cuda::set_stream_sm_budget(ops, rest_sms);
       // Events of each stream's own context; the partition starts once the compute stream
@@ -254,7 +267,7 @@ TEST_F(SmPartitionTest, DISABLED_OverlapBench) {
         cudaEventDestroy(event);
     }
     cudaStreamDestroy(part);
-    cudaStreamDestroy(rest);
+    if (rest) cudaStreamDestroy(rest);
   }
 }
 

@@ -749,7 +749,7 @@ void CudaSideStream::begin_ops() {
   backend_->stream_ = stream_;
   backend_->stream_owns_sms_ = partition_ != nullptr;
   // Until join(): the ops' persistent kernels leave the partition's SMs to this work.
-  if (partition_) cuda::set_stream_sm_budget(ops_, partition_->rest->sms());
+  if (partition_) cuda::set_stream_sm_budget(ops_, partition_->rest_sms);
   cuda::set_side_allocation_stream(stream_);
   in_ops_ = true;
 }

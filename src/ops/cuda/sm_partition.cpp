@@ -118,18 +118,21 @@ bool SmPartition::split(int device, int sms, Split& out, std::string* why) {
   std::unique_ptr<SmPartition> made[2];
   for (int i = 0; i < 2; ++i) {
     CUdevResourceDesc desc{};
-    if (CUresult s = a.generate_desc(&desc, &resources[i], 1); s != CUDA_SUCCESS)
-      return refuse(driver_error("cuDevResourceGenerateDesc", s));
     CUgreenCtx context = nullptr;
-    if (CUresult s = a.create(&context, desc, handle, CU_GREEN_CTX_DEFAULT_STREAM);
-        s != CUDA_SUCCESS)
-      return refuse(driver_error("cuGreenCtxCreate", s));
+    CUresult status = a.generate_desc(&desc, &resources[i], 1);
+    if (status == CUDA_SUCCESS)
+      status = a.create(&context, desc, handle, CU_GREEN_CTX_DEFAULT_STREAM);
+    if (status != CUDA_SUCCESS) {
+      if (i == 0) return refuse(driver_error("cuGreenCtxCreate of the partition", status));
+      continue;  // the rest's own context is optional
+    }
     made[i].reset(new SmPartition());
     made[i]->green_context_ = context;
     made[i]->sms_ = static_cast<int>(resources[i].sm.smCount);
   }
   out.part = std::move(made[0]);
   out.rest = std::move(made[1]);
+  out.rest_sms = static_cast<int>(resources[1].sm.smCount);
   return true;
 }
 

@@ -14,11 +14,13 @@ namespace moetune::cuda {
 
 class SmPartition {
  public:
-  // Splits `device`'s SMs in two green contexts: `part` with at least `sms` SMs (rounded up to
-  // the driver's granularity) and `rest` with the others. False, with the reason in *why,
-  // where the driver or device cannot split.
+  // Splits `device`'s SMs: `part`, a green context of at least `sms` SMs (rounded up to the
+  // driver's granularity), and the other `rest_sms`, with `rest` their green context where
+  // the driver makes one (null otherwise: the remainder of a split has fewer guarantees).
+  // False, with the reason in *why, where the driver or device cannot split.
   struct Split {
     std::unique_ptr<SmPartition> part, rest;
+    int rest_sms = 0;
   };
   static bool split(int device, int sms, Split& out, std::string* why);
   ~SmPartition();
