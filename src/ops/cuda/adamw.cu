@@ -292,7 +292,6 @@ int grid_for(int64_t total) {
       std::max<int64_t>(1, std::min<int64_t>(ceil_div(total, kChunk), 132 * 8)));
 }
 
-
 // Blocks for the vectorised kernels: enough to fill every SM several times over, few enough
 // that each walks many chunks (the slot search then amortises).
 int vec_grid_for(int64_t chunks, int sms) {
