@@ -41,6 +41,7 @@
 #include "core/error.h"
 #include "ops/cuda/block_pool.h"
 #include "ops/cuda/device_memory.h"
+#include "ops/cuda/driver_entry_point.h"
 #include "ops/cuda/sm_partition.h"
 
 namespace moetune::cuda {
@@ -73,16 +74,7 @@ class VirtualMemoryRange {
  private:
   template <class Function>
   static bool entry_point(const char* name, Function& function) {
-    void* pointer = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPointByVersion(name, &pointer, 12000, cudaEnableDefault, &found) !=
-            cudaSuccess ||
-        found != cudaDriverEntryPointSuccess || pointer == nullptr) {
-      (void)cudaGetLastError();
-      return false;
-    }
-    function = reinterpret_cast<Function>(pointer);
-    return true;
+    return driver_entry_point(name, 12000, function);
   }
 
   bool init() {

@@ -9,6 +9,7 @@
 #include <mutex>
 
 #include "ops/cuda/cuda_common.h"
+#include "ops/cuda/driver_entry_point.h"
 
 namespace moetune::cuda {
 namespace {
@@ -37,18 +38,10 @@ struct GreenContextApi {
 
 template <typename F>
 void load(F& function, const char* symbol, std::string& missing) {
-  void* pointer = nullptr;
   cudaDriverEntryPointQueryResult found{};
-  const cudaError_t status =
-      cudaGetDriverEntryPointByVersion(symbol, &pointer, CUDA_VERSION, cudaEnableDefault, &found);
-  if (status == cudaSuccess && found == cudaDriverEntryPointSuccess && pointer) {
-    function = reinterpret_cast<F>(pointer);
-    return;
-  }
-  (void)cudaGetLastError();
+  if (driver_entry_point(symbol, CUDA_VERSION, function, &found)) return;
   missing += std::string(missing.empty() ? "" : ", ") + symbol + " (" +
-             (status != cudaSuccess ? cudaGetErrorName(status)
-              : found == cudaDriverEntryPointVersionNotSufficent
+             (found == cudaDriverEntryPointVersionNotSufficent
                   ? "driver older than CUDA " + std::to_string(CUDA_VERSION)
               : found == cudaDriverEntryPointSymbolNotFound ? "not found"
                                                             : "no function") +
