@@ -1,8 +1,6 @@
 // AdamW state allocation and the step (see adamw.h).
 #include "train/adamw.h"
 
-#include <algorithm>
-
 namespace moetune {
 
 AdamW::AdamW(std::span<const Parameter> parameters, Backend& backend, const AdamWConfig& config)
@@ -49,16 +47,8 @@ AdamWHyper AdamW::hyper(double lr) const {
 void AdamW::update(size_t begin, size_t end, double lr, float grad_scale) {
   MOETUNE_CHECK(begin <= end && end <= params_.size(), "AdamW::update: bad parameter range");
   for (size_t i = begin; i < end; ++i) params_[i].grad = parameters_[i].grad;
-  const bool any_fused = std::find(fused_.begin() + static_cast<std::ptrdiff_t>(begin),
-                                   fused_.begin() + static_cast<std::ptrdiff_t>(end),
-                                   true) != fused_.begin() + static_cast<std::ptrdiff_t>(end);
-  if (!any_fused) {
-    backend_.adamw_update(std::span<const AdamWParam>(params_).subspan(begin, end - begin),
-                          hyper(lr), grad_scale);
-    return;
-  }
   // The fused parameters were stepped in the backward (fused_expert_update); the others in one
-  // call as before (each parameter's update is elementwise: the same values).
+  // call (each parameter's update is elementwise: the same values as over the whole range).
   std::vector<AdamWParam> unfused;
   for (size_t i = begin; i < end; ++i)
     if (!fused_[i]) unfused.push_back(params_[i]);
